@@ -1,0 +1,286 @@
+"""Proxy benchmark: direct vs changeover's embedded proxy vs HAProxy, and switches under load.
+
+    .venv/bin/python bench/proxy_bench.py [--duration 10] [--connections 50] [--switches 100]
+
+The backend is HAProxy itself answering `http-request return` (faster than either proxy), pinned
+to the last core with wrk; each proxy is pinned to core 0 (nbthread 1 for HAProxy). All paths are
+measured in one run, side by side, so the ratios hold even on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from changeover.daemon.procs import free_port  # noqa: E402
+
+CPUS = os.cpu_count() or 1
+PROXY_CPU = "0"
+OTHER_CPU = str(CPUS - 1)
+
+
+
+def pinned(cpu: str, cmd: list[str]) -> list[str]:
+    return (["taskset", "-c", cpu, *cmd]) if shutil.which("taskset") and CPUS > 1 else cmd
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+BACKEND_CFG = """
+global
+    nbthread 1
+defaults
+    mode http
+    timeout client 30s
+    timeout server 30s
+    timeout connect 5s
+frontend blue
+    bind 127.0.0.1:{blue}
+    http-request return status 200 content-type text/plain string blue
+frontend green
+    bind 127.0.0.1:{green}
+    http-request return status 200 content-type text/plain string green
+"""
+
+PROXY_CFG = """
+global
+    nbthread 1
+    stats socket {sock} level admin
+defaults
+    mode http
+    timeout client 30s
+    timeout server 30s
+    timeout connect 5s
+    timeout http-keep-alive 30s
+    option http-keep-alive
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend app
+backend app
+    balance roundrobin
+    http-reuse always
+    server blue 127.0.0.1:{blue} weight 100
+    server green 127.0.0.1:{green} weight 0
+"""
+
+EMBEDDED = """
+import asyncio, signal, sys, uvloop
+from changeover.proxy.base import ProxySettings
+from changeover.proxy.embedded import EmbeddedProxy
+from changeover.monitor.metrics import Recorder
+port, blue, green = map(int, sys.argv[1:4])
+async def main():
+    # As in production (changeover/proxy/worker.py): every request is recorded for the monitor.
+    p = EmbeddedProxy(ProxySettings(listen=f"127.0.0.1:{port}"), Recorder())
+    await p.start()
+    p.set_slot("blue", [("127.0.0.1", blue)])
+    p.set_slot("green", [("127.0.0.1", green)])
+    p.switch("blue")
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, lambda: p.switch("green" if p.live == "blue" else "blue"))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+def wrk(port: int, duration: float, conns: int) -> dict[str, float]:
+    out = subprocess.run(
+        pinned(OTHER_CPU, ["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency",
+                           f"http://127.0.0.1:{port}/"]),
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def lat(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    return {"rps": rps, "p50": lat("50"), "p99": lat("99"), "errors": errors}
+
+
+def haproxy_cmd(sock: str, cmd: str) -> str:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(sock)
+        s.sendall(cmd.encode() + b"\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out.decode()
+
+
+def switch_under_load(port: int, duration: float, conns: int, switches: int, do_switch: object) -> dict[str, float]:
+    """wrk for `duration` while `switches` switches happen at even intervals."""
+    proc = subprocess.Popen(
+        pinned(OTHER_CPU, ["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", f"http://127.0.0.1:{port}/"]),
+        stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    gap = (duration - 1.5) / switches
+    for _ in range(switches):
+        do_switch()  # type: ignore[operator]
+        time.sleep(gap)
+    out, _ = proc.communicate()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = 0
+    for pat in (r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                r"Non-2xx or 3xx responses: (\d+)"):
+        m = re.search(pat, out)
+        if m:
+            errors += sum(int(x) for x in m.groups())
+    return {"rps": rps, "errors": errors}
+
+
+def driver_switching(blue: int, green: int, duration: float, conns: int, switches: int) -> dict[str, float]:
+    """Switches through changeover's HAProxyDataPlane (its own haproxy, pinned like the others)."""
+    import threading
+
+    import uvloop
+
+    sys.path.insert(0, str(ROOT))
+    from changeover.proxy.base import ProxySettings
+    from changeover.proxy.haproxy import HAProxyDataPlane
+
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)  # type: ignore[arg-type]
+
+    plane = HAProxyDataPlane(ProxySettings(listen="127.0.0.1:0"))
+    run(plane.start())
+    try:
+        if plane._proc is not None and shutil.which("taskset") and CPUS > 1:
+            time.sleep(0.2)                   # master-worker: pin the master and its forked worker
+            master = plane._proc.pid
+            children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+            for pid in [str(master), *children]:
+                subprocess.run(["taskset", "-a", "-p", "-c", PROXY_CPU, pid], capture_output=True, check=False)
+
+        async def setup() -> None:
+            plane.set_slot("blue", [("127.0.0.1", blue)])
+            plane.set_slot("green", [("127.0.0.1", green)])
+            plane.switch("blue")
+        run(setup())
+
+        def flip() -> None:
+            async def go() -> None:
+                plane.switch("green" if plane.live == "blue" else "blue")
+            run(go())
+        wait_port(plane.port)
+        return switch_under_load(plane.port, duration, conns, switches, flip)
+    finally:
+        run(plane.close())
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--switches", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the throughput runs, keep each path's best")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    blue, green, hport, eport = free_port(), free_port(), free_port(), free_port()
+    sock = str(tmp / "haproxy.sock")
+    (tmp / "backend.cfg").write_text(BACKEND_CFG.format(blue=blue, green=green))
+    (tmp / "proxy.cfg").write_text(PROXY_CFG.format(sock=sock, port=hport, blue=blue, green=green))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(subprocess.Popen(pinned(OTHER_CPU, ["haproxy", "-db", "-f", str(tmp / "backend.cfg")])))
+        procs.append(subprocess.Popen(pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(tmp / "proxy.cfg")])))
+        emb = subprocess.Popen(pinned(PROXY_CPU, [sys.executable, "-c", EMBEDDED, str(eport), str(blue), str(green)]),
+                               stdout=subprocess.PIPE, cwd=ROOT)
+        procs.append(emb)
+        assert emb.stdout is not None
+        emb.stdout.readline()
+        for port in (blue, green, hport, eport):
+            wait_port(port)
+        paths = {"direct": blue, "changeover": eport, "haproxy": hport}
+        best: dict[str, dict[str, float]] = {}
+        for _ in range(args.rounds):
+            for name, port in paths.items():
+                wrk(port, 1, args.connections)               # warm-up: pools, caches
+                r = wrk(port, args.duration, args.connections)
+                if name not in best or r["rps"] > best[name]["rps"]:
+                    best[name] = r
+        print(f"\nwrk -t1 -c{args.connections} -d{args.duration:g}s, best of {args.rounds}")
+        print("| path | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
+        for name, r in best.items():
+            print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']:.0f} |")
+        ratio = best["changeover"]["rps"] / best["haproxy"]["rps"]
+        overhead = best["changeover"]["p50"] - best["direct"]["p50"]
+        print(f"\nchangeover / haproxy req/s: {ratio:.2f}x; p50 overhead over direct: {overhead:.2f} ms")
+
+        # latency added per request without queueing: one connection, one request at a time
+        one = {name: wrk(port, min(args.duration, 5), 1) for name, port in paths.items()}
+        print("\nwrk -t1 -c1 (no queueing): p50 / p99 ms")
+        print("| path | req/s | p50 ms | p99 ms |\n|---|---|---|---|")
+        for name, r in one.items():
+            print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.3f} | {r['p99']:.3f} |")
+        for name in ("changeover", "haproxy"):
+            print(f"{name} p50 overhead over direct at -c1: {one[name]['p50'] - one['direct']['p50']:.3f} ms")
+
+        state = {"live": "blue"}
+
+        def hswitch() -> None:
+            new, old = ("green", "blue") if state["live"] == "blue" else ("blue", "green")
+            haproxy_cmd(sock, f"set weight app/{new} 100; set weight app/{old} 0")  # new up first
+            state["live"] = new
+
+        def eswitch() -> None:
+            emb.send_signal(signal.SIGUSR1)
+
+        dur = max(args.duration, 10)
+        s_emb = switch_under_load(eport, dur, args.connections, args.switches, eswitch)
+        s_ha = switch_under_load(hport, dur, args.connections, args.switches, hswitch)
+        s_drv = driver_switching(blue, green, dur, args.connections, args.switches)
+        print(f"\n{args.switches} switches under load ({dur:g}s, {args.connections} connections)")
+        print("| path | req/s | failed requests |\n|---|---|---|")
+        print(f"| changeover (switch()) | {s_emb['rps']:,.0f} | {s_emb['errors']:.0f} |")
+        print(f"| haproxy (runtime API set weight, new first) | {s_ha['rps']:,.0f} | {s_ha['errors']:.0f} |")
+        print(f"| haproxy via HAProxyDataPlane.switch (state ready/drain) | {s_drv['rps']:,.0f} | "
+              f"{s_drv['errors']:.0f} |")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The `changeover` command line: parses, calls commands.py, renders. Errors -> message + exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.status import Status
+from rich.table import Table
+
+from changeover import commands
+from changeover import config as config_mod
+from changeover.config import Config
+from changeover.errors import ChangeoverError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Zero-downtime blue-green deploys for any HTTP app.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Path to changeover.toml.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+DEFAULT = Path(config_mod.DEFAULT_CONFIG)
+
+
+def load(path: Path) -> Config:
+    return config_mod.load(path)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+class StepPrinter:
+    """Shows a deploy's steps live: a spinner on the running step, a line with its duration after."""
+
+    MARK = {"ok": "[green]✓[/]", "failed": "[red]✗[/]", "skipped": "[dim]-[/]"}
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.status: Status | None = None
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind == "plan":
+            live = ev.get("live") or "nothing"
+            self.console.print(f"deploying [bold]{ev['version']}[/] to {ev['slot']} "
+                               f"(live: {live}, deployment #{ev['deployment']})")
+        elif kind == "step":
+            if ev["state"] == "running":
+                self._stop()
+                if self.console.is_terminal:
+                    self.status = self.console.status(f"{ev['name']}…")
+                    self.status.start()
+                return
+            self._stop()
+            detail = f"  [dim]{escape(str(ev['detail']))}[/]" if ev.get("detail") else ""
+            self.console.print(f"  {self.MARK.get(ev['state'], '?')} {ev['name']:<34} "
+                               f"{ev.get('duration', 0):7.3f}s{detail}")
+        elif kind == "live":
+            self._stop()
+            self.console.print(f"[bold green]{ev['version']} is live[/] on {ev['slot']} "
+                               f"(switch {ev['switch_ms']:.1f} ms)")
+        elif kind == "check":
+            self._stop()
+            mark = "[green]✓[/]" if ev.get("ok") else "[red]✗[/]"
+            name, detail = escape(str(ev.get("name"))), escape(str(ev.get("detail") or ""))
+            self.console.print(f"      {mark} {name}  [dim]{detail}[/]")
+
+    def _stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+@app.command()
+def serve(config: ConfigOpt = DEFAULT) -> None:
+    """Run the daemon in the foreground: proxy, supervisor, monitor, control API."""
+    commands.serve(load(config))
+
+
+@app.command()
+def deploy(version: Annotated[str, typer.Argument(help="Release name, e.g. v42 or a git sha.")],
+           path: Annotated[Path, typer.Option("--path", help="Directory the app runs from.")],
+           wait: Annotated[bool, typer.Option("--wait", help="Block through the observation window.")] = False,
+           env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for this release.")] = None,
+           config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Deploy VERSION: start it in the idle slot, verify it, switch traffic, keep the old one warm."""
+    cfg = load(config)
+    overrides = commands.parse_env(env or [])
+    printer = StepPrinter(err)
+    try:
+        result = commands.deploy(cfg, version, str(path), wait=wait, env=overrides,
+                                 progress=None if json_out else printer)
+    finally:
+        printer._stop()
+    if json_out:
+        _print_json(result)
+    elif result.get("observing"):
+        err.print(f"{version} is live; deployment #{result['deployment']} goes on with verification and "
+                  "observation (`changeover status` follows it, `deploy --wait` blocks until it ends)")
+    else:
+        err.print(f"[bold green]{version} finalised[/]")
+
+
+@app.command()
+def rollback(reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in history).")] = None,
+             schema: Annotated[bool, typer.Option("--schema", help="Also undo the migrations the release "
+                                                  "applied (down scripts, after the code switch).")] = False,
+             allow_data_loss: Annotated[bool, typer.Option("--allow-data-loss", help="With --schema: allow "
+                                                           "down scripts that drop data.")] = False,
+             config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Switch back to the previous release, code and config (instantly when its slot is still warm)."""
+    cfg = load(config)
+    printer = StepPrinter(err)
+    try:
+        result = commands.rollback(cfg, reason=reason, schema=schema, allow_data_loss=allow_data_loss,
+                                   progress=None if json_out else printer)
+    finally:
+        printer._stop()
+    if json_out:
+        _print_json(result)
+    else:
+        err.print(f"rolled back to [bold]{result.get('version')}[/] on {result.get('slot')} "
+                  f"(switch {result.get('switch_ms', 0):.1f} ms)")
+
+
+@app.command("stop-standby")
+def stop_standby(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Drain and stop the warm standby (rollback will then start the previous release first)."""
+    result = commands.stop_standby(load(config))
+    if json_out:
+        _print_json(result)
+    elif result["stopped"]:
+        err.print(f"stopped {result['stopped']['version']} in {result['stopped']['slot']}")
+    else:
+        err.print("no standby running")
+
+
+@app.command("reload-proxy")
+def reload_proxy(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Replace the proxy worker without dropping a request (after upgrading changeover)."""
+    result = commands.reload_proxy(load(config))
+    if json_out:
+        _print_json(result)
+    else:
+        err.print(f"proxy handed over from pid {result['old_pid']} to pid {result['pid']}")
+
+
+@app.command()
+def down(config: ConfigOpt = DEFAULT) -> None:
+    """Stop everything: the app's slots, the proxy and the daemon."""
+    commands.down(load(config))
+    err.print("stopping the app, the proxy and the daemon")
+
+
+def _fmt_metrics(m: dict[str, Any] | None) -> str:
+    if not m:
+        return ""
+    if not m.get("requests"):
+        return "no requests"
+
+    def ms(key: str) -> str:
+        v = m.get(key)
+        return "-" if v is None else f"{1000 * v:.1f} ms"
+
+    return (f"{m.get('rps') or 0:.1f} req/s  errors {100 * (m.get('error_rate') or 0):.2f}%  "
+            f"p50 {ms('p50')}  p95 {ms('p95')}  p99 {ms('p99')}")
+
+
+def render_status(st: dict[str, Any]) -> Table:
+    t = Table(show_header=True, header_style="bold", box=None)
+    for col in ("", "slot", "version", "state", "instances", "traffic (last 10 s)"):
+        t.add_column(col)
+    metrics = st.get("metrics") or {}
+    for role in ("live", "standby"):
+        s = st.get(role)
+        if not s:
+            t.add_row(role, "-", "-", "-", "-", "")
+            continue
+        inst = ", ".join(f"{i['pid']}@{i['port']}" for i in s.get("instances", [])) or "none"
+        t.add_row(role, s["slot"], s.get("version") or "-", s.get("state", "serving"), inst,
+                  _fmt_metrics(metrics.get(s["slot"])))
+    return t
+
+
+@app.command()
+def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """What is live, what is on standby, whether a deploy runs, and live traffic numbers."""
+    st = commands.status(load(config))
+    if json_out:
+        _print_json(st)
+        return
+    out.print(render_status(st))
+    if st.get("deployment"):
+        d = st["deployment"]
+        out.print(f"{d['kind']} of {d['version']} (#{d['id']}) {d['phase']}")
+    obs = (st.get("metrics") or {}).get("observing")
+    if obs:
+        out.print(f"observing {obs['slot']}: {obs['elapsed']:.0f}s done, {obs['remaining']:.0f}s left; "
+                  f"{obs.get('requests', 0)} requests, errors {100 * (obs.get('error_rate') or 0):.2f}% "
+                  "in the window")
+    for ev in st.get("incidents", []):
+        when = datetime.fromtimestamp(ev["ts"]).strftime("%H:%M:%S")
+        out.print(f"[yellow]{when} {ev['kind']} {ev.get('slot') or ''}[/] {escape(str(ev.get('detail', '')))}")
+
+
+@app.command()
+def top(config: ConfigOpt = DEFAULT,
+        interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0) -> None:
+    """Live req/s, error rate and latency per slot, refreshed every second (Ctrl-C to quit)."""
+    from rich.live import Live
+
+    cfg = load(config)
+    with Live(render_status(commands.status(cfg)), console=out, refresh_per_second=4) as live:
+        while True:
+            time.sleep(interval)
+            live.update(render_status(commands.status(cfg)))
+
+
+def _ts(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+@app.command()
+def history(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False,
+            checks: Annotated[bool, typer.Option("--checks", help="Show check results.")] = False,
+            steps: Annotated[bool, typer.Option("--steps", help="Show each step with its duration.")] = False,
+            limit: Annotated[int, typer.Option("-n", "--limit")] = 20) -> None:
+    """Past deployments and rollbacks, newest first."""
+    rows = commands.history(load(config), limit)
+    if json_out:
+        _print_json(rows)
+        return
+    t = Table(box=None, header_style="bold")
+    for col in ("#", "when", "kind", "version", "from", "slot", "state", "took", "reason"):
+        t.add_column(col)
+    for d in rows:
+        took = f"{d['finished_at'] - d['started_at']:.1f}s" if d.get("finished_at") else "-"
+        t.add_row(str(d["id"]), _ts(d["started_at"]), d["kind"], d["version"], d.get("from") or "-",
+                  d.get("slot") or "-", d["state"], took, d.get("reason") or "")
+    out.print(t)
+    for d in rows if (checks or steps) else []:
+        out.print(f"[bold]#{d['id']} {d['kind']} {d['version']}[/]")
+        if steps:
+            for s in d["steps"]:
+                dur = f"{s['duration']:.3f}s" if s.get("duration") is not None else "-"
+                out.print(f"   {s['state']:<8} {s['name']:<34} {dur:>9}  {s.get('detail') or ''}")
+        if checks:
+            for c in d["checks"]:
+                mark = "ok " if c.get("ok") else "FAIL"
+                dur = f"{c['duration']:.3f}s" if c.get("duration") is not None else ""
+                detail = c.get("detail") or ""
+                out.print(f"   {mark} {c.get('kind', ''):<10} {c.get('name', ''):<30} {dur:>8}  {detail}")
+
+
+@app.command()
+def logs(config: ConfigOpt = DEFAULT,
+         slot: Annotated[str | None, typer.Option("--slot", help="blue or green (default: both)")] = None,
+         follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
+         lines: Annotated[int, typer.Option("-n", "--lines")] = 50) -> None:
+    """The app's output, per slot and release."""
+    cfg = load(config)
+    multi = len(commands.log_files(cfg, slot)) > 1
+    for path, line in commands.logs(cfg, slot, lines):
+        sys.stdout.write(f"{path.parent.name}/{path.name}: {line}\n" if multi else f"{line}\n")
+    if follow:
+        from changeover.daemon.logs import follow as follow_files
+
+        async def run() -> None:
+            async for path, line in follow_files(commands.log_files(cfg, slot), 0):
+                sys.stdout.write(f"{path.parent.name}/{path.name}: {line}\n" if multi else f"{line}\n")
+                sys.stdout.flush()
+
+        asyncio.run(run())
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Validate changeover.toml and print it resolved, with secrets masked."""
+    cfg = load(config)
+    resolved = commands.config_check(cfg)
+    if json_out:
+        _print_json(resolved)
+        return
+    err.print(f"[green]{config}: ok[/]")
+    out.print_json(data=resolved)
+
+
+def _mount_optional() -> None:
+    """`migrate` and `check` live with their packages."""
+    try:
+        from changeover.migrations.cli import app as migrate_app
+
+        app.add_typer(migrate_app, name="migrate", help="Safe, reversible database migrations.")
+    except ImportError:
+        pass
+    try:
+        from changeover.checks.cli import app as check_app
+
+        app.add_typer(check_app, name="check", help="Run health checks: pre, smoke, flows.")
+    except ImportError:
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:
+    try:
+        app()  # standalone: click handles usage errors (exit 2) and Ctrl-C itself
+    except ChangeoverError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+        sys.exit(e.exit_code)

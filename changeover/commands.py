@@ -1,0 +1,153 @@
+"""One plain function per verb, config first (alembic style). The CLI renders what they return.
+
+Verbs that act on the running system go through the daemon's control socket; `config check` and
+`logs` read local files and work without a daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from changeover import rpc
+from changeover.config import Config
+from changeover.daemon.logs import tail_lines
+from changeover.errors import DaemonError, UsageError
+from changeover.redact import redact_obj
+from changeover.state import SLOTS, State
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _actor() -> str:
+    try:
+        return f"{getpass.getuser()}@{os.uname().nodename}"
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _stream(config: Config, op: str, args: dict[str, Any], progress: Progress | None,
+            timeout: float | None = None) -> Any:
+    async def run() -> Any:
+        result = None
+        async for msg in rpc.stream(config.socket_path, op, args, timeout=timeout):
+            if "result" in msg:
+                result = msg["result"]
+            elif progress is not None:
+                progress(msg)
+        return result
+
+    return asyncio.run(run())
+
+
+def serve(config: Config) -> None:
+    from changeover.daemon.server import serve as run_daemon
+
+    run_daemon(config)
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise UsageError(f"--env {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def deploy(config: Config, version: str, path: str, *, wait: bool = False, env: dict[str, str] | None = None,
+           progress: Progress | None = None) -> dict[str, Any]:
+    """Deploy VERSION from directory PATH; returns once it is live (or, with wait, finalised)."""
+    app_dir = Path(path).expanduser().absolute()
+    if not app_dir.is_dir():
+        raise UsageError(f"--path {path}: no such directory")
+    abs_path = str(app_dir)
+    return dict(_stream(config, "deploy", {"version": version, "path": abs_path, "wait": wait, "env": env or {},
+                                           "actor": _actor()}, progress))
+
+
+def rollback(config: Config, *, reason: str | None = None, schema: bool = False, allow_data_loss: bool = False,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Back to the previous release (code and config); with schema, also undo its migrations."""
+    return dict(_stream(config, "rollback", {"reason": reason, "actor": _actor(), "schema": schema,
+                                             "allow_data_loss": allow_data_loss}, progress))
+
+
+def status(config: Config) -> dict[str, Any]:
+    return dict(_stream(config, "status", {}, None, timeout=10))
+
+
+def history(config: Config, limit: int = 20) -> list[dict[str, Any]]:
+    """From the daemon when it runs, else straight from the state file (history survives it)."""
+    if config.socket_path.exists():
+        try:
+            return list(_stream(config, "history", {"limit": limit}, None, timeout=10))
+        except DaemonError:
+            pass  # a socket left by a daemon that was killed: the state file has the history
+    db = config.state_dir / "state.db"
+    if not db.exists():
+        return []
+    state = State(db)
+    try:
+        return state.history(limit)
+    finally:
+        state.close()
+
+
+def stop_standby(config: Config) -> dict[str, Any]:
+    return dict(_stream(config, "stop_standby", {}, None))
+
+
+def reload_proxy(config: Config) -> dict[str, Any]:
+    """Hand traffic to a new proxy worker (new code, new [proxy] settings) without a gap."""
+    return dict(_stream(config, "reload_proxy", {}, None, timeout=config.proxy.drain_timeout + 60))
+
+
+def down(config: Config) -> dict[str, Any]:
+    return dict(_stream(config, "down", {}, None, timeout=120))
+
+
+def metrics(config: Config) -> dict[str, Any]:
+    return dict(_stream(config, "metrics", {}, None, timeout=5))
+
+
+def config_check(config: Config) -> dict[str, Any]:
+    """The resolved config with secrets masked."""
+    return dict(redact_obj(config.resolved))
+
+
+def log_files(config: Config, slot: str | None = None) -> list[Path]:
+    """Log files of the slot's current release (both slots when none is named; the live one first)."""
+    if slot is not None and slot not in SLOTS:
+        raise UsageError(f"--slot {slot}: expected one of {', '.join(SLOTS)}")
+    logs = config.state_dir / "logs"
+    names = [slot] if slot else list(SLOTS)
+    db = config.state_dir / "state.db"
+    out: list[Path] = []
+    if db.exists():
+        state = State(db)
+        try:
+            live = state.live_slot()
+            if slot is None and live is not None:
+                names.sort(key=lambda n: n != live)
+            for n in names:
+                s = state.slot(n)
+                out += [Path(r["log_path"]) for r in s.instances if r.get("log_path")]
+        finally:
+            state.close()
+    if not out:  # nothing running: show the newest files of the slot(s)
+        for n in names:
+            files = sorted((logs / n).glob("*.log"), key=lambda p: p.stat().st_mtime)
+            out += files[-1:]
+    return out
+
+
+def logs(config: Config, slot: str | None = None, lines: int = 50) -> Iterator[tuple[Path, str]]:
+    for path in log_files(config, slot):
+        for line in tail_lines(path, lines):
+            yield path, line

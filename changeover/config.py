@@ -1,0 +1,198 @@
+"""changeover.toml -> typed, validated objects.
+
+Strings may use ${VAR} and ${VAR:-default}, resolved from the environment and an optional `.env`
+file beside the config (the real environment wins). `$PORT`/`${PORT}` are left alone: each app
+instance gets its own port from the supervisor. `$$` is a literal dollar.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from changeover.checks import config as checks_config
+from changeover.errors import ConfigError
+from changeover.migrations import config as migrations_config
+from changeover.monitor import config as monitor_config
+from changeover.proxy.base import ProxySettings
+from changeover.tables import Table
+
+DEFAULT_CONFIG = "changeover.toml"
+STATE_DIR_NAME = ".changeover"
+DEFAULT_HEALTH_PATH = "/health"
+DEFAULT_INSTANCES = 1
+DEFAULT_READY_TIMEOUT = 30.0
+DEFAULT_STOP_TIMEOUT = 10.0
+DEFAULT_HEALTH_INTERVAL = 0.2
+DEFAULT_HEALTHY_THRESHOLD = 3   # consecutive 2xx before an instance counts as ready
+RESERVED_VARS = frozenset({"PORT"})
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    command: tuple[str, ...]
+    health_path: str = DEFAULT_HEALTH_PATH
+    instances: int = DEFAULT_INSTANCES
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    health_interval: float = DEFAULT_HEALTH_INTERVAL
+    healthy_threshold: int = DEFAULT_HEALTHY_THRESHOLD
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path
+    app: AppConfig
+    env: dict[str, str]
+    proxy: ProxySettings
+    migrations: migrations_config.MigrationsConfig
+    checks: checks_config.ChecksConfig
+    monitor: monitor_config.MonitorConfig
+    resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for `config check`
+
+    @property
+    def root(self) -> Path:
+        return self.file.parent
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR_NAME
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "control.sock"
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; `export ` prefix, quotes and # comments allowed."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return out
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=str(path)) from None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError("expected KEY=VALUE", file=str(path), key=f"line {n}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        out[key] = value
+    return out
+
+
+def interpolate(value: Any, env: dict[str, str], file: str, key: str) -> Any:
+    """Resolve ${VAR} in every string of a TOML value, naming the key when a variable is unset."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, file, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, file, f"{key}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$$"  # kept; unescaped below so it cannot start a new reference
+        name, default = m.group(1), m.group(2)
+        if name in RESERVED_VARS:
+            return m.group(0)
+        if name in env and (env[name] != "" or default is None):
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set (use ${{{name}:-default}} for a default)",
+                          file=file, key=key)
+
+    return _VAR.sub(sub, value).replace("$$", "$")
+
+
+def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] | None = None) -> Config:
+    file = Path(path).absolute()
+    name = str(path)
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError("no such file (create one, or pass -c PATH)", file=name) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, expected a TOML file", file=name) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=name) from None
+    except UnicodeDecodeError:
+        raise ConfigError("is not UTF-8 text", file=name) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", file=name) from None
+
+    env = read_dotenv(file.parent / ".env")
+    env.update(os.environ if environ is None else environ)
+    resolved = interpolate(raw, env, name, "")
+    top = Table(name, "", resolved)
+
+    t = top.table("app")
+    command = t.str_list("command", nonempty=True)
+    health_path = t.str("health_path", DEFAULT_HEALTH_PATH)
+    if not health_path.startswith("/"):
+        raise t.error("health_path", "a path starting with '/'", health_path)
+    app = AppConfig(
+        command=tuple(command),
+        health_path=health_path,
+        instances=t.int("instances", DEFAULT_INSTANCES, min=1, max=64),
+        ready_timeout=t.duration("ready_timeout", DEFAULT_READY_TIMEOUT),
+        stop_timeout=t.duration("stop_timeout", DEFAULT_STOP_TIMEOUT),
+        health_interval=t.duration("health_interval", DEFAULT_HEALTH_INTERVAL),
+        healthy_threshold=t.int("healthy_threshold", DEFAULT_HEALTHY_THRESHOLD, min=1),
+    )
+    t.finish()
+
+    app_env = top.str_map("env", {})
+
+    p = top.table("proxy")
+    d = ProxySettings()
+    listen = p.str("listen", d.listen)
+    if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}", listen) or not 0 < int(
+            listen.rsplit(":", 1)[1]) < 65536:
+        raise p.error("listen", "HOST:PORT, e.g. '127.0.0.1:8000'", listen)
+    proxy = ProxySettings(
+        listen=listen,
+        drain_timeout=p.duration("drain_timeout", d.drain_timeout),
+        header_timeout=p.duration("header_timeout", d.header_timeout),
+        body_timeout=p.duration("body_timeout", d.body_timeout),
+        idle_timeout=p.duration("idle_timeout", d.idle_timeout),
+        connect_timeout=p.duration("connect_timeout", d.connect_timeout),
+        response_timeout=p.duration("response_timeout", d.response_timeout),
+        max_header_bytes=p.int("max_header_bytes", d.max_header_bytes, min=1024),
+        max_body_bytes=p.int("max_body_bytes", d.max_body_bytes, min=0),
+        retries=p.int("retries", d.retries, min=0, max=10),
+    )
+    p.finish()
+
+    migrations = migrations_config.load(top.table("migrations"), env)
+    checks = checks_config.load(top.table("checks"), env)
+    monitor = monitor_config.load(top.table("monitor"), top.table("notify"), env)
+    top.finish()
+    return Config(file=file, app=app, env=app_env, proxy=proxy,
+                  migrations=migrations, checks=checks, monitor=monitor, resolved=resolved)
+
+
+def release_env(config: Config, version: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a release runs with: [env], then `deploy --env` overrides, API_VERSION
+    defaulting to the release version. Recorded with the release, so a rollback restores it."""
+    out = dict(config.env)
+    out.update(overrides or {})
+    out.setdefault("API_VERSION", version)
+    return out

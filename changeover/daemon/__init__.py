@@ -1,0 +1,1 @@
+"""The per-host daemon: control API, slot supervisor, deploy pipeline."""

@@ -1,0 +1,149 @@
+"""Reading app instance logs: the last lines of a file, and following several files (`logs -f`).
+
+Instances write straight into their log files (the supervisor never pipes them), so readers work
+on the files alone: they may not exist yet, may be truncated or replaced (rotation) at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+_BLOCK = 8192
+_MAX_LINE = 64 * 1024  # a partial line longer than this is emitted as is, so memory stays bounded
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").rstrip("\r")
+
+
+def tail_lines(path: Path, n: int) -> list[str]:
+    """The last n lines of path (without newlines), reading backwards from the end. [] if missing."""
+    if n <= 0:
+        return []
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below; open errors mean "no lines"
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return []
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos, data = end, b""
+        # n lines need n newlines before them, plus possibly a trailing one.
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(_BLOCK, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [_decode(x) for x in lines[-n:]]
+
+
+def rotate(path: Path, max_bytes: int, keep: int = 1) -> bool:
+    """Copy-truncate path to path.1 (older ones shift to .2 ... .keep) once it exceeds max_bytes.
+
+    The running app keeps its descriptor (opened O_APPEND), so the file cannot be renamed under
+    it: copy then truncate, as logrotate's copytruncate does. Lines written between the two steps
+    are lost; that window is a few milliseconds once per max_bytes.
+    """
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except OSError:
+        return False
+    for i in range(keep - 1, 0, -1):
+        older = Path(f"{path}.{i}")
+        if older.exists():
+            os.replace(older, f"{path}.{i + 1}")
+    tmp = Path(f"{path}.1.tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(tmp, f"{path}.1")
+    os.truncate(path, 0)
+    return True
+
+
+@dataclass
+class _Followed:
+    path: Path
+    file: BinaryIO | None = None
+    ino: int = 0
+    offset: int = 0
+    partial: bytes = b""
+    lines: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _read_available(self) -> None:
+        assert self.file is not None
+        while chunk := self.file.read(_BLOCK):
+            self.offset += len(chunk)
+            parts = (self.partial + chunk).split(b"\n")
+            self.partial = parts.pop()
+            self.lines.extend(_decode(p) for p in parts)
+            if len(self.partial) > _MAX_LINE:
+                self.lines.append(_decode(self.partial))
+                self.partial = b""
+
+    def _open(self, at_end: bool) -> None:
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - kept open while following, closed by close()
+        except OSError:
+            return
+        st = os.fstat(f.fileno())
+        self.file, self.ino = f, st.st_ino
+        self.offset = f.seek(0, os.SEEK_END) if at_end else 0
+        self.partial = b""
+
+    def poll(self, first: bool = False) -> list[str]:
+        """New complete lines since the last poll, following truncation and replacement."""
+        if self.file is None:
+            self._open(at_end=first)
+        if self.file is not None:
+            self._read_available()
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                st = None
+            if st is not None and (st.st_ino != self.ino or st.st_size < self.offset):
+                # Rotated (a new file at the path) or truncated: the old one is fully read above.
+                if self.partial:
+                    self.lines.append(_decode(self.partial))
+                self.close()
+                self._open(at_end=False)
+                if self.file is not None:
+                    self._read_available()
+        out, self.lines = self.lines, []
+        return out
+
+
+async def follow(paths: Sequence[Path], n: int = 10, interval: float = 0.25
+                 ) -> AsyncIterator[tuple[Path, str]]:
+    """Yield (path, line): the last n lines of each file, then lines as they are appended, forever.
+
+    Files that do not exist yet are picked up (from their start) when they appear; a truncated or
+    rotated file is re-read from the start of the new content.
+    """
+    followed = [_Followed(Path(p)) for p in paths]
+    try:
+        for fl in followed:
+            fl.poll(first=True)  # open at the end first, so nothing appended after the tail is lost
+            for line in tail_lines(fl.path, n):
+                yield fl.path, line
+        while True:
+            await asyncio.sleep(interval)
+            for fl in followed:
+                for line in fl.poll():
+                    yield fl.path, line
+    finally:
+        for fl in followed:
+            fl.close()

@@ -1,0 +1,131 @@
+"""Slot operations: start a release in a slot, switch the live slot, retire a slot.
+
+Every state transition of a slot happens in `SlotManager.transition`, which logs `state=` and
+`was=` and writes the new state before the action that follows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from changeover.config import Config
+from changeover.daemon.supervisor import InstanceRecord, ReleaseSpec, Supervisor, SupervisorEvent
+from changeover.errors import DeployError
+from changeover.proxy.remote import ProxyProcess
+from changeover.state import SLOTS, Release, State
+
+log = logging.getLogger("changeover.slots")
+
+
+def other(slot: str | None) -> str:
+    return "green" if slot == "blue" else "blue"
+
+
+def spec_of(release: Release) -> ReleaseSpec:
+    return ReleaseSpec(version=release.version, path=Path(release.path), command=tuple(release.command),
+                       env=dict(release.env))
+
+
+class SlotManager:
+    def __init__(self, config: Config, state: State, proxy: ProxyProcess) -> None:
+        self.config = config
+        self.state = state
+        self.proxy = proxy
+        self.supervisor = Supervisor(config.app, config.state_dir / "logs", on_event=self._on_event)
+        self.crashes: list[tuple[float, str]] = []  # (time, slot): read by the monitor's crash-loop trigger
+        self._pending: list[SupervisorEvent] = []
+
+    # -- transitions ------------------------------------------------------------------------------
+    def transition(self, slot: str, new: str, *, release_id: int | None = -1,
+                   instances: list[dict[str, Any]] | None = None, why: str = "") -> None:
+        was = self.state.slot(slot).state
+        self.state.set_slot(slot, new, release_id, instances)
+        log.info("slot=%s state=%s was=%s%s", slot, new, was, f" ({why})" if why else "")
+        self.state.event("slot", slot, state=new, was=was, why=why)
+
+    def version(self, slot: str | None) -> str | None:
+        if slot is None:
+            return None
+        rel = self.state.release(self.state.slot(slot).release_id)
+        return rel.version if rel else None
+
+    def warm(self, slot: str) -> bool:
+        return bool(self.supervisor.upstreams(slot))
+
+    # -- actions ----------------------------------------------------------------------------------
+    async def start(self, slot: str, release: Release) -> list[InstanceRecord]:
+        """Start `release` in an empty slot and wait until ready; the proxy learns its upstreams."""
+        self.transition(slot, "starting", release_id=release.id, instances=[], why=f"starting {release.version}")
+        records = await self.supervisor.start_slot(slot, spec_of(release))
+        self.state.set_slot(slot, "starting", instances=[r.to_json() for r in records])
+        await self.proxy.set_slot(slot, self.supervisor.upstreams(slot))
+        await self.proxy.set_version(slot, release.version)
+        return records
+
+    async def switch(self, slot: str) -> float:
+        """Make `slot` live; the previous live slot becomes the warm standby. Returns seconds taken."""
+        if not self.warm(slot):
+            raise DeployError(f"slot {slot} has no running instance to switch to")
+        t0 = time.perf_counter()
+        await self.proxy.set_slot(slot, self.supervisor.upstreams(slot))
+        await self.proxy.switch(slot)
+        elapsed = time.perf_counter() - t0
+        was = self.state.live_slot()
+        self.state.swap_live(slot)
+        log.info("live slot=%s was=%s switched in %.1f ms", slot, was, elapsed * 1000)
+        self.state.event("switch", slot, was=was, ms=round(elapsed * 1000, 2), version=self.version(slot))
+        return elapsed
+
+    async def retire(self, slot: str, *, drain: bool = True, why: str = "") -> None:
+        """Stop routing to a slot, drain it, stop its processes, forget it."""
+        current = self.state.slot(slot)
+        if current.state == "empty" and not self.supervisor.records(slot):
+            return
+        if self.state.live_slot() == slot:
+            raise DeployError(f"slot {slot} is live; switch away from it first")
+        self.transition(slot, "stopping", why=why)
+        if drain:
+            await self.proxy.drain(slot, self.config.proxy.drain_timeout)
+        await self.proxy.remove_slot(slot)
+        await self.supervisor.stop_slot(slot)
+        self.transition(slot, "empty", release_id=None, instances=[], why=why)
+
+    # -- supervisor events --------------------------------------------------------------------------
+    def _on_event(self, ev: SupervisorEvent) -> None:
+        detail: dict[str, Any] = {"detail": ev.detail}
+        if ev.instance is not None:
+            detail.update(pid=ev.instance.pid, port=ev.instance.port, index=ev.instance.index)
+        self.state.event(f"instance.{ev.kind}", ev.slot, **detail)
+        if ev.kind == "started" and ev.instance is not None:
+            # Written as soon as the process exists, so a daemon killed during the readiness wait
+            # knows which process to clean up when it comes back.
+            cur = self.state.slot(ev.slot)
+            recs = [r for r in cur.instances if r.get("index") != ev.instance.index] + [ev.instance.to_json()]
+            self.state.set_slot(ev.slot, cur.state, instances=recs)
+        if ev.kind == "crashed":
+            self.crashes.append((time.monotonic(), ev.slot))
+            del self.crashes[:-100]
+            log.warning("slot=%s instance crashed: %s", ev.slot, ev.detail)
+        if ev.kind in ("restarted", "lost", "gave_up", "crashed"):
+            self._pending.append(ev)
+
+    async def sync(self) -> None:
+        """Bring state and proxy in line with the supervisor after restarts (called periodically)."""
+        if not self._pending:
+            return
+        slots = {ev.slot for ev in self._pending}
+        self._pending.clear()
+        for slot in slots:
+            if slot not in SLOTS:
+                continue
+            records = [r.to_json() for r in self.supervisor.records(slot)]
+            cur = self.state.slot(slot)
+            if cur.state in ("live", "standby", "starting"):
+                self.state.set_slot(slot, cur.state, instances=records)
+                await self.proxy.set_slot(slot, self.supervisor.upstreams(slot))
+
+    def crash_count(self, slot: str, since: float) -> int:
+        return sum(1 for t, s in self.crashes if s == slot and t >= since)

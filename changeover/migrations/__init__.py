@@ -1,0 +1,1 @@
+"""Safe, reversible database migrations: engine, formats, linter (pglast), backfill."""

@@ -1,0 +1,1 @@
+"""Per-slot metrics, observation windows, rollback triggers, Prometheus exposition, notifications."""

@@ -1,0 +1,67 @@
+"""Copying a Recorder's per-second buckets from the proxy worker into the daemon.
+
+The proxy worker records every request (it sees them); the daemon judges (it runs the observer,
+/metrics and `status`). A few times a second the daemon asks the worker for the seconds that
+changed since the last pull and writes them into a Recorder of its own, bucket for bucket, so
+every window query, trigger and Prometheus total reads the same numbers the proxy counted.
+Both processes read CLOCK_MONOTONIC, which is shared system-wide, so bucket times line up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from changeover.monitor.metrics import NBUCKETS, C, Recorder, _Totals
+
+
+def export(rec: Recorder, since: int | None) -> dict[str, Any]:
+    """The seconds from `since` (inclusive) to now of every slot, histograms sparse; None: all."""
+    now = int(rec.clock())
+    slots: dict[str, Any] = {}
+    for name, s in rec._slots.items():
+        s.advance(now)
+        first = max(s.sec - s.size + 1, int(s.first), since if since is not None else -(2**62))
+        rows = []
+        for t in range(first, s.sec + 1):
+            i = t % s.size
+            counts = s.counts[i * C:(i + 1) * C]
+            if not counts[0]:
+                continue
+            h = s.hist[i * NBUCKETS:(i + 1) * NBUCKETS]
+            rows.append([t, counts, [[b, n] for b, n in enumerate(h) if n]])
+        slots[name] = {"version": s.version, "first": s.first, "run": s.run, "sec": s.sec, "rows": rows}
+    totals = [[slot, ver, t.counts, [[b, n] for b, n in enumerate(t.hist) if n], t.sum]
+              for (slot, ver), t in rec._totals.items()]
+    return {"now": now, "slots": slots, "totals": totals}
+
+
+def absorb(rec: Recorder, data: dict[str, Any]) -> int:
+    """Write an export into `rec`. Returns the second to ask from next time (re-sends the current
+    second, which was still filling up)."""
+    for name, d in data["slots"].items():
+        s = rec._slots.get(name) or rec._add(name)
+        if s.version != d["version"] or s.first != d["first"]:
+            s.clear(float(d["first"]))
+            s.version = d["version"]
+        s.advance(int(d["sec"]))
+        s.run = int(d["run"])
+        for t, counts, hist in d["rows"]:
+            i = int(t) % s.size
+            s.counts[i * C:(i + 1) * C] = counts
+            h = [0] * NBUCKETS
+            for b, n in hist:
+                h[b] = n
+            s.hist[i * NBUCKETS:(i + 1) * NBUCKETS] = h
+    rec._totals.clear()
+    for slot, ver, counts, hist, total in data["totals"]:
+        t = _Totals()
+        t.counts[:] = counts
+        for b, n in hist:
+            t.hist[b] = n
+        t.sum = float(total)
+        rec._totals[(slot, ver)] = t
+    for name, s in rec._slots.items():
+        tot = rec._totals.get((name, s.version))
+        if tot is not None:
+            s.totals, s.tcounts, s.thist = tot, tot.counts, tot.hist
+    return int(data["now"])

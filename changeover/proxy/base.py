@@ -1,0 +1,80 @@
+"""The data-plane interface shared by the embedded proxy, the HAProxy driver and the fake.
+
+The daemon only ever talks to a `DataPlane`: it declares each slot's upstreams, switches the live
+slot atomically, and drains a slot before its processes are stopped. The monitor receives one
+`record()` call per proxied request through a `RequestRecorder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+# Named defaults; config.py maps [proxy] onto ProxySettings with these.
+DEFAULT_LISTEN = "127.0.0.1:8000"
+DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 10.0          # whole request head must arrive within this (slowloris)
+DEFAULT_BODY_TIMEOUT = 30.0            # max gap between body chunks from the client
+DEFAULT_IDLE_TIMEOUT = 60.0            # keep-alive connection with no request
+DEFAULT_CONNECT_TIMEOUT = 2.0          # upstream connect
+DEFAULT_RESPONSE_TIMEOUT = 60.0        # upstream response head -> 504
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024   # -> 431
+DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024  # -> 413 (0 = unlimited)
+DEFAULT_RETRIES = 2                    # other instances tried when connect fails before any byte was sent
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    listen: str = DEFAULT_LISTEN
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    retries: int = DEFAULT_RETRIES
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+class RequestRecorder(Protocol):
+    """Told about every proxied request, on the hot path: implementations must be O(1) and cheap."""
+
+    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool) -> None:
+        """status: the status sent to the client (proxy-generated 502/503/504 included);
+        upstream_failed: connect refused/reset/timeout talking to the app."""
+
+
+class DataPlane(Protocol):
+    """What the daemon needs from a proxy."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
+        """Declare (or replace) the upstream host:port list of a slot. Does not route traffic to it."""
+
+    def remove_slot(self, slot: str) -> None: ...
+
+    def switch(self, slot: str | None) -> None:
+        """Atomically make `slot` the one new requests go to (None: 503 for everyone)."""
+
+    @property
+    def live(self) -> str | None: ...
+
+    def inflight(self, slot: str) -> int:
+        """Requests and tunnels currently open to the slot."""
+
+    async def drain(self, slot: str, timeout: float) -> bool:
+        """Wait until the slot has nothing in flight; at the timeout close what is left (tunnels,
+        slow requests). True when it drained cleanly."""

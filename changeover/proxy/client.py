@@ -1,0 +1,252 @@
+"""The client side of the embedded proxy: one `ClientConn` per accepted connection.
+
+Per request: the head is validated by llhttp, rewritten once (`http1`), routed to the slot that is
+live *at that moment* and written to a pooled upstream connection straight from this callback (no
+task, no coroutine). Request bodies stream through with flow control; the response comes back
+through `UpstreamConn`, which calls `response_done()` (`exchange.py` holds how an exchange ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+import httptools
+
+from changeover.proxy.exchange import (
+    D_BODY,
+    D_HEAD,
+    D_IDLE,
+    D_RESPONSE,
+    MAX_PENDING,
+    P_CONNECT,
+    P_PIPELINE,
+    REPLAYABLE,
+    S_BODY,
+    S_HEAD,
+    S_TUNNEL,
+    S_WAIT,
+    SAFE_REUSE_IDLE,
+    VALIDATE,
+    Exchange,
+    perf,
+)
+from changeover.proxy.http1 import HOST, REQ_SPECIAL, ChunkScanner, HttpError, error_response, rewrite_request
+
+
+class ClientConn(Exchange):
+    __slots__ = ()
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.ip = (peer[0] if isinstance(peer, tuple) else "unix").encode()
+        self.fwd = self.proxy.forwarded_headers(self.ip)
+        self.proxy.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == S_HEAD:
+            if self.buf:
+                self.buf += data
+                data = bytes(self.buf)
+                self.buf.clear()
+            self._head(data)
+        elif state == S_BODY:
+            self._body(data)
+        elif state == S_TUNNEL and self.up is not None:
+            self.up.transport.write(data)
+        else:                              # pipelined request, or bytes before an upgrade completes
+            self.buf += data
+            self.pause(P_PIPELINE)
+
+    def eof_received(self) -> bool | None:
+        if self.state in (S_WAIT, S_BODY) and self.req_slot is not None:
+            self.req_keep = False          # half-closed client: still send it the response
+            return True
+        return None
+
+    # -- request head ------------------------------------------------------------------------
+    def _head(self, data: bytes) -> None:
+        proxy = self.proxy
+        settings = proxy.settings
+        if data[:2] == b"\r\n":
+            data = data.lstrip(b"\r\n")
+        end = data.find(b"\r\n\r\n") + 4
+        if end == 3 or end > settings.max_header_bytes:
+            if end > settings.max_header_bytes or len(data) > settings.max_header_bytes:
+                return self.reject(431)
+            if data.count(b"\n") != data.count(b"\r\n"):
+                return self.reject(400)    # bare LF: llhttp would refuse it, don't wait for more
+            if data:
+                self.buf += data
+                if self.dkind == D_IDLE:
+                    self.dkind = D_HEAD
+                    self.deadline = proxy.now + settings.header_timeout
+            return
+        head = data if end == len(data) else data[:end]
+        rest = data[end:]
+        upgrade = False
+        try:
+            self.parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            upgrade = True
+        except httptools.HttpParserError:
+            return self.reject(400)
+        # llhttp checked the request line, so it ends with the version: read it from the bytes
+        lf = head.find(b"\r\n")
+        version = head[lf - 8:lf]
+        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+            return self.reject(505 if version[:6] == b"HTTP/2" or version[:6] == b"HTTP/3" else 400)
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            return self.reject(405)
+        self.req_http11 = http11 = version == b"HTTP/1.1"
+        self.req_keep = http11
+        self.req_head_only = method == b"HEAD"
+        length = 0
+        chunked = False
+        if REQ_SPECIAL.search(head) is None:
+            m = HOST.search(head)
+            if m is None:
+                if self.req_http11:
+                    return self.reject(400)
+                out = head[:-2] + self.fwd + b"\r\n"
+            else:
+                if HOST.search(head, m.end() - 2) is not None:
+                    return self.reject(400)    # two Hosts: which one would the app believe?
+                out = head[:-2] + self.fwd + b"X-Forwarded-Host: " + m.group(1) + b"\r\n\r\n"
+            self.req_upgrade = False
+        else:
+            try:
+                r = rewrite_request(head, self.fwd, self.ip, upgrade, http11)
+            except HttpError as e:
+                return self.reject(e.status)
+            if self.req_http11 and HOST.search(head) is None:
+                return self.reject(400)
+            length, chunked, out = r.length, r.chunked, r.out
+            self.req_keep = r.keep_alive
+            self.req_upgrade = r.upgrade
+            if chunked and not self.req_http11:
+                return self.reject(400)
+            if settings.max_body_bytes and length > settings.max_body_bytes:
+                return self.reject(413)
+            if length or chunked or upgrade:
+                self.parser = httptools.HttpRequestParser(VALIDATE)   # llhttp now expects a body
+        self._route(method, out, rest, length, chunked)
+
+    def _route(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool) -> None:
+        proxy = self.proxy
+        slot = proxy.live_slot
+        self.resp_started = self.resp_close = self.upstream_failed = False
+        self.attempts = 0
+        if slot is None or not slot.upstreams:
+            if length or chunked:
+                self.req_keep = False
+            elif rest:
+                self.buf += rest
+            proxy.record("" if slot is None else slot.name, 503, 0.0, False)
+            return self._write_error(503)
+        self.req_t0 = perf()
+        self.req_seq += 1
+        self.req_slot = slot
+        slot.inflight += 1
+        self.req_out = out
+        self.req_replayable = not (length or chunked) and method in REPLAYABLE
+        part = rest
+        end = 0
+        self.body_remaining = 0
+        if chunked:
+            self.body_chunked = True
+            self.scanner = ChunkScanner(proxy.settings.max_body_bytes)
+            try:
+                end = self.scanner.feed(rest)
+            except HttpError as e:
+                return self._body_error(e.status)
+            if end >= 0:
+                part, rest = rest[:end], rest[end:]
+            else:
+                rest = b""
+        else:
+            self.body_chunked = False
+            self.body_remaining = length - min(length, len(rest))
+            if length:
+                part, rest = rest[:length], rest[length:]
+            else:
+                part = b""
+        if self.body_remaining or (chunked and end < 0):
+            self.state = S_BODY
+            self.dkind = D_BODY
+            self.deadline = proxy.now + proxy.settings.body_timeout
+        else:
+            self.state = S_WAIT
+            self.dkind = D_RESPONSE
+            self.deadline = proxy.now + proxy.settings.response_timeout
+        if rest:
+            self.buf += rest
+            self.pause(P_PIPELINE)
+        upstream = slot.pick()
+        idle = upstream.idle
+        while idle:
+            conn = idle.pop()
+            # a request that cannot be replayed only gets a recently used connection: the app
+            # may be closing one that sat idle longer, and then the request would fail
+            if self.req_replayable or proxy.now - conn.idle_since < SAFE_REUSE_IDLE:
+                conn.attach(self)
+                self.up = conn
+                conn.transport.write(out + part if part else out)
+                return
+            conn.transport.close()
+        else:
+            self.pending = [out, part] if part else [out]
+            self.pending_size = len(part)
+            self._connect(upstream)
+
+    # -- request body ------------------------------------------------------------------------
+    def _body(self, data: bytes) -> None:
+        proxy = self.proxy
+        self.deadline = proxy.now + proxy.settings.body_timeout
+        if self.body_chunked:
+            assert self.scanner is not None
+            try:
+                end = self.scanner.feed(data)
+            except HttpError as e:
+                return self._body_error(e.status)
+            if end < 0:
+                return self._send(data)
+        else:
+            end = self.body_remaining
+            if len(data) < end:
+                self.body_remaining -= len(data)
+                return self._send(data)
+            self.body_remaining = 0
+        self._send(data[:end] if end < len(data) else data)
+        if end < len(data):
+            self.buf += data[end:]
+            self.pause(P_PIPELINE)
+        self.state = S_WAIT
+        self.dkind = D_RESPONSE
+        self.deadline = proxy.now + proxy.settings.response_timeout
+
+    def _send(self, data: bytes) -> None:
+        up = self.up
+        if up is not None:
+            up.transport.write(data)
+        else:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > MAX_PENDING:
+                self.pause(P_CONNECT)
+
+    def _body_error(self, status: int) -> None:
+        """Bad framing or too large mid-body: the upstream exchange cannot be finished."""
+        up, self.up = self.up, None
+        if up is not None:
+            up.client = None
+            up.transport.close()
+        self.req_keep = False
+        self._finish_request(status, False)
+        if not self.resp_started:
+            self.transport.write(error_response(status, True, self.req_head_only))
+        self._close()

@@ -1,0 +1,378 @@
+"""The embedded data plane: an HTTP/1.1 reverse proxy on asyncio/uvloop with per-request routing.
+
+`switch()` replaces one reference (`live_slot`); every request reads it when its head is complete,
+so keep-alive clients move to the new slot on their next request while requests already sent
+finish on the old one. `drain()` waits for a slot's in-flight requests and tunnels to end, and
+closes what is left at the timeout. The wire work lives in `client.py` (client side),
+`upstream.py` (app side) and `http1.py` (head rewriting, chunked framing).
+
+Timeouts are deadlines on each client connection, checked by one sweeper task a few times a
+second: the hot path never creates a timer, task or coroutine when a pooled connection exists.
+
+Proxy replacement without a gap: with `reuse_port=True` the listening socket has SO_REUSEPORT, so
+a successor process binds the same address while this one still listens (give the successor its
+slots before its `start()`: it takes connections as soon as it listens). `retire()` then has the
+kernel send new connections to the successor, closes this proxy's listener once the handshakes
+already under way have completed (`RETIRE_LISTEN_SETTLE`; what is in its accept queue is taken
+over, not reset) and lets every client connection end cleanly: responses carry
+`Connection: close`, idle keep-alive connections get `RETIRE_IDLE_GRACE` to send one more request,
+tunnels run until they close or the timeout. Clients reconnect, and only the successor accepts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import socket
+import struct
+from collections.abc import Sequence
+
+from changeover.errors import ChangeoverError
+from changeover.proxy.base import ProxySettings, RequestRecorder
+from changeover.proxy.client import ClientConn
+from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, Exchange
+from changeover.proxy.upstream import Slot, Upstream
+
+log = logging.getLogger("changeover.proxy")
+
+# retire(): how long an idle keep-alive connection may still send one request (answered with
+# Connection: close) before it is closed, and how often retire() looks at its connections
+RETIRE_IDLE_GRACE = 1.0
+RETIRE_TICK = 0.05
+# how long a retiring listener that steered new connections to its successor still accepts, so
+# that handshakes already under way complete here instead of being reset (about one client RTT)
+RETIRE_LISTEN_SETTLE = 0.25
+_SO_ATTACH_REUSEPORT_CBPF = 51      # linux/asm-generic/socket.h
+_SO_DETACH_REUSEPORT_BPF = 68
+_BPF_RET_K = 0x06                    # BPF_RET | BPF_K: return the constant k
+
+
+class ListenError(ChangeoverError, OSError):
+    """The listen address cannot be bound: a ChangeoverError for the CLI, and still an OSError
+    (errno, strerror) for callers that handle socket errors."""
+
+    def __init__(self, errno: int, strerror: str, listen: str) -> None:
+        OSError.__init__(self, errno, strerror)
+        self.listen = listen
+
+    def __str__(self) -> str:
+        return f"proxy cannot listen on {self.listen}: {self.strerror}"
+
+
+class EmbeddedProxy:
+    """`DataPlane` implementation; see the module docstring."""
+
+    def __init__(self, settings: ProxySettings, recorder: RequestRecorder | None = None, *,
+                 reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.recorder = recorder
+        self.reuse_port = reuse_port
+        self.retiring = False              # read once per response head: answer with Connection: close
+        self.slots: dict[str, Slot] = {}
+        self.live_slot: Slot | None = None
+        self.clients: set[Exchange] = set()
+        self.tasks: set[asyncio.Task[None]] = set()   # upstream connects in progress
+        self._adopting: set[asyncio.Task[None]] = set()   # connections taken from a retired listener
+        self.now = 0.0                     # the sweeper's clock; deadlines are set against it
+        self._server: asyncio.Server | None = None
+        self._running = False
+        self._port = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._fwd_cache: dict[bytes, bytes] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        shortest = min(settings.header_timeout, settings.body_timeout, settings.idle_timeout,
+                       settings.response_timeout)
+        self._tick = max(0.01, min(0.25, shortest / 5))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "EmbeddedProxy.start() was not called"
+        return self._loop
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self.now = self._loop.time()
+        try:
+            port = self.settings.port
+        except (ValueError, IndexError):
+            raise ChangeoverError(f"proxy listen address {self.settings.listen!r}: expected host:port") from None
+        try:
+            self._server = await self._loop.create_server(
+                lambda: ClientConn(self), self.settings.host or None, port, backlog=2048,
+                reuse_address=True, reuse_port=self.reuse_port)
+        except OSError as e:
+            raise ListenError(e.errno or 0, e.strerror or str(e), self.settings.listen) from None
+        self._port = int(self._server.sockets[0].getsockname()[1]) if self._server.sockets else port
+        if self.reuse_port:
+            # a retired predecessor leaves its steering program on the group: back to the
+            # kernel's spreading by hash over every listener of the address
+            for ls in self._listeners():
+                with contextlib.suppress(OSError):
+                    ls.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
+                ls.close()
+        self.retiring = False
+        self._running = True
+        self._sweeper = self._loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with listen port 0); still known while and after retiring."""
+        if not self._running:
+            raise ChangeoverError("the proxy is not listening")
+        return self._port
+
+    async def close(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in [*self.tasks, *self._adopting]:
+            task.cancel()
+        for client in list(self.clients):
+            client.transport.close()
+        self.clients.clear()
+        for slot in self.slots.values():
+            for up in slot.upstreams:
+                up.close_idle()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    # -- hand-over to a successor --------------------------------------------------------------
+    async def retire(self, timeout: float) -> int:
+        """Hand the listen address over to a successor bound with SO_REUSEPORT (see the module
+        docstring). New connections stop coming at once; returns when every client connection
+        has ended, or at `timeout`, when what is left is closed (an unanswered request gets a
+        504): the number of connections cut then. Slots keep working meanwhile; `close()` is
+        still to be called."""
+        if not self._running:
+            return 0
+        loop = self.loop
+        self.retiring = True
+        now = loop.time()
+        deadline = now + timeout
+        close_listener = now + RETIRE_LISTEN_SETTLE if self._steer_away() else now
+        while self._server is not None or self.clients or self._adopting:
+            now = loop.time()
+            if self._server is not None and now >= min(close_listener, deadline):
+                self._stop_listening()
+                continue
+            if now >= deadline:
+                break
+            self._retire_idle(now)
+            wake = deadline if self._server is None else min(deadline, close_listener)
+            await asyncio.sleep(min(RETIRE_TICK, wake - now))
+        else:
+            self._close_idle_upstreams()
+            return 0
+        for task in list(self._adopting):
+            task.cancel()
+        cut = len(self.clients)
+        for client in list(self.clients):
+            try:
+                client.retire_abort()
+            except Exception:
+                log.exception("closing a connection at the retire timeout failed")
+                client.transport.abort()
+        self.clients.clear()
+        self._close_idle_upstreams()
+        if cut:
+            log.warning("retire timed out after %.1fs; closed %d connection(s)", timeout, cut)
+        return cut
+
+    def _listeners(self) -> list[socket.socket]:
+        """Duplicates of the listening sockets (the server's own are not ours to configure)."""
+        out: list[socket.socket] = []
+        if self._server is not None:
+            for s in self._server.sockets:
+                with contextlib.suppress(OSError):
+                    out.append(socket.socket(fileno=os.dup(s.fileno())))
+        return out
+
+    def _steer_away(self) -> bool:
+        """Ask the kernel to send new connections for the address to the successor: a one-
+        instruction classic BPF program on the SO_REUSEPORT group that picks socket 1. A group
+        holds its sockets in bind order, so while an old proxy hands over to one successor that
+        is the successor (and with no successor the index is out of range: the kernel picks by
+        hash as usual). Handshakes already under way then complete on this listener, which keeps
+        accepting for RETIRE_LISTEN_SETTLE: closing it at once would reset them."""
+        if not self.reuse_port or self._server is None:
+            return False
+        insn = ctypes.create_string_buffer(struct.pack("HBBI", _BPF_RET_K, 0, 0, 1))
+        prog = struct.pack("HP", 1, ctypes.addressof(insn))       # struct sock_fprog
+        steered = False
+        for ls in self._listeners():
+            try:
+                ls.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, prog)
+                steered = True
+            except OSError as e:
+                log.info("cannot steer new connections to the successor: %s", e)
+            finally:
+                ls.close()
+        return steered
+
+    def _stop_listening(self) -> None:
+        """Close the listener without losing the connections already in its accept queue: the
+        kernel resets those when a listening socket closes (unless net.ipv4.tcp_migrate_req moves
+        them to the successor), so they are accepted here first, through a duplicate of the socket.
+        The steering program stays on the group (removing it first would let the kernel pick this
+        listener again until it is closed): the next proxy to bind the address removes it."""
+        dups = self._listeners()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for ls in dups:
+            ls.setblocking(False)
+            try:
+                while True:
+                    try:
+                        conn, _ = ls.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        log.exception("accepting from the retired listener failed")
+                        break
+                    conn.setblocking(False)
+                    task = self.loop.create_task(self._adopt(conn))
+                    self._adopting.add(task)
+                    task.add_done_callback(self._adopting.discard)
+            finally:
+                ls.close()
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: ClientConn(self), conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _retire_idle(self, now: float) -> None:
+        """Idle keep-alive connections (and accepted ones that sent nothing yet) get the grace to
+        send one more request; past it they are closed between requests, never mid-response."""
+        self.now = max(self.now, now)
+        grace = now + RETIRE_IDLE_GRACE
+        for client in list(self.clients):
+            if client.state == S_HEAD and not client.buf and (client.dkind == D_IDLE or client.dkind == D_HEAD):
+                if client.deadline > grace:
+                    client.deadline = grace
+                elif client.deadline <= now:
+                    client.timeout(now)
+
+    def _close_idle_upstreams(self) -> None:
+        for slot in self.slots.values():
+            for up in slot.upstreams:
+                up.close_idle()
+
+    # -- slots ---------------------------------------------------------------------------------
+    def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
+        if not slot or not isinstance(slot, str):
+            raise ChangeoverError(f"slot name must be a non-empty string, got {slot!r}")
+        ups: list[Upstream] = []
+        old = self.slots.get(slot)
+        kept: dict[tuple[str, int], Upstream] = {(u.host, u.port): u for u in old.upstreams} if old else {}
+        for item in upstreams:
+            try:
+                host, port = item
+            except (TypeError, ValueError):
+                raise ChangeoverError(f"slot {slot}: upstream {item!r} is not (host, port)") from None
+            if not isinstance(host, str) or not host or not isinstance(port, int) or not 0 < port < 65536:
+                raise ChangeoverError(f"slot {slot}: upstream {item!r} is not (host, port 1-65535)")
+            existing = kept.pop((host, port), None) if (host, port) in kept else None
+            ups.append(existing or Upstream(host, port))
+        for gone in kept.values():
+            gone.close_idle()
+        if old is None:
+            self.slots[slot] = Slot(slot, tuple(ups))
+        else:
+            old.upstreams = tuple(ups)     # in place: keeps the in-flight count and drain waiters
+
+    def remove_slot(self, slot: str) -> None:
+        s = self.slots.get(slot)
+        if s is None:
+            return
+        if s is self.live_slot:
+            raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
+        del self.slots[slot]
+        for up in s.upstreams:
+            up.close_idle()
+
+    def switch(self, slot: str | None) -> None:
+        if slot is None:
+            self.live_slot = None
+            return
+        s = self.slots.get(slot)
+        if s is None:
+            raise ChangeoverError(f"unknown slot {slot!r} (known: {', '.join(sorted(self.slots)) or 'none'})")
+        self.live_slot = s                 # the one reference every new request reads
+
+    @property
+    def live(self) -> str | None:
+        s = self.live_slot
+        return None if s is None else s.name
+
+    def inflight(self, slot: str) -> int:
+        s = self.slots.get(slot)
+        return 0 if s is None else s.inflight
+
+    async def drain(self, slot: str, timeout: float) -> bool:
+        s = self.slots.get(slot)
+        if s is None:
+            return True
+        clean = True
+        if s.inflight:
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            s.waiters.append(waiter)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except TimeoutError:
+                clean = False
+                for client in list(self.clients):
+                    if client.req_slot is s:
+                        client.drain_abort()
+                log.warning("drain of slot %s timed out after %.1fs; closed what was left", slot, timeout)
+        if s is not self.live_slot:
+            for up in s.upstreams:
+                up.close_idle()
+        return clean
+
+    # -- used by the connections -----------------------------------------------------------------
+    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool) -> None:
+        if self.recorder is not None:
+            try:
+                self.recorder.record(slot, status, seconds, upstream_failed)
+            except Exception:              # a monitor bug must never break traffic
+                log.exception("request recorder failed")
+
+    def forwarded_headers(self, ip: bytes) -> bytes:
+        fwd = self._fwd_cache.get(ip)
+        if fwd is None:
+            fwd = b"X-Forwarded-For: " + ip + b"\r\nX-Forwarded-Proto: http\r\nVia: 1.1 changeover\r\n"
+            if len(self._fwd_cache) < 4096:
+                self._fwd_cache[ip] = fwd
+        return fwd
+
+    async def _sweep(self) -> None:
+        loop = self.loop
+        while True:
+            await asyncio.sleep(self._tick)
+            now = self.now = loop.time()
+            for client in list(self.clients):
+                if client.dkind and client.deadline <= now:
+                    try:
+                        client.timeout(now)
+                    except Exception:
+                        log.exception("timeout handling failed")
+                        client.transport.abort()

@@ -1,0 +1,231 @@
+"""HTTP/1.1 wire helpers for the embedded proxy: head rewriting, chunked framing, error responses.
+
+Request heads are validated by llhttp (httptools) first; these helpers then work on the raw head
+bytes so that a head is copied into its upstream form once, with unchanged header lines passed
+through as they came. Everything here is pure and allocation-light: it runs once per request.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+VIA = b"1.1 changeover"
+
+# Request header names that need more than pass-through. A head without any of them (the
+# common case) takes the fast path: append our forwarding headers and go.
+REQ_SPECIAL = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-[!#-'*+.^-z|~0-9-]*|te|trailer|transfer-encoding|content-length"
+    rb"|upgrade|x[-_]forwarded[-_](?:for|proto|host)|via|expect):",
+    re.IGNORECASE,
+)
+HOST = re.compile(rb"\r\nhost:[ \t]*([^\r]*?)[ \t]*\r\n", re.IGNORECASE)
+# Response headers a proxy drops (hop-by-hop); Connection is read before it is dropped.
+RESP_HOP = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-[!#-'*+.^-z|~0-9-]*|te|trailer|upgrade):[^\r]*", re.IGNORECASE
+)
+RESP_CONNECTION = re.compile(rb"\r\nconnection:[ \t]*([^\r]*)", re.IGNORECASE)
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+                        rb"(?:=(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+|\"[^\"\\\x00-\x08\x0a-\x1f\x7f]*\"))?)*\Z")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+MAX_CHUNK_LINE = 4096
+MAX_TRAILERS = 16 * 1024
+
+
+class HttpError(Exception):
+    """A request the proxy answers itself (status) without involving the app."""
+
+    def __init__(self, status: int, detail: str = "") -> None:
+        super().__init__(detail or HTTPStatus(status).phrase)
+        self.status = status
+
+
+def error_response(status: int, close: bool, head_only: bool = False) -> bytes:
+    """A minimal, complete response; cached per (status, close, head_only)."""
+    key = (status, close, head_only)
+    cached = _ERRORS.get(key)
+    if cached is None:
+        phrase = HTTPStatus(status).phrase
+        body = f"{status} {phrase}\n".encode()
+        head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\n"
+                f"content-length: {len(body)}\r\n{'connection: close' if close else 'via: 1.1 changeover'}"
+                "\r\n\r\n").encode()
+        cached = _ERRORS[key] = head if head_only else head + body
+    return cached
+
+
+_ERRORS: dict[tuple[int, bool, bool], bytes] = {}
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+class RequestHead:
+    """What the slow path learns from a request head that has special headers."""
+
+    __slots__ = ("chunked", "expect_continue", "keep_alive", "length", "out", "upgrade")
+
+    def __init__(self) -> None:
+        self.length = 0          # Content-Length, 0 when absent
+        self.chunked = False
+        self.upgrade = False
+        self.expect_continue = False
+        self.keep_alive = True
+        self.out = b""
+
+
+def rewrite_request(head: bytes, fwd: bytes, client_ip: bytes, want_upgrade: bool, http11: bool) -> RequestHead:
+    """Full rewrite of a request head (ending in CRLF CRLF) whose framing llhttp already checked.
+
+    Drops hop-by-hop headers (and those named by Connection), merges X-Forwarded-For, replaces
+    X-Forwarded-Proto/-Host, appends Via, and applies the checks llhttp leaves to us: only a single
+    `chunked` transfer coding is accepted.
+    """
+    r = RequestHead()
+    lines = head[:-4].split(b"\r\n")
+    named: set[bytes] = set()
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.lower() == b"connection":
+            named |= connection_tokens(value)
+    upgrade = want_upgrade and b"upgrade" in named
+    # llhttp's should_keep_alive() is not reliable once a message is complete: decide here
+    r.keep_alive = b"close" not in named if http11 else b"keep-alive" in named and b"close" not in named
+    out = [lines[0]]
+    xff = b""
+    host = b""
+    seen_host = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        lname = name.lower()
+        value = value.strip(b" \t")
+        if lname == b"host":
+            if host or seen_host:
+                raise HttpError(400, "more than one Host")
+            host = value
+            seen_host = True
+        elif lname == b"content-length":
+            r.length = int(value)
+        elif lname == b"transfer-encoding":
+            if value.lower() != b"chunked" or r.chunked:
+                raise HttpError(400, "unsupported Transfer-Encoding")
+            r.chunked = True
+        elif lname == b"x-forwarded-for":
+            xff = xff + b", " + value if xff else value
+            continue
+        elif lname.replace(b"_", b"-") in _FORWARDED:
+            continue                      # ours replace them; X_Forwarded_For would spoof them in WSGI/CGI
+        elif lname == b"expect":
+            if value.lower() != b"100-continue":
+                raise HttpError(417)
+            r.expect_continue = True
+        elif lname == b"upgrade":
+            if not upgrade:
+                continue
+        elif lname in _REQ_HOP or lname.startswith(b"proxy-") or lname in named:
+            continue
+        out.append(line)
+    if upgrade:
+        out.append(b"Connection: Upgrade")
+        r.upgrade = True
+    if xff:
+        out.append(b"X-Forwarded-For: " + xff + b", " + client_ip)
+        out.append(fwd.split(b"\r\n", 1)[1][:-2])  # proto + via, without our own XFF line
+    else:
+        out.append(fwd[:-2])
+    if host:
+        out.append(b"X-Forwarded-Host: " + host)
+    out.append(b"\r\n")
+    r.out = b"\r\n".join(out)
+    return r
+
+
+_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
+_REQ_HOP = frozenset((b"connection", b"keep-alive", b"te", b"trailer", b"upgrade"))
+
+
+class ChunkScanner:
+    """Follows chunked framing over a byte stream without copying the data (bytes pass through).
+
+    Strict: 1-16 hex digits, well-formed extensions, CRLF exactly where required, trailer lines
+    that are `token: value`. `feed()` returns the offset just past the last chunk's trailer
+    section, or -1 when it needs more bytes; raises HttpError(400) on bad framing and
+    HttpError(413) past `limit` body bytes (0 = no limit).
+    """
+
+    __slots__ = ("limit", "line", "remaining", "state", "total")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.state = 0           # 0 size line, 1 data, 2 CRLF after data, 3 trailers, 4 done
+        self.remaining = 0
+        self.line = b""
+        self.total = 0
+        self.limit = limit
+
+    def feed(self, data: bytes, pos: int = 0) -> int:
+        n = len(data)
+        while pos < n:
+            state = self.state
+            if state == 1:
+                take = min(self.remaining, n - pos)
+                self.remaining -= take
+                pos += take
+                if not self.remaining:
+                    self.state = 2
+                continue
+            if state == 2:
+                need = 2 - len(self.line)
+                self.line += data[pos:pos + need]
+                pos += need
+                if len(self.line) < 2:
+                    return -1
+                if self.line != b"\r\n":
+                    raise HttpError(400, "bad chunk terminator")
+                self.line = b""
+                self.state = 0
+                continue
+            end = data.find(b"\n", pos)
+            if end < 0:
+                self.line += data[pos:]
+                if len(self.line) > (MAX_CHUNK_LINE if state == 0 else MAX_TRAILERS):
+                    raise HttpError(400, "chunk line too long")
+                return -1
+            line = self.line + data[pos:end + 1]
+            self.line = b""
+            pos = end + 1
+            if len(line) < 2 or line[-2] != 13:
+                raise HttpError(400, "bare LF in chunked body")
+            if state == 0:
+                self._size(line[:-2])
+            elif line == b"\r\n":
+                self.state = 4
+                return pos
+            else:
+                self.total += len(line)
+                name, colon, _ = line.partition(b":")
+                if not colon or not _TOKEN.match(name) or self.total > MAX_TRAILERS:
+                    raise HttpError(400, "bad trailer")
+        return -1
+
+    def _size(self, line: bytes) -> None:
+        i = 0
+        while i < len(line) and line[i] in _HEX:
+            i += 1
+        if i == 0 or i > 16 or not _CHUNK_EXT.match(line, i):
+            raise HttpError(400, "bad chunk size")
+        size = int(line[:i], 16)
+        self.total += size
+        if self.limit and self.total > self.limit:
+            raise HttpError(413)
+        if size:
+            self.remaining = size
+            self.state = 1
+        else:
+            self.total = 0       # now counts trailer bytes
+            self.state = 3
+
+    @property
+    def done(self) -> bool:
+        return self.state == 4

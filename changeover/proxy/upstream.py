@@ -1,0 +1,335 @@
+"""The app side of the embedded proxy: slots, upstream instances, pooled connections, responses.
+
+An `UpstreamConn` is a keep-alive connection to one app instance. While a client request is
+attached to it, it reads the response: the head is rewritten once (hop-by-hop headers out, Via in)
+and the body bytes are passed through untouched, framed by Content-Length, chunked (followed by
+`ChunkScanner`) or connection close. When the response completes it goes back to its
+instance's idle list, so the next request on the hot path needs no connect and no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from changeover.proxy.http1 import (
+    RESP_CONNECTION,
+    RESP_HOP,
+    ChunkScanner,
+    HttpError,
+    connection_tokens,
+)
+
+if TYPE_CHECKING:
+    from changeover.proxy.exchange import Exchange
+
+MAX_IDLE_PER_UPSTREAM = 512
+MAX_RESPONSE_HEAD = 64 * 1024
+
+# response states
+R_IDLE, R_HEAD, R_LENGTH, R_CHUNKED, R_EOF, R_TUNNEL, R_DONE = range(7)
+
+
+class Upstream:
+    """One app instance (host, port) with its idle keep-alive connections (LIFO: warmest first)."""
+
+    __slots__ = ("host", "idle", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.idle: list[UpstreamConn] = []
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.transport.close()
+
+
+class Slot:
+    """A named set of upstreams (blue, green) with its in-flight count for drain()."""
+
+    __slots__ = ("inflight", "name", "rr", "upstreams", "waiters")
+
+    def __init__(self, name: str, upstreams: tuple[Upstream, ...]) -> None:
+        self.name = name
+        self.upstreams = upstreams
+        self.rr = 0
+        self.inflight = 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def pick(self) -> Upstream:
+        ups = self.upstreams
+        self.rr += 1
+        return ups[self.rr % len(ups)]
+
+    def done_one(self) -> None:
+        self.inflight -= 1
+        if not self.inflight and self.waiters:
+            self.done_one_wake()
+
+    def done_one_wake(self) -> None:
+        """Nothing in flight any more: wake drain()."""
+        if not self.inflight:
+            waiters, self.waiters = self.waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+
+class UpstreamConn(asyncio.Protocol):
+    __slots__ = ("buf", "client", "closed", "got_bytes", "idle_since", "paused", "remaining", "reusable", "reused",
+                 "scanner", "state", "status", "transport", "upstream")
+
+    transport: asyncio.Transport
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.client: Exchange | None = None
+        self.buf = b""
+        self.state = R_IDLE
+        self.remaining = 0
+        self.scanner: ChunkScanner | None = None
+        self.closed = False
+        self.paused = False
+        self.got_bytes = False
+        self.reusable = True
+        self.reused = False
+        self.status = 0
+        self.idle_since = 0.0
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def attach(self, client: Exchange) -> None:
+        self.client = client
+        self.state = R_HEAD
+        self.got_bytes = False
+        self.buf = b""
+        if client.wpaused:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def data_received(self, data: bytes) -> None:
+        c = self.client
+        if c is None:                      # unsolicited bytes on an idle connection
+            self.reusable = False
+            self.transport.close()
+            return
+        self.got_bytes = True
+        state = self.state
+        if state == R_LENGTH:
+            n = len(data)
+            if n < self.remaining:
+                self.remaining -= n
+                c.deadline = c.proxy.now + c.proxy.settings.response_timeout
+                c.transport.write(data)
+                return
+            self._body_end(data, self.remaining)
+        elif state == R_HEAD:
+            self._head(data)
+        elif state == R_CHUNKED:
+            self._chunked(data)
+        elif state in (R_EOF, R_TUNNEL):
+            c.deadline = c.proxy.now + c.proxy.settings.response_timeout
+            c.transport.write(data)
+        else:                              # bytes after a complete response: broken framing
+            self.reusable = False
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        c = self.client
+        if c is None:
+            try:
+                self.upstream.idle.remove(self)
+            except ValueError:
+                pass
+            return
+        self.client = None
+        if self.state == R_EOF:
+            c.response_done(self, False)
+        else:
+            c.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause(2)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.unpause(2)
+
+    # -- response parsing ---------------------------------------------------------------------
+    def _head(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        i = data.find(b"\r\n\r\n")
+        if i < 0:
+            if len(data) > MAX_RESPONSE_HEAD:
+                return self._bad()
+            self.buf = data
+            return
+        head = data[:i + 2]
+        c = self.client
+        assert c is not None
+        if head[:7] != b"HTTP/1." or head[12:13] not in (b" ", b"\r") or not head[9:12].isdigit():
+            return self._bad()
+        status = int(head[9:12])
+        http11 = head[7] == 49
+        rest = data[i + 4:]
+        if status < 200 and status != 101:
+            # interim (100 Continue, 103 Early Hints): forward to 1.1 clients, keep waiting
+            if c.req_http11:
+                c.transport.write(RESP_HOP.sub(b"", head) + b"\r\n")
+            if rest:
+                self._head(rest)
+            return
+        close = not http11
+        low = head.lower()
+        if b"\r\nconnection:" in low:
+            tokens: set[bytes] = set()
+            for m in RESP_CONNECTION.finditer(head):
+                tokens |= connection_tokens(m.group(1))
+            if b"close" in tokens:
+                close = True
+            elif b"keep-alive" in tokens:
+                close = False
+            for name in tokens - _KNOWN_CONN_TOKENS:
+                head = _drop_header(head, name)
+            hop = True
+        else:
+            hop = (b"\r\nkeep-alive:" in low or b"\r\nproxy-" in low or b"\r\nte:" in low
+                   or b"\r\ntrailer:" in low or b"\r\nupgrade:" in low)
+        framing = R_DONE
+        length = 0
+        if status == 101:
+            if not c.req_upgrade:
+                return self._bad()
+            framing = R_TUNNEL
+        else:
+            if hop:
+                head = RESP_HOP.sub(b"", head)
+                low = head.lower()
+            if not (c.req_head_only or status == 204 or status == 304):
+                cl = low.find(b"\r\ncontent-length:")
+                te = low.rfind(b"\r\ntransfer-encoding:")   # several: the last holds the final coding
+                if te >= 0:
+                    if cl >= 0:
+                        return self._bad()   # both: a desync risk, never pass it on
+                    value = low[te + 20:low.find(b"\r\n", te + 20)].strip(b" \t")
+                    framing = R_CHUNKED if value.endswith(b"chunked") else R_EOF
+                elif cl < 0:
+                    framing = R_EOF
+                else:
+                    e = low.find(b"\r\n", cl + 17)
+                    v = low[cl + 17:e].strip(b" \t")
+                    other = low.find(b"\r\ncontent-length:", e)
+                    if not v.isdigit() or (other >= 0 and
+                                           low[other + 17:low.find(b"\r\n", other + 17)].strip(b" \t") != v):
+                        return self._bad()
+                    length = int(v)
+                    framing = R_LENGTH if length else R_DONE
+        self.reusable = not close and framing != R_EOF and framing != R_TUNNEL and c.req_http11
+        self.status = c.resp_status = status
+        if framing == R_TUNNEL:
+            out = head + b"\r\n"
+            c.resp_started = True
+        else:
+            out = c.response_head(head if http11 else b"HTTP/1.1" + head[8:], framing == R_EOF)
+        if framing == R_LENGTH:
+            n = len(rest)
+            if n < length:
+                c.transport.write(out + rest if n else out)
+                self.remaining = length - n
+                self.state = R_LENGTH
+                return
+            c.transport.write(out + rest[:length])
+            if len(rest) > length:
+                self.reusable = False
+            return self._done()
+        c.transport.write(out)
+        if framing == R_DONE:
+            if rest:
+                self.reusable = False
+            return self._done()
+        self.state = framing
+        if framing == R_CHUNKED:
+            self.scanner = ChunkScanner()
+            if rest:
+                self._chunked(rest)
+        elif framing == R_TUNNEL:
+            c.tunnel_open(self)
+            if rest:
+                c.transport.write(rest)
+        elif rest:
+            c.transport.write(rest)
+
+    def _body_end(self, data: bytes, n: int) -> None:
+        c = self.client
+        assert c is not None
+        c.transport.write(data if len(data) == n else data[:n])
+        if len(data) > n:
+            self.reusable = False
+        self._done()
+
+    def _chunked(self, data: bytes) -> None:
+        c = self.client
+        assert c is not None and self.scanner is not None
+        try:
+            end = self.scanner.feed(data)
+        except HttpError:
+            self.reusable = False
+            c.abort()
+            self.transport.close()
+            return
+        if end < 0:
+            c.deadline = c.proxy.now + c.proxy.settings.response_timeout
+            c.transport.write(data)
+        else:
+            self._body_end(data, end)
+
+    def _done(self) -> None:
+        c = self.client
+        self.state = R_DONE
+        self.client = None
+        assert c is not None
+        c.response_done(self, self.reusable)
+
+    def _bad(self) -> None:
+        """An unusable response (bad head or framing): 502 if nothing reached the client yet."""
+        self.reusable = False
+        c = self.client
+        self.client = None
+        self.transport.close()
+        if c is not None:
+            c.upstream_error(502)
+
+    def release(self, reusable: bool, now: float) -> None:
+        """Back to the idle pool (or closed) once its exchange is over."""
+        self.client = None
+        self.state = R_IDLE
+        self.scanner = None
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        idle = self.upstream.idle
+        if reusable and not self.closed and len(idle) < MAX_IDLE_PER_UPSTREAM:
+            self.reused = True
+            self.idle_since = now
+            idle.append(self)
+        else:
+            self.transport.close()
+
+
+_KNOWN_CONN_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+
+def _drop_header(head: bytes, lname: bytes) -> bytes:
+    lines = head.split(b"\r\n")
+    return b"\r\n".join(ln for ln in lines if ln.partition(b":")[0].strip().lower() != lname)

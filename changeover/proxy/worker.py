@@ -1,0 +1,148 @@
+"""The proxy worker: the embedded proxy in a process of its own, controlled over a unix socket.
+
+The daemon starts it in its own session, so the data plane outlives the control plane: a daemon
+that is restarted, upgraded or killed with SIGKILL leaves traffic flowing, and adopts the running
+worker again when it comes back (as it adopts the app's processes). Per-request metrics are kept
+here, where requests are seen, and pulled by the daemon a few times a second.
+
+    python -m changeover.proxy.worker --socket PATH --settings JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from changeover import rpc
+from changeover.monitor import mirror
+from changeover.monitor.metrics import Recorder
+from changeover.proxy.base import ProxySettings
+from changeover.proxy.embedded import EmbeddedProxy
+
+log = logging.getLogger("changeover.proxy.worker")
+
+
+class Worker:
+    def __init__(self, socket_path: Path, settings: ProxySettings) -> None:
+        self.socket_path = socket_path
+        self.settings = settings
+        self.recorder = Recorder()
+        # SO_REUSEPORT so that a successor can bind the same address during a handover (the
+        # daemon checks the port is free before it starts a worker that has no predecessor).
+        self.proxy = EmbeddedProxy(settings, self.recorder, reuse_port=True)
+        self.stopped = asyncio.Event()
+        self._retiring: asyncio.Task[None] | None = None
+
+    def preload(self, initial: dict[str, Any]) -> None:
+        """Slots, versions and the live slot, set before the socket is bound: a successor in a
+        handover must not take a single connection it cannot route."""
+        for slot, upstreams in initial.get("slots", {}).items():
+            self.proxy.set_slot(slot, [(h, int(p)) for h, p in upstreams])
+        for slot, version in initial.get("versions", {}).items():
+            self.recorder.set_version(slot, str(version))
+        self.proxy.switch(initial.get("live"))
+
+    async def run(self) -> None:
+        await self.proxy.start()
+        server = await rpc.serve(self.socket_path, {
+            "ping": self.ping, "set_slot": self.set_slot, "remove_slot": self.remove_slot,
+            "switch": self.switch, "inflight": self.inflight, "drain": self.drain,
+            "metrics": self.metrics, "set_version": self.set_version, "shutdown": self.shutdown,
+            "retire": self.retire,
+        })
+        inode = os.stat(self.socket_path).st_ino
+        log.info("proxy listening on %s (pid %d)", self.settings.listen, os.getpid())
+        print(json.dumps({"ready": True, "pid": os.getpid(), "port": self.proxy.port}), flush=True)
+        await self.stopped.wait()
+        server.close()
+        await self.proxy.close()
+        # After a handover the path belongs to the successor: only remove our own socket.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.socket_path).st_ino == inode:
+                self.socket_path.unlink()
+
+    async def ping(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        return {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live,
+                "settings": dataclasses.asdict(self.settings)}
+
+    async def set_slot(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        self.proxy.set_slot(args["slot"], [(h, int(p)) for h, p in args["upstreams"]])
+
+    async def remove_slot(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        self.proxy.remove_slot(args["slot"])
+
+    async def switch(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        was = self.proxy.live
+        self.proxy.switch(args["slot"])
+        log.info("switch state=%s was=%s", args["slot"], was)
+        return {"live": self.proxy.live, "was": was}
+
+    async def inflight(self, args: dict[str, Any], emit: rpc.Emit) -> int:
+        return self.proxy.inflight(args["slot"])
+
+    async def drain(self, args: dict[str, Any], emit: rpc.Emit) -> bool:
+        return await self.proxy.drain(args["slot"], float(args["timeout"]))
+
+    async def set_version(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        self.recorder.set_version(args["slot"], str(args.get("version") or ""))
+
+    async def metrics(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        since = args.get("since")
+        return mirror.export(self.recorder, int(since) if since is not None else None)
+
+    async def retire(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        """Hand over to a successor that already listens: stop accepting, finish what is open
+        (keep-alive clients are told `Connection: close`), then exit. Returns at once."""
+        timeout = float(args["timeout"])
+
+        async def go() -> None:
+            cut = await self.proxy.retire(timeout)
+            log.info("retired: %d connection(s) cut at the %.1fs timeout", cut, timeout)
+            self.stopped.set()
+
+        if self._retiring is None:
+            self._retiring = asyncio.get_running_loop().create_task(go())
+
+    async def shutdown(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        asyncio.get_running_loop().call_later(0.05, self.stopped.set)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="changeover-proxy")
+    ap.add_argument("--socket", required=True, type=Path)
+    ap.add_argument("--settings", required=True, help="ProxySettings as JSON")
+    ap.add_argument("--initial", help='routing to load before listening: {"slots": {...}, "versions": {...}, '
+                    '"live": ...}')
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = ProxySettings(**json.loads(a.settings))
+    async def amain() -> None:
+        worker = Worker(a.socket, settings)
+        if a.initial:
+            worker.preload(json.loads(a.initial))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stopped.set)
+        await worker.run()
+
+    try:
+        uvloop.run(amain())
+    except OSError as e:
+        print(json.dumps({"ready": False, "error": f"cannot listen on {settings.listen}: {e.strerror or e}"}),
+              flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""JSON lines over a unix socket: the control API (CLI -> daemon) and the proxy worker's socket.
+
+A request is one line `{"op": ..., "args": {...}}`. The server answers with any number of
+`{"event": {...}}` lines (progress of a long operation, e.g. a deploy's steps) and then exactly
+one `{"ok": true, "result": ...}` or `{"ok": false, "error": ..., "type": ..., "exit_code": N}`.
+One request per connection keeps both sides trivial and lets a CLI that goes away (Ctrl-C) not
+disturb the operation it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from changeover import errors
+from changeover.errors import ChangeoverError, DaemonError
+
+log = logging.getLogger("changeover.rpc")
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
+MAX_LINE = 16 * 1024 * 1024
+
+
+def _error_payload(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, ChangeoverError):
+        return {"ok": False, "error": str(e), "type": type(e).__name__, "exit_code": e.exit_code}
+    return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}", "type": "InternalError",
+            "exit_code": 1}
+
+
+async def serve(path: Path, handlers: dict[str, Handler]) -> asyncio.AbstractServer:
+    """Listen on `path` (mode 0600: only the owner controls deploys)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def emit(event: dict[str, Any]) -> None:
+            if writer.is_closing():
+                return
+            writer.write(json.dumps({"event": event}).encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            try:
+                req = json.loads(line)
+                op, args = req["op"], req.get("args") or {}
+                handler = handlers[op]
+            except (ValueError, KeyError, TypeError):
+                reply: dict[str, Any] = {"ok": False, "error": "bad request", "type": "DaemonError", "exit_code": 3}
+            else:
+                try:
+                    reply = {"ok": True, "result": await handler(args, emit)}
+                except Exception as e:
+                    if not isinstance(e, ChangeoverError):
+                        log.exception("control request %s failed", op)
+                    reply = _error_payload(e)
+            if not writer.is_closing():
+                writer.write(json.dumps(reply, default=str).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(on_client, path=str(path), limit=MAX_LINE)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server
+
+
+def _raise(reply: dict[str, Any]) -> None:
+    cls = getattr(errors, str(reply.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, ChangeoverError)):
+        cls = ChangeoverError
+    err = cls.__new__(cls)
+    Exception.__init__(err, reply.get("error", "unknown error"))
+    code = reply.get("exit_code")
+    if isinstance(code, int):
+        err.exit_code = code
+    raise err
+
+
+async def stream(path: Path, op: str, args: dict[str, Any] | None = None,
+                 timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Send one request; yield its events; the final result is yielded as {"result": ...}."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=MAX_LINE), timeout=5)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise DaemonError(f"the daemon is not running (no socket at {path}); start it with "
+                          "`changeover serve`") from None
+    except (OSError, TimeoutError) as e:
+        raise DaemonError(f"cannot reach the daemon at {path}: {e}") from None
+    try:
+        writer.write(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        await writer.drain()
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                raise DaemonError("the daemon closed the connection (did it stop or crash? see "
+                                  ".changeover/daemon.log)")
+            msg = json.loads(line)
+            if "event" in msg:
+                yield msg["event"]
+                continue
+            if not msg.get("ok"):
+                _raise(msg)
+            yield {"result": msg.get("result")}
+            return
+    except TimeoutError:
+        raise DaemonError(f"no answer from the daemon within {timeout}s") from None
+    except (ConnectionError, ValueError) as e:
+        raise DaemonError(f"control connection failed: {e}") from None
+    finally:
+        writer.close()
+
+
+async def call(path: Path, op: str, args: dict[str, Any] | None = None, timeout: float | None = 30) -> Any:
+    result: Any = None
+    async for msg in stream(path, op, args, timeout):
+        if "result" in msg:
+            result = msg["result"]
+    return result

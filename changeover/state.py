@@ -1,0 +1,285 @@
+"""The daemon's SQLite store: releases, slots, deployments with their steps, events.
+
+Every step is written *before* it acts (state=running), and finished after; a daemon killed in
+between restarts, reads what was in flight, and settles it (see daemon/recovery). Writes are
+synchronous=FULL: deploys are rare and the truth matters more than microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SLOTS = ("blue", "green")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY,
+    version TEXT NOT NULL,
+    path TEXT NOT NULL,
+    command TEXT NOT NULL,            -- JSON argv
+    env TEXT NOT NULL,                -- JSON object (file is mode 0600: it holds the app's secrets)
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slots (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,              -- empty | starting | live | standby | stopping
+    release_id INTEGER REFERENCES releases(id),
+    instances TEXT NOT NULL DEFAULT '[]',
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,               -- deploy | rollback
+    version TEXT NOT NULL,
+    release_id INTEGER REFERENCES releases(id),
+    from_version TEXT,
+    slot TEXT,
+    state TEXT NOT NULL,              -- running | observing | succeeded | failed | rolled_back
+    reason TEXT,
+    actor TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    checks TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY,
+    deployment_id INTEGER NOT NULL REFERENCES deployments(id),
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,              -- running | ok | failed | skipped
+    detail TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    slot TEXT,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Release:
+    id: int
+    version: str
+    path: str
+    command: tuple[str, ...]
+    env: dict[str, str]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    state: str
+    release_id: int | None
+    instances: list[dict[str, Any]]
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: int
+    kind: str
+    version: str
+    release_id: int | None
+    from_version: str | None
+    slot: str | None
+    state: str
+    reason: str | None
+    actor: str | None
+    started_at: float
+    finished_at: float | None
+    checks: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Step:
+    id: int
+    deployment_id: int
+    name: str
+    state: str
+    detail: str | None
+    started_at: float
+    finished_at: float | None
+
+
+class State:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists()
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=10, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        if fresh:
+            os.chmod(path, 0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        now = time.time()
+        for name in SLOTS:
+            self.db.execute("INSERT OR IGNORE INTO slots(name, state, updated_at) VALUES (?, 'empty', ?)",
+                            (name, now))
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- releases -----------------------------------------------------------------------------
+    def add_release(self, version: str, path: str, command: list[str] | tuple[str, ...],
+                    env: dict[str, str]) -> Release:
+        cur = self.db.execute(
+            "INSERT INTO releases(version, path, command, env, created_at) VALUES (?, ?, ?, ?, ?)",
+            (version, path, json.dumps(list(command)), json.dumps(env), time.time()))
+        rel = self.release(int(cur.lastrowid or 0))
+        assert rel is not None
+        return rel
+
+    def release(self, release_id: int | None) -> Release | None:
+        if release_id is None:
+            return None
+        row = self.db.execute("SELECT * FROM releases WHERE id = ?", (release_id,)).fetchone()
+        return _release(row) if row else None
+
+    def latest_release(self, version: str) -> Release | None:
+        row = self.db.execute("SELECT * FROM releases WHERE version = ? ORDER BY id DESC LIMIT 1",
+                              (version,)).fetchone()
+        return _release(row) if row else None
+
+    # -- slots --------------------------------------------------------------------------------
+    def slot(self, name: str) -> Slot:
+        row = self.db.execute("SELECT * FROM slots WHERE name = ?", (name,)).fetchone()
+        return Slot(row["name"], row["state"], row["release_id"], json.loads(row["instances"]), row["updated_at"])
+
+    def slots(self) -> dict[str, Slot]:
+        return {n: self.slot(n) for n in SLOTS}
+
+    def set_slot(self, name: str, state: str, release_id: int | None = -1,
+                 instances: list[dict[str, Any]] | None = None) -> None:
+        """Update a slot; release_id=-1 and instances=None keep the current values."""
+        cur = self.slot(name)
+        rid = cur.release_id if release_id == -1 else release_id
+        inst = cur.instances if instances is None else instances
+        self.db.execute("UPDATE slots SET state = ?, release_id = ?, instances = ?, updated_at = ? WHERE name = ?",
+                        (state, rid, json.dumps(inst), time.time(), name))
+
+    def live_slot(self) -> str | None:
+        for s in self.slots().values():
+            if s.state == "live":
+                return s.name
+        return None
+
+    def swap_live(self, new_live: str) -> None:
+        """The one write that moves the live slot: the old live one becomes the standby."""
+        with self.tx() as db:
+            now = time.time()
+            db.execute("UPDATE slots SET state = 'standby', updated_at = ? WHERE state = 'live'", (now,))
+            db.execute("UPDATE slots SET state = 'live', updated_at = ? WHERE name = ?", (now, new_live))
+
+    # -- deployments and steps ----------------------------------------------------------------
+    def begin_deployment(self, kind: str, version: str, release_id: int | None, from_version: str | None,
+                         slot: str | None, actor: str | None = None, reason: str | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO deployments(kind, version, release_id, from_version, slot, state, reason, actor, started_at)"
+            " VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+            (kind, version, release_id, from_version, slot, reason, actor, time.time()))
+        return int(cur.lastrowid or 0)
+
+    def set_deployment(self, dep_id: int, state: str, reason: str | None = None, finished: bool = True) -> None:
+        self.db.execute("UPDATE deployments SET state = ?, reason = COALESCE(?, reason), finished_at = ? WHERE id = ?",
+                        (state, reason, time.time() if finished else None, dep_id))
+
+    def add_checks(self, dep_id: int, results: list[dict[str, Any]]) -> None:
+        with self.tx() as db:
+            row = db.execute("SELECT checks FROM deployments WHERE id = ?", (dep_id,)).fetchone()
+            checks = json.loads(row["checks"]) + results
+            db.execute("UPDATE deployments SET checks = ? WHERE id = ?", (json.dumps(checks), dep_id))
+
+    def deployment(self, dep_id: int) -> Deployment | None:
+        row = self.db.execute("SELECT * FROM deployments WHERE id = ?", (dep_id,)).fetchone()
+        return _deployment(row) if row else None
+
+    def running_deployments(self) -> list[Deployment]:
+        rows = self.db.execute("SELECT * FROM deployments WHERE state IN ('running', 'observing') ORDER BY id")
+        return [_deployment(r) for r in rows]
+
+    def deployments(self, limit: int = 20) -> list[Deployment]:
+        rows = self.db.execute("SELECT * FROM deployments ORDER BY id DESC LIMIT ?", (limit,))
+        return [_deployment(r) for r in rows]
+
+    def history(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Deployments, newest first, with their steps (and durations) and checks, as JSON."""
+        out = []
+        for d in self.deployments(limit):
+            out.append({
+                "id": d.id, "kind": d.kind, "version": d.version, "from": d.from_version, "slot": d.slot,
+                "state": d.state, "reason": d.reason, "actor": d.actor, "started_at": d.started_at,
+                "finished_at": d.finished_at, "checks": d.checks,
+                "steps": [{"name": s.name, "state": s.state, "detail": s.detail,
+                           "duration": (s.finished_at - s.started_at) if s.finished_at else None}
+                          for s in self.steps(d.id)],
+            })
+        return out
+
+    def begin_step(self, dep_id: int, name: str, detail: str | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO steps(deployment_id, name, state, detail, started_at) VALUES (?, ?, 'running', ?, ?)",
+            (dep_id, name, detail, time.time()))
+        return int(cur.lastrowid or 0)
+
+    def end_step(self, step_id: int, state: str, detail: str | None = None) -> None:
+        self.db.execute("UPDATE steps SET state = ?, detail = COALESCE(?, detail), finished_at = ? WHERE id = ?",
+                        (state, detail, time.time(), step_id))
+
+    def steps(self, dep_id: int) -> list[Step]:
+        rows = self.db.execute("SELECT * FROM steps WHERE deployment_id = ? ORDER BY id", (dep_id,))
+        return [Step(r["id"], r["deployment_id"], r["name"], r["state"], r["detail"], r["started_at"],
+                     r["finished_at"]) for r in rows]
+
+    # -- events and meta ----------------------------------------------------------------------
+    def event(self, kind: str, slot: str | None = None, **detail: Any) -> None:
+        self.db.execute("INSERT INTO events(ts, kind, slot, detail) VALUES (?, ?, ?, ?)",
+                        (time.time(), kind, slot, json.dumps(detail, default=str)))
+
+    def events(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"ts": r["ts"], "kind": r["kind"], "slot": r["slot"], **json.loads(r["detail"])} for r in rows]
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row["value"]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?)"
+                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+
+def _release(row: sqlite3.Row) -> Release:
+    return Release(row["id"], row["version"], row["path"], tuple(json.loads(row["command"])),
+                   json.loads(row["env"]), row["created_at"])
+
+
+def _deployment(row: sqlite3.Row) -> Deployment:
+    return Deployment(row["id"], row["kind"], row["version"], row["release_id"], row["from_version"], row["slot"],
+                      row["state"], row["reason"], row["actor"], row["started_at"], row["finished_at"],
+                      json.loads(row["checks"]))

@@ -1,0 +1,148 @@
+"""A real project on disk, a real daemon process, real app processes, and a keep-alive load client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from changeover.daemon.procs import free_port
+from changeover.loadgen import Load, get
+
+__all__ = ["EXAMPLE", "Load", "Project", "free_port", "get"]
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "app" / "server.py"
+
+
+
+@dataclass
+class Project:
+    root: Path
+    port: int = field(default_factory=free_port)
+    daemon: subprocess.Popen[bytes] | None = None
+    extra: str = ""
+
+    @property
+    def config(self) -> Path:
+        return self.root / "changeover.toml"
+
+    def write(self, extra: str = "", app: str = "", ready_timeout: str = "20s") -> None:
+        self.extra = extra
+        self.config.write_text(f"""
+[app]
+command = [{json.dumps(sys.executable)}, "server.py", "$PORT"]
+health_path = "/health"
+ready_timeout = "{ready_timeout}"
+stop_timeout = "5s"
+health_interval = "100ms"
+{app}
+[proxy]
+listen = "127.0.0.1:{self.port}"
+drain_timeout = "5s"
+{extra}
+""")
+        if "[monitor]" not in extra:
+            # No observation window unless a test asks for one; no metrics endpoint.
+            with self.config.open("a") as f:
+                f.write('\n[monitor]\nobserve = "0s"\nmetrics_listen = ""\n')
+
+    def release(self, version: str) -> Path:
+        d = self.root / "releases" / version
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(EXAMPLE, d / "server.py")
+        return d
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run([sys.executable, "-m", "changeover", *args, "-c", str(self.config)], cwd=self.root,
+                           capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"changeover {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def deploy(self, version: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cli("deploy", version, "--path", str(self.release(version)), *extra, check=check)
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.cli("status", "--json").stdout))
+
+    def start_daemon(self) -> None:
+        log = open(self.root / "serve.out", "ab")  # noqa: SIM115
+        self.daemon = subprocess.Popen([sys.executable, "-m", "changeover", "serve", "-c", str(self.config)],
+                                       cwd=self.root, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        sock = self.root / ".changeover" / "control.sock"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise AssertionError("daemon exited:\n" + (self.root / "serve.out").read_text()[-3000:])
+            if sock.exists() and self.cli("status", "--json", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError("daemon did not come up:\n" + (self.root / "serve.out").read_text()[-3000:])
+
+    def wait_for_step(self, prefix: str, timeout: float = 30) -> None:
+        """Block until a step whose name starts with `prefix` is running, read from the state file."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            db = sqlite3.connect(f"file:{self.root / '.changeover' / 'state.db'}?mode=ro", uri=True, timeout=5)
+            try:
+                rows = db.execute("SELECT name FROM steps WHERE state = 'running'").fetchall()
+            finally:
+                db.close()
+            if any(str(r[0]).startswith(prefix) for r in rows):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no step '{prefix}…' started within {timeout} s")
+
+    def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
+        assert self.daemon is not None
+        self.daemon.send_signal(sig)
+        self.daemon.wait(timeout=30)
+        self.daemon = None
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def teardown(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.cli("down", check=False, timeout=60)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.daemon.wait(timeout=30)
+        elif (self.root / ".changeover").exists():
+            # No daemon: start one just to bring everything down cleanly.
+            with contextlib.suppress(Exception):
+                self.start_daemon()
+                self.cli("down", check=False, timeout=60)
+                assert self.daemon is not None
+                self.daemon.wait(timeout=30)
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.kill()
+        # Last resort: nothing a test started may outlive it.
+        for pid in _pids_under(self.root):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _pids_under(root: Path) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(d / "cwd")
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cwd.startswith(str(root)) or str(root).encode() in cmd:
+            out.append(int(d.name))
+    return out

@@ -1,0 +1,3 @@
+DELETE FROM order_items;
+DELETE FROM orders;
+DELETE FROM users;

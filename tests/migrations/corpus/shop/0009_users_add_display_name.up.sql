@@ -1,0 +1,2 @@
+-- Expand: nullable, no default: instant, old code unaffected.
+ALTER TABLE users ADD COLUMN display_name text;

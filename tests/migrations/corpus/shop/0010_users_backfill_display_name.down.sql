@@ -1,0 +1,1 @@
+-- nothing to undo: the column is dropped by the previous migration's down script

@@ -1,0 +1,2 @@
+-- changeover:backfill table=users batch=100
+UPDATE users SET display_name = split_part(email, '@', 1) WHERE display_name IS NULL;

@@ -1,0 +1,1 @@
+-- validation has nothing to undo

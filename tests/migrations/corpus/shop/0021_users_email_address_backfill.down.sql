@@ -1,0 +1,1 @@
+-- the column goes with the previous migration's down script

@@ -1,0 +1,1 @@
+ALTER TABLE products ALTER COLUMN price_cents TYPE bigint USING price_cents::bigint;

@@ -1,0 +1,2 @@
+DROP VIEW addresses;
+ALTER TABLE shipping_addresses RENAME TO addresses;

@@ -1,0 +1,1 @@
+CREATE VIEW addresses AS SELECT * FROM shipping_addresses;

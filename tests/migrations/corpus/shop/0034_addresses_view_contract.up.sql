@@ -1,0 +1,2 @@
+-- changeover:phase contract
+DROP VIEW addresses;

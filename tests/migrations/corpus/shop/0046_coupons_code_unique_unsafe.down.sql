@@ -1,0 +1,1 @@
+ALTER TABLE coupons DROP CONSTRAINT coupons_code_key;

@@ -1,0 +1,2 @@
+-- changeover:phase contract
+ALTER TABLE orders DROP COLUMN coupon_id;

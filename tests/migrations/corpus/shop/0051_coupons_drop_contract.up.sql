@@ -1,0 +1,2 @@
+-- changeover:phase contract
+DROP TABLE coupons;

@@ -1,0 +1,1 @@
+CREATE INDEX CONCURRENTLY users_last_login_at ON users (last_login_at);

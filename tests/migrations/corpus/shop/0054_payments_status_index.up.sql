@@ -1,0 +1,1 @@
+CREATE INDEX CONCURRENTLY payments_status ON payments (status) WHERE status <> 'captured';

@@ -1,0 +1,95 @@
+"""Log reading: tail from the end, follow across files appearing, truncation and rotation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from changeover.daemon.logs import follow, rotate, tail_lines
+
+
+def test_tail_lines(tmp_path: Path) -> None:
+    p = tmp_path / "big.log"
+    p.write_text("".join(f"line {i}\n" for i in range(50_000)))
+    assert tail_lines(p, 3) == ["line 49997", "line 49998", "line 49999"]
+    assert tail_lines(p, 1) == ["line 49999"]
+    assert len(tail_lines(p, 5000)) == 5000 and tail_lines(p, 5000)[0] == "line 45000"
+    assert tail_lines(p, 0) == []
+    q = tmp_path / "short.log"
+    q.write_bytes(b"a\r\nb\n\nc \xff")  # CRLF, an empty line, no final newline, bad UTF-8
+    assert tail_lines(q, 10) == ["a", "b", "", "c \ufffd"]
+    assert tail_lines(q, 2) == ["", "c \ufffd"]
+    assert tail_lines(tmp_path / "missing.log", 5) == []
+    assert tail_lines(tmp_path, 5) == []
+    (tmp_path / "empty.log").write_text("")
+    assert tail_lines(tmp_path / "empty.log", 5) == []
+
+
+class Reader:
+    """Consumes follow() in a task, as `changeover logs -f` does, into a list the test waits on."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.got: list[tuple[str, str]] = []
+        self.task = asyncio.get_running_loop().create_task(self.run(follow(paths, n=2, interval=0.02)))
+
+    async def run(self, it: AsyncIterator[tuple[Path, str]]) -> None:
+        async for path, line in it:
+            self.got.append((path.name, line))
+
+    async def wait(self, n: int) -> list[tuple[str, str]]:
+        for _ in range(500):
+            if len(self.got) >= n:
+                break
+            await asyncio.sleep(0.02)
+        out, self.got = self.got, []
+        return out
+
+
+def test_follow_appends_new_files_truncation_and_rotation(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text("1\n2\n3\n")
+
+    async def body() -> None:
+        r = Reader([a, b])
+        assert await r.wait(2) == [("a.log", "2"), ("a.log", "3")]
+        with a.open("a") as f:
+            f.write("4\npart")
+        assert await r.wait(1) == [("a.log", "4")]
+        with a.open("a") as f:
+            f.write("ial\n")
+        b.write_text("b1\n")  # appears later: read from its start
+        assert sorted(await r.wait(2)) == [("a.log", "partial"), ("b.log", "b1")]
+        a.rename(tmp_path / "a.log.1")  # rotation: the rest of the old file, then the new one
+        with (tmp_path / "a.log.1").open("a") as f:
+            f.write("5\n")
+        a.write_text("new1\n")
+        assert await r.wait(2) == [("a.log", "5"), ("a.log", "new1")]
+        b.write_text("")  # truncated, then written again
+        await asyncio.sleep(0.2)
+        b.write_text("b2\n")
+        assert await r.wait(1) == [("b.log", "b2")]
+        r.task.cancel()
+        await asyncio.gather(r.task, return_exceptions=True)
+        assert r.got == []
+
+    asyncio.run(body())
+
+
+def test_rotate_copy_truncates_and_keeps_old_files(tmp_path: Path) -> None:
+    p = tmp_path / "app.log"
+    with p.open("ab") as writer:  # an app holding its O_APPEND descriptor across the rotation
+        writer.write(b"x" * 100 + b"\n")
+        writer.flush()
+        assert not rotate(p, 1000)
+        assert rotate(p, 50, keep=2)
+        assert p.stat().st_size == 0 and (tmp_path / "app.log.1").stat().st_size == 101
+        writer.write(b"second\n" * 10)
+        writer.flush()
+        assert rotate(p, 50, keep=2)
+        writer.write(b"third\n")
+        writer.flush()
+    assert (tmp_path / "app.log.2").stat().st_size == 101
+    assert (tmp_path / "app.log.1").read_bytes() == b"second\n" * 10
+    assert p.read_bytes() == b"third\n"  # appended at the new end, no hole
+    assert not rotate(tmp_path / "missing.log", 1)
