@@ -22,6 +22,10 @@ from pathlib import Path
 from changeover.errors import SlotStartError
 from changeover.redact import redact_text
 
+# Every instance's environment carries INSTANCE_TAG=<owner>:<slot>:<index>, owner being the state
+# directory. A daemon killed between spawning a process and recording its pid can still find it.
+INSTANCE_TAG = "CHANGEOVER_INSTANCE"
+
 _PORT_REF = re.compile(r"\$\{PORT\}|\$PORT(?![A-Za-z0-9_])")
 
 # Popen objects of children left running by Supervisor.close(). Kept referenced on purpose: a
@@ -199,6 +203,52 @@ def _live_members_exist(pgid: int) -> bool:
             if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
                 return True
     return False
+
+
+def tagged_groups(owner: str) -> set[int]:
+    """Process groups holding a live process whose environment carries the tag of `owner`."""
+    needle = f"{INSTANCE_TAG}={owner}:".encode()
+    groups: set[int] = set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return groups
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue  # gone, or not ours to read
+        if not any(v.startswith(needle) for v in environ.split(b"\0")):
+            continue
+        fields = _stat_fields(int(name))
+        if fields and len(fields) > 2 and fields[0] not in ("Z", "X"):
+            groups.add(int(fields[2]))
+    return groups
+
+
+def kill_orphans(owner: str, keep: set[int], timeout: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every process group of `owner` that is not in `keep`. Returns them.
+
+    These are instances whose pid never reached the state (the daemon died right after spawning
+    them) or whose slot was forgotten: left alone, they would hold ports and database connections.
+    """
+    mine = {os.getpid(), os.getpgrp()}
+    orphans = sorted(tagged_groups(owner) - keep - mine)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in orphans:
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not tagged_groups(owner).isdisjoint(orphans):
+            time.sleep(0.05)
+        if tagged_groups(owner).isdisjoint(orphans):
+            break
+    return orphans
 
 
 def group_alive(proc: Proc) -> bool:

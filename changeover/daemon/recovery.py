@@ -6,6 +6,7 @@ The rules, in order:
    deployment is marked failed and its half-started slot is cleaned up.
 2. Live and standby slots adopt their instances (pid alive and start time unchanged). A live
    slot whose processes are all gone (e.g. after a reboot) is started again from its release.
+   Any other process carrying this project's instance tag is an orphan and is stopped.
 3. The proxy is told each slot's upstreams and which slot is live, so it matches the state.
 """
 
@@ -17,7 +18,7 @@ import signal
 import time
 from typing import Any
 
-from changeover.daemon.procs import proc_start
+from changeover.daemon.procs import kill_orphans, proc_start
 from changeover.daemon.slots import SlotManager, spec_of
 from changeover.daemon.supervisor import InstanceRecord
 from changeover.errors import ChangeoverError
@@ -92,6 +93,14 @@ async def recover(state: State, slots: SlotManager, proxy: ProxyProcess) -> None
                 state.event("recovery.failed", name, version=release.version, error=str(e))
         await proxy.set_slot(name, slots.supervisor.upstreams(name))
         await proxy.set_version(name, release.version)
+
+    # Instances that never reached the state (spawned just before the daemon died) or belong to
+    # no slot any more: found by their environment tag, stopped.
+    keep = {r.pid for name in SLOTS for r in slots.supervisor.records(name)}
+    orphans = kill_orphans(slots.supervisor.owner, keep)
+    if orphans:
+        log.warning("stopped %d orphaned instance process group(s): %s", len(orphans), orphans)
+        state.event("recovery.orphans", None, pgids=orphans)
 
     live = state.live_slot()
     if proxy_live != live:

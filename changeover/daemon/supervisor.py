@@ -123,6 +123,8 @@ class Supervisor:
                  on_event: Callable[[SupervisorEvent], None] | None = None) -> None:
         self.app = app
         self.logs_dir = Path(logs_dir)
+        # Tags this supervisor's instances (see procs.INSTANCE_TAG): the state directory.
+        self.owner = str(self.logs_dir.resolve().parent)
         self.on_event = on_event
         self._slots: dict[str, _Slot] = {}
         self._ports: set[int] = set()    # reserved by any instance, also while it restarts
@@ -250,10 +252,11 @@ class Supervisor:
         except SlotStartError as e:
             raise SlotStartError(f"release {release.version}: {e}") from None
 
-    def _env(self, release: ReleaseSpec, port: int) -> dict[str, str]:
+    def _env(self, release: ReleaseSpec, port: int, slot: str = "", index: int = 0) -> dict[str, str]:
         # The daemon's environment (PATH, HOME, LANG...) under the release's own: what a user who
-        # starts the app from a shell expects. PORT always wins.
-        return {**os.environ, **release.env, "PORT": str(port)}
+        # starts the app from a shell expects. PORT and the instance tag always win.
+        return {**os.environ, **release.env, "PORT": str(port),
+                procs.INSTANCE_TAG: f"{self.owner}:{slot}:{index}"}
 
     def _log_path(self, slot: str, version: str, index: int) -> Path:
         name = _UNSAFE.sub("_", version).lstrip(".") or "release"
@@ -261,7 +264,7 @@ class Supervisor:
 
     def _spawn(self, slot: str, release: ReleaseSpec, inst: _Instance, executable: str) -> None:
         argv = procs.substitute_port(release.command, inst.port)
-        inst.proc = procs.spawn(argv, executable, Path(release.path), self._env(release, inst.port),
+        inst.proc = procs.spawn(argv, executable, Path(release.path), self._env(release, inst.port, slot, inst.index),
                                 inst.log_path)
         self._emit(slot, "started", inst, f"pid {inst.proc.pid} on port {inst.port}")
 
