@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import BinaryIO
 
 _BLOCK = 8192
 _MAX_LINE = 64 * 1024  # a partial line longer than this is emitted as is, so memory stays bounded
+_RELEASE_LOG = re.compile(r"^(?P<release>.+)\.\d+\.log(?:\.\d+)?$")  # <release>.<n>.log[.k]
 
 
 def _decode(raw: bytes) -> str:
@@ -67,6 +69,41 @@ def rotate(path: Path, max_bytes: int, keep: int = 1) -> bool:
     os.replace(tmp, f"{path}.1")
     os.truncate(path, 0)
     return True
+
+
+def prune_release_logs(directory: Path, keep: int, current: str) -> list[Path]:
+    """Delete the log files of all but the `keep` most recent releases in a slot's log directory.
+
+    `current` (the release about to start) always counts as one of them. A release's files are
+    `<release>.<n>.log` and their rotated copies; its age is that of its newest file.
+    """
+    newest: dict[str, float] = {}
+    files: dict[str, list[Path]] = {}
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    for path in entries:
+        m = _RELEASE_LOG.match(path.name)
+        if m is None or not path.is_file():
+            continue
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        release = m["release"]
+        files.setdefault(release, []).append(path)
+        newest[release] = max(newest.get(release, 0.0), mtime)
+    others = sorted((r for r in newest if r != current), key=lambda r: newest[r], reverse=True)
+    removed = []
+    for release in others[max(keep - 1, 0):]:
+        for path in files[release]:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 @dataclass

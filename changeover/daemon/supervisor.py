@@ -32,7 +32,7 @@ from typing import Any
 
 from changeover.config import AppConfig
 from changeover.daemon import procs
-from changeover.daemon.logs import rotate, tail_lines
+from changeover.daemon.logs import prune_release_logs, rotate, tail_lines
 from changeover.daemon.readiness import wait_ready
 from changeover.errors import SlotStartError
 from changeover.redact import redact_text
@@ -46,6 +46,7 @@ STABLE_AFTER = 30.0         # running this long resets the backoff
 LOG_TAIL = 20               # log lines quoted in a SlotStartError
 LOG_MAX_BYTES = 50 * 1024 * 1024   # an instance log is rotated (copy-truncate, one old file) past this
 LOG_CHECK_EVERY = 10.0             # seconds between log size checks
+LOG_KEEP_RELEASES = 5              # per slot: older releases' log files are deleted when one starts
 _SLOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -163,6 +164,7 @@ class Supervisor:
             cur = self._slots[slot].release.version
             raise SlotStartError(f"slot {slot} is already running release {cur}; stop it first")
         executable = self._precheck(release)
+        prune_release_logs(self.logs_dir / slot, LOG_KEEP_RELEASES, self._log_name(release.version))
         instances = []
         for index in range(self.app.instances):
             port = procs.free_port(self._ports)
@@ -258,9 +260,12 @@ class Supervisor:
         return {**os.environ, **release.env, "PORT": str(port),
                 procs.INSTANCE_TAG: f"{self.owner}:{slot}:{index}"}
 
+    @staticmethod
+    def _log_name(version: str) -> str:
+        return _UNSAFE.sub("_", version).lstrip(".") or "release"
+
     def _log_path(self, slot: str, version: str, index: int) -> Path:
-        name = _UNSAFE.sub("_", version).lstrip(".") or "release"
-        return self.logs_dir / slot / f"{name}.{index}.log"
+        return self.logs_dir / slot / f"{self._log_name(version)}.{index}.log"
 
     def _spawn(self, slot: str, release: ReleaseSpec, inst: _Instance, executable: str) -> None:
         argv = procs.substitute_port(release.command, inst.port)

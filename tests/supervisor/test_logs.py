@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from changeover.daemon.logs import follow, rotate, tail_lines
+from changeover.daemon.logs import follow, prune_release_logs, rotate, tail_lines
 
 
 def test_tail_lines(tmp_path: Path) -> None:
@@ -93,3 +94,23 @@ def test_rotate_copy_truncates_and_keeps_old_files(tmp_path: Path) -> None:
     assert (tmp_path / "app.log.1").read_bytes() == b"second\n" * 10
     assert p.read_bytes() == b"third\n"  # appended at the new end, no hole
     assert not rotate(tmp_path / "missing.log", 1)
+
+
+def test_old_release_logs_are_pruned_per_slot(tmp_path: Path) -> None:
+    d = tmp_path / "green"
+    d.mkdir()
+    for age, release in enumerate(["v7", "1.2.3", "v5", "v4", "v3"]):  # v7 newest
+        for name in (f"{release}.0.log", f"{release}.1.log", f"{release}.0.log.1"):
+            (d / name).write_text("x\n")
+            os.utime(d / name, (1000 - age, 1000 - age))
+    (d / "notes.txt").write_text("not a log")
+    removed = prune_release_logs(d, keep=3, current="v8")
+    # v8 (about to start) counts as one: the two newest others stay.
+    assert sorted(p.name for p in removed) == sorted(
+        f"{r}.{n}" for r in ("v5", "v4", "v3") for n in ("0.log", "1.log", "0.log.1"))
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        ["1.2.3.0.log", "1.2.3.0.log.1", "1.2.3.1.log", "notes.txt", "v7.0.log", "v7.0.log.1", "v7.1.log"])
+    # Redeploying a release already on disk keeps its files; a missing directory is no error.
+    assert len(prune_release_logs(d, keep=1, current="v7")) == 3
+    assert {p.name for p in d.iterdir()} == {"notes.txt", "v7.0.log", "v7.0.log.1", "v7.1.log"}
+    assert prune_release_logs(tmp_path / "missing", keep=1, current="v1") == []
