@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from changeover.state import SLOTS, State
 log = logging.getLogger("changeover.daemon")
 SYNC_INTERVAL = 0.2
 PROXY_CHECK_INTERVAL = 0.5   # how often the daemon checks that the proxy worker answers
+CLOSE_TIMEOUT = 15.0         # seconds each part of a stopping daemon may take before it is left behind
 PROXY_MISSES = 2             # unanswered checks in a row before it is restarted
 INCIDENTS = ("instance.crashed", "instance.gave_up", "instance.restarted", "instance.lost", "recovery.failed",
              "recovery.restarted", "proxy.restarted", "proxy.restart_failed")
@@ -116,10 +118,11 @@ class Daemon:
                 self.state.event("proxy.restart_failed", error=str(e))
 
     async def close(self) -> None:
+        log.info("daemon stopping%s", " (down: stopping the app and the proxy)" if self._down else "")
         if self._server is not None:
             self._server.close()
-        await self.pipeline.close()
-        await self.gates.close()
+        await self._bounded("the deploy pipeline", self.pipeline.close())
+        await self._bounded("the monitor", self.gates.close())
         if self._down:
             for slot in SLOTS:
                 await self.slots.supervisor.stop_slot(slot)
@@ -132,6 +135,16 @@ class Daemon:
             self.config.socket_path.unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "daemon.pid").unlink()
+
+    @staticmethod
+    async def _bounded(what: str, work: Awaitable[None]) -> None:
+        """A stop must never hang on one part: give it CLOSE_TIMEOUT, then say what was stuck."""
+        try:
+            await asyncio.wait_for(work, CLOSE_TIMEOUT)
+        except TimeoutError:
+            stuck = [f"{t.get_name()} at {t.get_stack(limit=1)}" for t in asyncio.all_tasks()
+                     if t is not asyncio.current_task()]
+            log.error("stopping %s took over %gs; going on (tasks: %s)", what, CLOSE_TIMEOUT, stuck)
 
     def _claim_pidfile(self) -> None:
         pidfile = self.state_dir / "daemon.pid"
@@ -234,6 +247,7 @@ class Daemon:
         a = self.pipeline.active
         if a is not None and a.id:
             self.state.set_deployment(a.id, "failed", "stopped by `changeover down`")
+        log.info("`changeover down` requested")
         self._down = True
         self.stopping.set()
         return {"stopping": True}

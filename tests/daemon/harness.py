@@ -115,9 +115,13 @@ drain_timeout = "5s"
 
     def teardown(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
-            self.cli("down", check=False, timeout=60)
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            down = self.cli("down", check=False, timeout=60)
+            try:
                 self.daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with (self.root / "serve.out").open("a") as f:  # evidence for whoever reads the log
+                    f.write(f"\n[harness] daemon still running 30 s after down -> {down.returncode}\n"
+                            f"{down.stdout}\n{down.stderr}\n")
         elif (self.root / ".changeover").exists():
             # No daemon: start one just to bring everything down cleanly.
             with contextlib.suppress(Exception):

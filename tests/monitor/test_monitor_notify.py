@@ -84,11 +84,10 @@ def test_receiver_down_never_blocks_or_raises(caplog: pytest.LogCaptureFixture) 
 
     async def main() -> None:
         n = Notifier(cfg(Webhook(url), retries=2))
-        t0 = time.monotonic()
         for event in EVENTS:
             n.notify(event, PAYLOAD)
-        assert time.monotonic() - t0 < 0.05     # scheduling only
-        assert n.pending == len(EVENTS)
+        # notify() only schedules: nothing was attempted yet, whatever the receiver does.
+        assert n.pending == len(EVENTS) and (n.delivered, n.failed) == (0, 0)
         await n.close(timeout=5)
         assert n.failed == len(EVENTS) and n.delivered == 0
 

@@ -65,7 +65,7 @@ def test_database_probe_failing_twice_triggers() -> None:
 
     v = observe(Probes(db_probe=db, health_probe=ok_probe()))
     assert not v.ok and v.reason == DATABASE
-    assert v.elapsed < 0.5
+    assert v.elapsed < FAST.observe  # before the window could pass
     assert "connection refused" in v.message
     failed = v.evidence["failed"]
     assert failed["db_probe"]["consecutive"] == FAST.probe_failures
@@ -183,7 +183,7 @@ def test_cancel_ends_the_window() -> None:
 
     v, took = asyncio.run(main())
     assert not v.ok and v.reason == "manual" and v.evidence == {"by": "alice", "why": "typo"}
-    assert took < 1.0
+    assert took < 10  # not the 60 s window
 
 
 def test_cancel_before_run() -> None:
