@@ -165,6 +165,13 @@ class Conn:
         return bool(self.query("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
                                (table,))[0][0])
 
+    def schema_tables(self, schema: str) -> list[str]:
+        """Tables of a PostgreSQL schema, qualified (SQLite has no schemas to drop)."""
+        if not self.pg:
+            return []
+        rows = self.query("SELECT tablename FROM pg_tables WHERE schemaname = ? ORDER BY tablename", (schema,))
+        return [f"{schema}.{r[0]}" for r in rows]
+
     def has_data(self, table: str, column: str | None = None) -> bool:
         """Whether dropping `table` (or its `column`) would destroy values."""
         if not self.table_exists(table):

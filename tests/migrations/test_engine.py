@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -143,6 +144,38 @@ def test_rollback_data_loss_needs_flag(project: Project, any_db: str) -> None:
     with pytest.raises(MigrationError, match=r"destroy data \(table a"):
         commands.rollback(cfg)
     assert len(commands.rollback(cfg, allow_data_loss=True).rolled_back) == 1
+
+
+@pytest.mark.parametrize("down,lost", [
+    ("TRUNCATE a;", "rows of a (TRUNCATE)"),
+    ("DELETE FROM a;", "rows of a (DELETE without WHERE)"),
+    ("ALTER TABLE a ALTER COLUMN note TYPE varchar(2);", "values of a.note (converted to another type)"),
+])
+def test_rollback_sees_rows_and_values_a_down_script_destroys(project: Project, any_db: str, down: str,
+                                                              lost: str) -> None:
+    cfg = project(any_db)
+    if not any_db.startswith("postgres") and not down.startswith("DELETE"):
+        pytest.skip("SQLite has neither TRUNCATE nor column type changes")
+    add(cfg, "0001_a", "CREATE TABLE a (id bigint PRIMARY KEY, note text);", "DROP TABLE a;")
+    add(cfg, "0002_rows", "INSERT INTO a (id, note) VALUES (1, 'ok');", "DELETE FROM a WHERE id = 1;")
+    add(cfg, "0003_x", "ALTER TABLE a ADD COLUMN extra int;", f"ALTER TABLE a DROP COLUMN extra;\n{down}")
+    commands.up(cfg)
+    with pytest.raises(MigrationError, match=re.escape(lost)):
+        commands.rollback(cfg)
+    assert len(commands.rollback(cfg, allow_data_loss=True).rolled_back) == 1
+    # A DELETE with a WHERE clause removes what its up script added: no flag needed.
+    assert len(commands.rollback(cfg).rolled_back) == 1
+
+
+def test_rollback_sees_a_dropped_schema_with_rows(project: Project, pg_url: str) -> None:
+    cfg = project(pg_url)
+    add(cfg, "0001_s", "CREATE SCHEMA s; CREATE TABLE s.t (id bigint PRIMARY KEY); CREATE TABLE s.empty (id int);",
+        "DROP SCHEMA s CASCADE;")
+    add(cfg, "0002_rows", "INSERT INTO s.t VALUES (1);", "-- the rows stay")
+    commands.up(cfg)
+    commands.rollback(cfg)
+    with pytest.raises(MigrationError, match=r"schema s \(tables with rows: s\.t\)"):
+        commands.rollback(cfg)
 
 
 def test_missing_down_script(project: Project, any_db: str) -> None:
