@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from changeover.errors import MigrationError
@@ -45,6 +45,8 @@ class Directives:
     transaction: bool | None = None          # None: decided by the statements (CONCURRENTLY)
     ignores: dict[str, str] = field(default_factory=dict)
     backfills: tuple[Backfill, ...] = ()
+    # every ignore with its line: above the first statement it covers the file, else the next statement
+    ignores_at: tuple[tuple[int, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ def parse_directives(text: str, path: Path, line_offset: int = 0) -> Directives:
     phase: str | None = None
     transaction: bool | None = None
     ignores: dict[str, str] = {}
+    ignores_at: list[tuple[int, str, str]] = []
     backfills: list[Backfill] = []
     for m in _DIRECTIVE.finditer(text):
         line = text.count("\n", 0, m.start()) + 1 + line_offset
@@ -100,12 +103,13 @@ def parse_directives(text: str, path: Path, line_offset: int = 0) -> Directives:
                 raise MigrationError(f"{where}: changeover:ignore expects a rule id and a reason, "
                                      "e.g. `-- changeover:ignore index-not-concurrent table has 20 rows`")
             ignores[rule] = reason.strip()
+            ignores_at.append((line, rule, reason.strip()))
         elif verb == "backfill":
             backfills.append(_backfill(arg, where, line))
         else:
             raise MigrationError(f"{where}: unknown directive changeover:{verb} "
                                  "(expected phase, transaction, ignore or backfill)")
-    return Directives(phase, transaction, ignores, tuple(backfills))
+    return Directives(phase, transaction, ignores, tuple(backfills), tuple(ignores_at))
 
 
 def _backfill(arg: str, where: str, line: int) -> Backfill:
@@ -160,8 +164,7 @@ def split_dbmate(path: Path, text: str) -> tuple[Script, Script | None]:
         offset = text.count("\n", 0, body_start)
         sc = script(path, text[body_start:end], offset)
         if "transaction:false" in m.group(2).replace(" ", ""):  # dbmate's own spelling
-            sc = Script(sc.path, sc.text, sc.line_offset,
-                        Directives(sc.directives.phase, False, sc.directives.ignores, sc.directives.backfills))
+            sc = Script(sc.path, sc.text, sc.line_offset, replace(sc.directives, transaction=False))
         sections[m.group(1)] = sc
     return sections["up"], sections.get("down")
 

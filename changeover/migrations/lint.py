@@ -78,7 +78,24 @@ class _Analyzer:
         self.path = str(script.path)
         self.created: set[str] = set()      # tables created earlier in this migration
         self.backfill_tables = {b.table.split(".")[-1] for b in script.directives.backfills}
+        self.file_ignores: dict[str, str] = dict(script.directives.ignores)
+        self.statement_ignores: dict[int, dict[str, str]] = {}
         self.in_tx_block = False
+
+    def place_ignores(self, statements: list[Statement]) -> None:
+        """An ignore above the first statement covers the file; one further down, the next statement."""
+        first = statements[0].line if statements else None
+        self.file_ignores = {}
+        for line, rule, reason in self.script.directives.ignores_at:
+            if first is None or line < first:
+                self.file_ignores[rule] = reason
+                continue
+            target = next((i for i, st in enumerate(statements, 1) if st.line > line), None)
+            if target is not None:
+                self.statement_ignores.setdefault(target, {})[rule] = reason
+
+    def ignored(self, rule_id: str, index: int = 0) -> str | None:
+        return self.statement_ignores.get(index, {}).get(rule_id) or self.file_ignores.get(rule_id)
 
     # -- findings --------------------------------------------------------------------------------
     def finding(self, rule_id: str, st: Statement, index: int, message: str, node: Any = None) -> Finding:
@@ -88,7 +105,7 @@ class _Analyzer:
         if isinstance(loc, int) and loc >= 0:
             line, col = sqltext.position(self.script.text, st.node_base + loc, self.script.line_offset)
         return Finding(rule.id, rule.severity, rule.phase, self.path, line, col, message, rule.recipe, index,
-                       self.script.directives.ignores.get(rule.id))
+                       self.ignored(rule.id, index))
 
     # -- statements ------------------------------------------------------------------------------
     def statement(self, st: Statement, index: int) -> StatementPlan:
@@ -372,6 +389,7 @@ def analyze(script: Script, ctx: LintContext | None = None) -> ScriptAnalysis:
         f = Finding(rule.id, rule.severity, rule.phase, path, e.line, e.col, e.message, rule.recipe)
         return ScriptAnalysis(path, [], [f], "unsafe", True)
     a = _Analyzer(script, ctx)
+    a.place_ignores(statements)
     plans = [a.statement(st, i) for i, st in enumerate(statements, 1)]
     ctx.statements += len(plans)
     findings = [f for p in plans for f in p.findings]
@@ -384,14 +402,14 @@ def analyze(script: Script, ctx: LintContext | None = None) -> ScriptAnalysis:
         rule = RULES["phase-mismatch"]
         findings.append(Finding(rule.id, rule.severity, rule.phase, path, script.line_offset + 1, 1,
                                 f"marked `phase expand` but its statements are {inferred}", rule.recipe, 0,
-                                d.ignores.get(rule.id)))
-        phase = "unsafe" if not d.ignores.get(rule.id) else inferred
+                                a.ignored(rule.id)))
+        phase = "unsafe" if not a.ignored(rule.id) else inferred
     for b in d.backfills:
         if not any(p.backfill and b.table.split(".")[-1] in p.tables for p in plans):
             rule = RULES["backfill-without-update"]
             findings.append(Finding(rule.id, rule.severity, rule.phase, path, b.line, 1,
                                     f"`changeover:backfill table={b.table}` but no UPDATE of {b.table} follows",
-                                    rule.recipe, 0, d.ignores.get(rule.id)))
+                                    rule.recipe, 0, a.ignored(rule.id)))
             phase = worst_phase(phase, rule.phase)
     concurrent = any(p.concurrent for p in plans)
     transaction = (not concurrent) if d.transaction is None else d.transaction

@@ -134,6 +134,23 @@ def test_ignore_directive_with_reason(tmp_path: Path) -> None:
     assert f.ignored == "orders has 40 rows" and not a.errors and a.phase == "expand"
 
 
+def test_ignore_inside_the_script_covers_only_the_next_statement(tmp_path: Path) -> None:
+    a = run(tmp_path, "-- changeover:phase expand\n"
+                      "CREATE INDEX orders_a ON orders (a);\n"
+                      "-- changeover:ignore index-not-concurrent orders_b is built on an empty copy\n"
+                      "CREATE INDEX orders_b\n  ON orders (b);\n"
+                      "CREATE INDEX orders_c ON orders (c);\n")
+    by_line = {f.line: f for f in a.findings if f.rule == "index-not-concurrent"}
+    assert sorted(by_line) == [2, 4, 6]
+    assert by_line[4].ignored == "orders_b is built on an empty copy"
+    assert by_line[2].ignored is None and by_line[6].ignored is None
+    assert a.phase == "unsafe" and len(a.errors) >= 2
+    # The same directive above the first statement covers the whole file, as before.
+    whole = run(tmp_path, "-- changeover:ignore index-not-concurrent all three tables are tiny\n"
+                          "CREATE INDEX orders_a ON orders (a);\nCREATE INDEX orders_c ON orders (c);\n")
+    assert all(f.ignored for f in whole.findings if f.rule == "index-not-concurrent") and not whole.errors
+
+
 def test_sqlite_gets_the_rules_that_apply(tmp_path: Path) -> None:
     a = run(tmp_path, "CREATE INDEX i ON orders (user_id);\nALTER TABLE orders RENAME COLUMN note TO n;\n"
                       "CREATE TABLE x (id INTEGER PRIMARY KEY AUTOINCREMENT, at timestamp);\n", "sqlite")
