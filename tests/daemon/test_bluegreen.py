@@ -180,6 +180,30 @@ def test_daemon_killed_mid_deploy_restarts_into_the_truth(project: Project) -> N
     assert not [pid for pid in pids_with_env(b"API_VERSION=v2") if pid_in(project, pid)]
 
 
+def test_an_instance_whose_pid_never_reached_the_state_is_stopped_by_the_next_daemon(project: Project) -> None:
+    """The instant between spawning an instance and recording it: the process carries its tag."""
+    import subprocess
+    import sys
+
+    project.start_daemon()
+    project.deploy("v1")
+    project.kill_daemon(signal.SIGKILL)
+    tag = f"{(project.root / '.changeover').resolve()}:green:0"
+    stray = subprocess.Popen([sys.executable, "server.py", "0"], cwd=project.release("v9"), start_new_session=True,
+                             env={**os.environ, "API_VERSION": "v9", "CHANGEOVER_INSTANCE": tag},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        project.start_daemon()
+        assert stray.wait(timeout=10) is not None  # stopped by the recovery, not by this test
+        st = project.status()
+        assert st["live"]["version"] == "v1" and st["standby"] is None
+        assert version_at(project) == "v1"  # the adopted live instance was left alone
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
+
+
 def pids_with_env(needle: bytes) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
