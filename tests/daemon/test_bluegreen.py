@@ -352,8 +352,10 @@ def test_status_and_top_during_an_observation_window(project: Project) -> None:
     text = project.cli("status").stdout
     assert "observing green" in text and "left" in text
     assert project.status()["deployment"]["phase"] == "observing"
+    # Ctrl-C must reach `top` even when this test runs where SIGINT is ignored (a background job).
     proc = subprocess.Popen([sys.executable, "-m", "changeover", "top", "-c", str(project.config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(2.5)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=10)
