@@ -182,7 +182,8 @@ def test_faults_after_the_switch_are_rolled_back_with_the_right_reason(project: 
     evidence = next(c for c in rolled[-1]["checks"] if c["name"] == "rollback trigger")
     assert evidence["data"]["requests"] >= 10  # the numbers behind the verdict are kept
     # Requests v1 answered never failed; only the faulty releases' own errors did.
-    assert load.failed_versions.get("v1", 0) == 0 and load.failed_versions.get("proxy", 0) == 0
+    assert load.failed_versions.get("v1", 0) == 0 and load.failed_versions.get("proxy", 0) == 0, \
+        (load.summary(), load.errors[-10:])
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and hooks.names().count("rolled_back") < 5:
         time.sleep(0.1)
