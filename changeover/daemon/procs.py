@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from changeover.errors import SlotStartError
@@ -205,10 +205,12 @@ def _live_members_exist(pgid: int) -> bool:
     return False
 
 
-def tagged_groups(owner: str) -> set[int]:
-    """Process groups holding a live process whose environment carries the tag of `owner`."""
-    needle = f"{INSTANCE_TAG}={owner}:".encode()
+def tagged_groups(owner: str, slots: Iterable[str]) -> set[int]:
+    """Process groups holding a live process tagged as an instance of `owner` in one of `slots`."""
+    needles = tuple(f"{INSTANCE_TAG}={owner}:{slot}:".encode() for slot in slots)
     groups: set[int] = set()
+    if not needles:
+        return groups
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -221,7 +223,7 @@ def tagged_groups(owner: str) -> set[int]:
                 environ = f.read()
         except OSError:
             continue  # gone, or not ours to read
-        if not any(v.startswith(needle) for v in environ.split(b"\0")):
+        if not any(v.startswith(needles) for v in environ.split(b"\0")):
             continue
         fields = _stat_fields(int(name))
         if fields and len(fields) > 2 and fields[0] not in ("Z", "X"):
@@ -229,14 +231,16 @@ def tagged_groups(owner: str) -> set[int]:
     return groups
 
 
-def kill_orphans(owner: str, keep: set[int], timeout: float = 3.0) -> list[int]:
-    """SIGTERM, then SIGKILL, every process group of `owner` that is not in `keep`. Returns them.
+def kill_orphans(owner: str, slots: Iterable[str], timeout: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every process group tagged as an instance of `owner` in `slots`.
 
-    These are instances whose pid never reached the state (the daemon died right after spawning
-    them) or whose slot was forgotten: left alone, they would hold ports and database connections.
+    Called for slots that hold nothing after recovery: what still runs there is an instance whose
+    pid never reached the state (the daemon died right after spawning it), or its leftovers. Left
+    alone, it would hold a port and database connections. Slots with adopted instances are never
+    swept, so whatever those instances started themselves is left to them.
     """
-    mine = {os.getpid(), os.getpgrp()}
-    orphans = sorted(tagged_groups(owner) - keep - mine)
+    slots = list(slots)
+    orphans = sorted(tagged_groups(owner, slots) - {os.getpid(), os.getpgrp()})
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pgid in orphans:
             try:
@@ -244,9 +248,9 @@ def kill_orphans(owner: str, keep: set[int], timeout: float = 3.0) -> list[int]:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not tagged_groups(owner).isdisjoint(orphans):
+        while time.monotonic() < deadline and not tagged_groups(owner, slots).isdisjoint(orphans):
             time.sleep(0.05)
-        if tagged_groups(owner).isdisjoint(orphans):
+        if tagged_groups(owner, slots).isdisjoint(orphans):
             break
     return orphans
 

@@ -6,7 +6,7 @@ The rules, in order:
    deployment is marked failed and its half-started slot is cleaned up.
 2. Live and standby slots adopt their instances (pid alive and start time unchanged). A live
    slot whose processes are all gone (e.g. after a reboot) is started again from its release.
-   Any other process carrying this project's instance tag is an orphan and is stopped.
+   A process tagged as an instance of a slot that is now empty is an orphan and is stopped.
 3. The proxy is told each slot's upstreams and which slot is live, so it matches the state.
 """
 
@@ -94,10 +94,10 @@ async def recover(state: State, slots: SlotManager, proxy: ProxyProcess) -> None
         await proxy.set_slot(name, slots.supervisor.upstreams(name))
         await proxy.set_version(name, release.version)
 
-    # Instances that never reached the state (spawned just before the daemon died) or belong to
-    # no slot any more: found by their environment tag, stopped.
-    keep = {r.pid for name in SLOTS for r in slots.supervisor.records(name)}
-    orphans = kill_orphans(slots.supervisor.owner, keep)
+    # An empty slot runs nothing: a process tagged with it was spawned just before the daemon
+    # died, before its pid was recorded. Found by its environment tag, stopped.
+    empty = [name for name in SLOTS if state.slot(name).state == "empty"]
+    orphans = kill_orphans(slots.supervisor.owner, empty)
     if orphans:
         log.warning("stopped %d orphaned instance process group(s): %s", len(orphans), orphans)
         state.event("recovery.orphans", None, pgids=orphans)

@@ -460,24 +460,25 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever(
 
 def test_unrecorded_instances_are_found_by_their_tag_and_stopped(h: Harness) -> None:
     """A daemon killed between spawning an instance and recording its pid: the next one finds the
-    process by its environment tag. Instances it adopted and other projects' processes are left alone."""
+    process by its environment tag. Other slots and other projects' processes are left alone."""
     async def body() -> None:
         sup = h.supervisor(instances=2)
         kept = await sup.start_slot("blue", h.release("v1"))
         lost = await sup.start_slot("green", h.release("v2"))  # never recorded, as if the daemon died
         other = h.supervisor()
         other.owner = str(h.tmp / "another-project")
-        foreign = await other.start_slot("blue", h.release("v3"))
+        foreign = await other.start_slot("green", h.release("v3"))
         await sup.close()
         await other.close()
-        assert {r.pid for r in kept + lost} <= procs.tagged_groups(sup.owner)
-        stopped = procs.kill_orphans(sup.owner, keep={r.pid for r in kept})
-        assert sorted(stopped) == sorted(r.pid for r in lost)
+        assert procs.tagged_groups(sup.owner, ["blue"]) == {r.pid for r in kept}
+        assert procs.tagged_groups(sup.owner, ["green"]) == {r.pid for r in lost}
+        assert procs.kill_orphans(sup.owner, ["green"]) == sorted(r.pid for r in lost)
         assert all(group_gone(r.pid) for r in lost)
         for rec in kept + foreign:
             assert (await asyncio.to_thread(get, rec.port)).status_code == 200
-        assert procs.kill_orphans(sup.owner, keep=set()) == sorted(r.pid for r in kept)
-        assert procs.kill_orphans(other.owner, keep=set()) == [foreign[0].pid]
-        assert procs.tagged_groups(sup.owner) == procs.tagged_groups(other.owner) == set()
+        assert procs.kill_orphans(sup.owner, []) == []
+        assert procs.kill_orphans(sup.owner, ["blue", "green"]) == sorted(r.pid for r in kept)
+        assert procs.kill_orphans(other.owner, ["green"]) == [foreign[0].pid]
+        assert procs.tagged_groups(sup.owner, ["blue", "green"]) == set()
 
     asyncio.run(body())
