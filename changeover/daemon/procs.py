@@ -248,9 +248,9 @@ def kill_orphans(owner: str, slots: Iterable[str], timeout: float = 3.0) -> list
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not tagged_groups(owner, slots).isdisjoint(orphans):
+        while not (gone := tagged_groups(owner, slots).isdisjoint(orphans)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if tagged_groups(owner, slots).isdisjoint(orphans):
+        if gone:
             break
     return orphans
 

@@ -207,7 +207,7 @@ def data_loss(conn: Conn, a: ScriptAnalysis) -> list[str]:
         elif node is None:
             words = st.sql.replace(";", " ").split()
             head = [w.upper() for w in words[:3]]
-            if head[:2] == ["DROP", "TABLE"] and words:
+            if head[:2] == ["DROP", "TABLE"]:
                 name = words[-1].strip('"`[]')
                 if conn.has_data(name):
                     out.append(f"table {name}")

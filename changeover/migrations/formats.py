@@ -43,10 +43,9 @@ class Backfill:
 class Directives:
     phase: str | None = None
     transaction: bool | None = None          # None: decided by the statements (CONCURRENTLY)
-    ignores: dict[str, str] = field(default_factory=dict)
+    # (line, rule, reason) of each ignore: above the first statement it covers the file, else the next statement
+    ignores: tuple[tuple[int, str, str], ...] = ()
     backfills: tuple[Backfill, ...] = ()
-    # every ignore with its line: above the first statement it covers the file, else the next statement
-    ignores_at: tuple[tuple[int, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,7 @@ class Migration:
 def parse_directives(text: str, path: Path, line_offset: int = 0) -> Directives:
     phase: str | None = None
     transaction: bool | None = None
-    ignores: dict[str, str] = {}
-    ignores_at: list[tuple[int, str, str]] = []
+    ignores: list[tuple[int, str, str]] = []
     backfills: list[Backfill] = []
     for m in _DIRECTIVE.finditer(text):
         line = text.count("\n", 0, m.start()) + 1 + line_offset
@@ -102,14 +100,13 @@ def parse_directives(text: str, path: Path, line_offset: int = 0) -> Directives:
             if not rule or not reason.strip():
                 raise MigrationError(f"{where}: changeover:ignore expects a rule id and a reason, "
                                      "e.g. `-- changeover:ignore index-not-concurrent table has 20 rows`")
-            ignores[rule] = reason.strip()
-            ignores_at.append((line, rule, reason.strip()))
+            ignores.append((line, rule, reason.strip()))
         elif verb == "backfill":
             backfills.append(_backfill(arg, where, line))
         else:
             raise MigrationError(f"{where}: unknown directive changeover:{verb} "
                                  "(expected phase, transaction, ignore or backfill)")
-    return Directives(phase, transaction, ignores, tuple(backfills), tuple(ignores_at))
+    return Directives(phase, transaction, tuple(ignores), tuple(backfills))
 
 
 def _backfill(arg: str, where: str, line: int) -> Backfill:

@@ -78,7 +78,7 @@ class _Analyzer:
         self.path = str(script.path)
         self.created: set[str] = set()      # tables created earlier in this migration
         self.backfill_tables = {b.table.split(".")[-1] for b in script.directives.backfills}
-        self.file_ignores: dict[str, str] = dict(script.directives.ignores)
+        self.file_ignores: dict[str, str] = {}
         self.statement_ignores: dict[int, dict[str, str]] = {}
         self.in_tx_block = False
 
@@ -86,7 +86,7 @@ class _Analyzer:
         """An ignore above the first statement covers the file; one further down, the next statement."""
         first = statements[0].line if statements else None
         self.file_ignores = {}
-        for line, rule, reason in self.script.directives.ignores_at:
+        for line, rule, reason in self.script.directives.ignores:
             if first is None or line < first:
                 self.file_ignores[rule] = reason
                 continue
