@@ -178,6 +178,9 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         max_header_bytes=p.int("max_header_bytes", d.max_header_bytes, min=1024),
         max_body_bytes=p.int("max_body_bytes", d.max_body_bytes, min=0),
         retries=p.int("retries", d.retries, min=0, max=10),
+        engine=_engine(p),
+        haproxy_socket=p.str("haproxy_socket", "") or None,
+        trusted_proxies=_cidrs(p, "trusted_proxies", d.trusted_proxies),
     )
     p.finish()
 
@@ -187,6 +190,27 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     top.finish()
     return Config(file=file, app=app, env=app_env, proxy=proxy,
                   migrations=migrations, checks=checks, monitor=monitor, resolved=resolved)
+
+
+def _engine(p: Table) -> str:
+    from changeover.proxy.control import ENGINES
+
+    engine = p.str("engine", ProxySettings().engine)
+    if engine not in ENGINES:
+        raise p.error("engine", " or ".join(f'"{e}"' for e in ENGINES), engine)
+    return engine
+
+
+def _cidrs(p: Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    import ipaddress
+
+    values = p.str_list(key, list(default))
+    for v in values:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise p.error(key, "a list of CIDRs, e.g. [\"10.0.0.0/8\", \"::1/128\"]", v) from None
+    return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)
 
 
 def release_env(config: Config, version: str, overrides: dict[str, str] | None = None) -> dict[str, str]:

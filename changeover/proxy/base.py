@@ -22,6 +22,8 @@ DEFAULT_RESPONSE_TIMEOUT = 60.0        # upstream response head -> 504
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024   # -> 431
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024  # -> 413 (0 = unlimited)
 DEFAULT_RETRIES = 2                    # other instances tried when connect fails before any byte was sent
+DEFAULT_ENGINE = "embedded"            # or "haproxy"
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")  # peers whose X-Forwarded-* headers are kept
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class ProxySettings:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     retries: int = DEFAULT_RETRIES
+    engine: str = DEFAULT_ENGINE
+    haproxy_socket: str | None = None      # attach to a running HAProxy's admin socket instead of starting one
+    trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
 
     @property
     def host(self) -> str:
