@@ -87,14 +87,17 @@ class Verdict:
 class Observer:
     def __init__(self, cfg: MonitorConfig, metrics: Recorder, live_slot: str,
                  baseline: WindowStats | Baseline | None, probes: Probes | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, *, elapsed: float = 0.0) -> None:
+        """`elapsed`: seconds of this window already observed (a restarted daemon resuming it):
+        the window started that long ago, on this clock, so it ends that much sooner, windows
+        reach back to the original switch, and the verdict's `elapsed` counts from it."""
         self.cfg = cfg
         self.metrics = metrics
         self.slot = live_slot
         self.baseline = Baseline.from_stats(baseline) if isinstance(baseline, WindowStats) else baseline
         self.probes = probes or Probes()
         self.clock = clock
-        self.start = clock()
+        self.start = clock() - max(0.0, elapsed)
         self.verdict: Verdict | None = None
         self.last: dict[str, Any] = {}            # latest numbers, for `changeover status`
         self._z = z_for(cfg.confidence)

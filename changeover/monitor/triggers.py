@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
+# Re-exported: callers import the baseline from here.
+from changeover.monitor.baseline import Baseline as Baseline
+from changeover.monitor.baseline import capture_baseline as capture_baseline
+from changeover.monitor.baseline import make_baseline as make_baseline
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import Recorder, WindowStats, count_above
+from changeover.monitor.metrics import WindowStats, count_above
 
 ERROR_RATE = "error_rate"
 CONSECUTIVE_FAILURES = "consecutive_failures"
@@ -45,34 +49,6 @@ class Fired:
     reason: str
     message: str
     evidence: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The old slot's latency and errors just before the switch: what the new release must match."""
-
-    slot: str
-    version: str
-    seconds: float
-    requests: int
-    error_rate: float
-    p50: float | None
-    p95: float | None
-    p99: float | None
-
-    @classmethod
-    def from_stats(cls, w: WindowStats) -> Baseline:
-        return cls(w.slot, w.version, w.seconds, w.requests, w.error_rate, w.p50, w.p95, w.p99)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"slot": self.slot, "version": self.version, "seconds": round(self.seconds, 3),
-                "requests": self.requests, "error_rate": round(self.error_rate, 5),
-                "p50": _ms(self.p50), "p95": _ms(self.p95), "p99": _ms(self.p99)}
-
-
-def capture_baseline(metrics: Recorder, slot: str, seconds: float) -> Baseline:
-    """Measure `slot` (the live one, before the switch) over the last `seconds`."""
-    return Baseline.from_stats(metrics.window(slot, seconds))
 
 
 def _ms(v: float | None) -> float | None:
@@ -121,7 +97,7 @@ def check_error_rate(w: WindowStats, cfg: MonitorConfig, z: float) -> Fired | No
 
 def latency_limit(baseline: Baseline, cfg: MonitorConfig) -> float | None:
     """The p95 above which the new release counts as slow, or None when the baseline is too thin."""
-    if baseline.p95 is None or baseline.requests < cfg.latency_min_samples:
+    if baseline.p95 is None or baseline.requests < cfg.latency_min_samples or baseline.rejected:
         return None
     return max(baseline.p95 * cfg.latency_ratio, baseline.p95 + cfg.latency_min_increase)
 
@@ -153,7 +129,7 @@ def check_latency(windows: list[tuple[WindowStats, list[int]]], baseline: Baseli
          "requests": [w.requests for w, _ in windows],
          "slower_than_limit": [round(t, 4) for t in tails],
          "window_seconds": [round(w.seconds, 3) for w, _ in windows],
-         "baseline": baseline.to_dict(), "limit_ms": _ms(limit), "ratio": cfg.latency_ratio,
+         "baseline": baseline.summary(), "limit_ms": _ms(limit), "ratio": cfg.latency_ratio,
          "ratio_observed": round(worst / base, 3) if base else None, "confidence": cfg.confidence},
     )
 

@@ -167,7 +167,7 @@ def test_capture_baseline_reads_the_old_slot(clock: FakeClock) -> None:
     b = capture_baseline(rec, "blue", 30)
     assert b.slot == "blue" and b.version == "v1" and b.requests > 1000
     assert b.p95 is not None and 0.01 < b.p95 < 0.03
-    assert b.to_dict()["p95"] == round(b.p95 * 1000, 3)
+    assert b.summary()["p95"] == round(b.p95 * 1000, 3)
 
 
 def test_moderate_latency_regression_is_caught() -> None:
