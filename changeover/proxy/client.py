@@ -31,7 +31,19 @@ from changeover.proxy.exchange import (
     Exchange,
     perf,
 )
-from changeover.proxy.http1 import HOST, REQ_SPECIAL, ChunkScanner, HttpError, error_response, rewrite_request
+from changeover.proxy.http1 import (
+    HOST,
+    REQ_SPECIAL,
+    ChunkScanner,
+    HttpError,
+    error_response,
+    origin_form,
+    rewrite_request,
+)
+
+# connections from one untrusted address that may hold an unfinished request head at once: a
+# head normally arrives in one read, so only a slow (slowloris) client holds many
+MAX_PARTIAL_HEADS_PER_CLIENT = 64
 
 
 class ClientConn(Exchange):
@@ -43,16 +55,16 @@ class ClientConn(Exchange):
         peer = transport.get_extra_info("peername")
         self.ip = (peer[0] if isinstance(peer, tuple) else "unix").encode()
         self.fwd = self.proxy.forwarded_headers(self.ip)
+        self.trusted = self.proxy.trusted(self.ip)
         self.proxy.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state == S_HEAD:
             if self.buf:
-                self.buf += data
-                data = bytes(self.buf)
-                self.buf.clear()
-            self._head(data)
+                self._head_more(data)
+            else:
+                self._head(data)
         elif state == S_BODY:
             self._body(data)
         elif state == S_TUNNEL and self.up is not None:
@@ -69,22 +81,25 @@ class ClientConn(Exchange):
 
     # -- request head ------------------------------------------------------------------------
     def _head(self, data: bytes) -> None:
+        """A request head from its first byte (nothing buffered): the common case is a whole head
+        in one read, handled without a copy."""
         proxy = self.proxy
         settings = proxy.settings
-        if data[:2] == b"\r\n":
-            data = data.lstrip(b"\r\n")
+        if data[0] == 13 or data[0] == 10:
+            # empty lines before a request line are ignored (RFC 9112 §2.2); a bare CR is refused
+            rest = data.lstrip(b"\r\n")
+            empty = data[:len(data) - len(rest)]
+            cr_pending = not rest and empty[-1] == 13    # a CRLF split across reads
+            if empty.count(b"\r") - cr_pending != empty.count(b"\r\n"):
+                return self.reject(400)
+            if not rest:
+                return self._wait_head(b"\r" if cr_pending else b"")
+            data = rest
         end = data.find(b"\r\n\r\n") + 4
-        if end == 3 or end > settings.max_header_bytes:
-            if end > settings.max_header_bytes or len(data) > settings.max_header_bytes:
-                return self.reject(431)
-            if data.count(b"\n") != data.count(b"\r\n"):
-                return self.reject(400)    # bare LF: llhttp would refuse it, don't wait for more
-            if data:
-                self.buf += data
-                if self.dkind == D_IDLE:
-                    self.dkind = D_HEAD
-                    self.deadline = proxy.now + settings.header_timeout
-            return
+        if end == 3:
+            return self._partial(data)
+        if end > settings.max_header_bytes:
+            return self._too_big(data)
         head = data if end == len(data) else data[:end]
         rest = data[end:]
         upgrade = False
@@ -102,6 +117,12 @@ class ClientConn(Exchange):
         method = self.parser.get_method()
         if method == b"CONNECT":
             return self.reject(405)
+        target = head.find(b" ") + 1
+        if head[target] != 47 and head[target:target + 2] != b"* ":
+            try:
+                head = origin_form(head)   # absolute-form: the app gets the path, Host from the URI
+            except HttpError as e:
+                return self.reject(e.status)
         self.req_http11 = http11 = version == b"HTTP/1.1"
         self.req_keep = http11
         self.req_head_only = method == b"HEAD"
@@ -120,7 +141,7 @@ class ClientConn(Exchange):
             self.req_upgrade = False
         else:
             try:
-                r = rewrite_request(head, self.fwd, self.ip, upgrade, http11)
+                r = rewrite_request(head, self.ip, upgrade, http11, self.trusted)
             except HttpError as e:
                 return self.reject(e.status)
             if self.req_http11 and HOST.search(head) is None:
@@ -135,6 +156,67 @@ class ClientConn(Exchange):
             if length or chunked or upgrade:
                 self.parser = httptools.HttpRequestParser(VALIDATE)   # llhttp now expects a body
         self._route(method, out, rest, length, chunked)
+
+    def _wait_head(self, keep: bytes) -> None:
+        """Only empty lines so far: the head timeout runs from now, whatever came before."""
+        if keep:
+            self._partial(keep)
+        elif self.dkind == D_IDLE:
+            self.dkind = D_HEAD
+            self.deadline = self.proxy.now + self.proxy.settings.header_timeout
+
+    def _partial(self, data: bytes) -> None:
+        """The first part of a head: buffer it, and from now on scan only what arrives."""
+        proxy = self.proxy
+        if len(data) > proxy.settings.max_header_bytes:
+            return self._too_big(data)
+        if data.count(b"\n") != data.count(b"\r\n"):
+            return self.reject(400)        # bare LF: llhttp would refuse it, don't wait for more
+        if not self.partial:
+            n = proxy.partial_heads.get(self.ip, 0)
+            if n >= MAX_PARTIAL_HEADS_PER_CLIENT and not self.trusted:
+                return self.reject(429)    # one address holding this many unfinished heads: slowloris
+            proxy.partial_heads[self.ip] = n + 1
+            self.partial = True
+        proxy.head_bytes_scanned += len(data)
+        self.buf += data
+        if self.dkind == D_IDLE:
+            self.dkind = D_HEAD
+            self.deadline = proxy.now + proxy.settings.header_timeout
+
+    def _head_more(self, data: bytes) -> None:
+        """More of an unfinished head: only the new bytes are scanned (and the 3 before them, for
+        a terminator split across reads), nothing is copied until the head is complete, so a
+        client dripping a byte at a time costs what it sends, not what it sent before."""
+        buf = self.buf
+        start = len(buf)
+        buf += data
+        if buf[0] == 13:                   # only a CR of an empty line so far: start over
+            whole = bytes(buf)
+            buf.clear()
+            if self.partial:
+                self.head_finished()
+            return self._head(whole)
+        proxy = self.proxy
+        proxy.head_bytes_scanned += len(data) + 3
+        end = buf.find(b"\r\n\r\n", max(0, start - 3))
+        if end < 0:
+            limit = proxy.settings.max_header_bytes
+            if len(buf) > limit:
+                return self._too_big(buf)
+            if buf.count(b"\n", start) != buf.count(b"\r\n", max(0, start - 1)):
+                return self.reject(400)    # bare LF
+            return
+        whole = bytes(buf)                 # the one copy of the head, now that it is complete
+        buf.clear()
+        if self.partial:
+            self.head_finished()
+        self._head(whole)
+
+    def _too_big(self, data: bytes | bytearray) -> None:
+        """Past max_header_bytes: 414 when the request line alone is that long, else 431."""
+        lf = data.find(b"\n")
+        self.reject(414 if lf < 0 or lf >= self.proxy.settings.max_header_bytes else 431)
 
     def _route(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool) -> None:
         proxy = self.proxy

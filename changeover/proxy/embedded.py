@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
 import socket
 import struct
 from collections.abc import Sequence
 
-from changeover.errors import ChangeoverError
+from changeover.errors import ChangeoverError, ConfigError
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
 from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, Exchange
@@ -82,6 +83,10 @@ class EmbeddedProxy:
         self._port = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._fwd_cache: dict[bytes, bytes] = {}
+        self._trust_cache: dict[bytes, bool] = {}
+        self.trusted_networks = _networks(settings.trusted_proxies)
+        self.partial_heads: dict[bytes, int] = {}    # client address -> connections with a head unfinished
+        self.head_bytes_scanned = 0        # bytes of unfinished heads looked at (linear in what arrives)
         self._loop: asyncio.AbstractEventLoop | None = None
         shortest = min(settings.header_timeout, settings.body_timeout, settings.idle_timeout,
                        settings.response_timeout)
@@ -293,7 +298,7 @@ class EmbeddedProxy:
             existing = kept.pop((host, port), None) if (host, port) in kept else None
             ups.append(existing or Upstream(host, port))
         for gone in kept.values():
-            gone.close_idle()
+            gone.retire()                  # replaced: its connections close as their requests end
         if old is None:
             self.slots[slot] = Slot(slot, tuple(ups))
         else:
@@ -307,7 +312,7 @@ class EmbeddedProxy:
             raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
         del self.slots[slot]
         for up in s.upstreams:
-            up.close_idle()
+            up.retire()                    # idle ones now, busy ones as their requests end
 
     def switch(self, slot: str | None) -> None:
         if slot is None:
@@ -324,6 +329,7 @@ class EmbeddedProxy:
         return None if s is None else s.name
 
     def inflight(self, slot: str) -> int:
+        """Requests and tunnels open to the slot (for tests and the drain)."""
         s = self.slots.get(slot)
         return 0 if s is None else s.inflight
 
@@ -356,6 +362,22 @@ class EmbeddedProxy:
             except Exception:              # a monitor bug must never break traffic
                 log.exception("request recorder failed")
 
+    def trusted(self, ip: bytes) -> bool:
+        """Whether a peer is one of [proxy] trusted_proxies (its X-Forwarded-* are believed)."""
+        known = self._trust_cache.get(ip)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(ip.decode())
+            except ValueError:
+                known = False
+            else:
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                    addr = addr.ipv4_mapped
+                known = any(addr in net for net in self.trusted_networks)
+            if len(self._trust_cache) < 4096:
+                self._trust_cache[ip] = known
+        return known
+
     def forwarded_headers(self, ip: bytes) -> bytes:
         fwd = self._fwd_cache.get(ip)
         if fwd is None:
@@ -376,3 +398,14 @@ class EmbeddedProxy:
                     except Exception:
                         log.exception("timeout handling failed")
                         client.transport.abort()
+
+
+def _networks(cidrs: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for cidr in cidrs:
+        try:
+            out.append(ipaddress.ip_network(str(cidr).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{cidr!r} is not an IP network (expected a CIDR like 10.0.0.0/8 or an address)",
+                              key="proxy.trusted_proxies") from None
+    return tuple(out)

@@ -41,10 +41,10 @@ VALIDATE = _Validate()
 
 class Exchange(asyncio.Protocol):
     __slots__ = ("attempts", "body_chunked", "body_remaining", "buf", "closed", "deadline", "dkind", "fwd",
-                 "ip", "parser", "pending", "pending_size", "proxy", "req_head_only", "req_http11",
+                 "ip", "parser", "partial", "pending", "pending_size", "proxy", "req_head_only", "req_http11",
                  "req_keep", "req_out", "req_replayable", "req_seq", "req_slot", "req_t0", "req_upgrade",
-                 "resp_close", "resp_started", "resp_status", "rpause", "scanner", "state", "transport", "up",
-                 "upstream_failed", "wpaused")
+                 "resp_close", "resp_started", "resp_status", "rpause", "scanner", "state", "transport",
+                 "trusted", "up", "upstream_failed", "wpaused")
 
     transport: asyncio.Transport
 
@@ -75,12 +75,16 @@ class Exchange(asyncio.Protocol):
         self.attempts = 0
         self.ip = b""
         self.fwd = b""
+        self.trusted = False               # the peer is in [proxy] trusted_proxies
+        self.partial = False               # counted in proxy.partial_heads (a head is unfinished)
 
     # -- asyncio callbacks shared by both sides ---------------------------------------------------
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.dkind = D_NONE
         self.proxy.clients.discard(self)
+        if self.partial:
+            self.head_finished()
         up, self.up = self.up, None
         if up is not None:
             up.client = None
@@ -266,10 +270,22 @@ class Exchange(asyncio.Protocol):
     def _close(self) -> None:
         self.state = S_CLOSED
         self.dkind = D_NONE
+        if self.partial:
+            self.head_finished()
         if not self.closed:
             self.closed = True
             self.transport.close()
             self.proxy.clients.discard(self)
+
+    def head_finished(self) -> None:
+        """This connection no longer holds an unfinished head (see MAX_PARTIAL_HEADS_PER_CLIENT)."""
+        self.partial = False
+        counts = self.proxy.partial_heads
+        n = counts.get(self.ip, 0) - 1
+        if n > 0:
+            counts[self.ip] = n
+        else:
+            counts.pop(self.ip, None)
 
     # -- timeouts and drain ----------------------------------------------------------------------
     def timeout(self, now: float) -> None:

@@ -16,7 +16,7 @@ VIA = b"1.1 changeover"
 # common case) takes the fast path: append our forwarding headers and go.
 REQ_SPECIAL = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-[!#-'*+.^-z|~0-9-]*|te|trailer|transfer-encoding|content-length"
-    rb"|upgrade|x[-_]forwarded[-_](?:for|proto|host)|via|expect):",
+    rb"|upgrade|x[-_]forwarded[-_](?:for|proto|host)|forwarded|x[-_]real[-_]ip|via|expect):",
     re.IGNORECASE,
 )
 HOST = re.compile(rb"\r\nhost:[ \t]*([^\r]*?)[ \t]*\r\n", re.IGNORECASE)
@@ -76,12 +76,16 @@ class RequestHead:
         self.out = b""
 
 
-def rewrite_request(head: bytes, fwd: bytes, client_ip: bytes, want_upgrade: bool, http11: bool) -> RequestHead:
+def rewrite_request(head: bytes, client_ip: bytes, want_upgrade: bool, http11: bool,
+                    trusted: bool = False) -> RequestHead:
     """Full rewrite of a request head (ending in CRLF CRLF) whose framing llhttp already checked.
 
-    Drops hop-by-hop headers (and those named by Connection), merges X-Forwarded-For, replaces
-    X-Forwarded-Proto/-Host, appends Via, and applies the checks llhttp leaves to us: only a single
-    `chunked` transfer coding is accepted.
+    Drops hop-by-hop headers (and those named by Connection), appends Via, and applies the checks
+    llhttp leaves to us: only a single `chunked` transfer coding is accepted. Forwarding headers
+    depend on who sent them: from a `trusted` peer (a proxy or TLS terminator of [proxy]
+    trusted_proxies) X-Forwarded-Proto/-Host, Forwarded and X-Real-IP are kept and the client
+    address is appended to X-Forwarded-For; from anyone else they are dropped and ours replace
+    them, so a client cannot make the app believe another address or scheme.
     """
     r = RequestHead()
     lines = head[:-4].split(b"\r\n")
@@ -96,7 +100,7 @@ def rewrite_request(head: bytes, fwd: bytes, client_ip: bytes, want_upgrade: boo
     out = [lines[0]]
     xff = b""
     host = b""
-    seen_host = False
+    seen_host = kept_proto = kept_host = False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         lname = name.lower()
@@ -113,10 +117,16 @@ def rewrite_request(head: bytes, fwd: bytes, client_ip: bytes, want_upgrade: boo
                 raise HttpError(400, "unsupported Transfer-Encoding")
             r.chunked = True
         elif lname == b"x-forwarded-for":
-            xff = xff + b", " + value if xff else value
+            if trusted:
+                xff = xff + b", " + value if xff else value
             continue
+        elif lname in _FROM_PROXIES:
+            if not trusted:
+                continue                  # a client's own claim: the app must not believe it
+            kept_proto = kept_proto or lname == b"x-forwarded-proto"
+            kept_host = kept_host or lname == b"x-forwarded-host"
         elif lname.replace(b"_", b"-") in _FORWARDED:
-            continue                      # ours replace them; X_Forwarded_For would spoof them in WSGI/CGI
+            continue                      # X_Forwarded_For would spoof ours in WSGI/CGI
         elif lname == b"expect":
             if value.lower() != b"100-continue":
                 raise HttpError(417)
@@ -130,16 +140,41 @@ def rewrite_request(head: bytes, fwd: bytes, client_ip: bytes, want_upgrade: boo
     if upgrade:
         out.append(b"Connection: Upgrade")
         r.upgrade = True
-    if xff:
-        out.append(b"X-Forwarded-For: " + xff + b", " + client_ip)
-        out.append(fwd.split(b"\r\n", 1)[1][:-2])  # proto + via, without our own XFF line
-    else:
-        out.append(fwd[:-2])
-    if host:
+    out.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip))
+    if not kept_proto:
+        out.append(b"X-Forwarded-Proto: http")
+    out.append(b"Via: " + VIA)
+    if host and not kept_host:
         out.append(b"X-Forwarded-Host: " + host)
     out.append(b"\r\n")
     r.out = b"\r\n".join(out)
     return r
+
+
+# kept from a trusted peer only, dropped from anyone else
+_FROM_PROXIES = frozenset((b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"))
+_ABSOLUTE = re.compile(rb"(?i:https?)://([^/?#@\s]+)([/?][^#\s]*)?\Z")
+_AUTHORITY = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?\Z")
+
+
+def origin_form(head: bytes) -> bytes:
+    """An absolute-form request (`GET http://host/path HTTP/1.1`) in origin-form, with its Host
+    header replaced by the URI's authority (RFC 9112 §3.2.2: the URI's host wins). Raises
+    HttpError(400) for a target that is not an http(s) URI, userinfo, or several Host headers."""
+    lines = head[:-4].split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
+    target, _, version = rest.rpartition(b" ")
+    m = _ABSOLUTE.match(target)
+    if m is None or not _AUTHORITY.match(m.group(1)):
+        raise HttpError(400, "bad request target")
+    path = m.group(2) or b"/"
+    if path[:1] == b"?":
+        path = b"/" + path
+    others = [ln for ln in lines[1:] if ln.partition(b":")[0].strip().lower() != b"host"]
+    hosts = len(lines) - 1 - len(others)
+    if hosts > 1 or (hosts == 0 and version == b"HTTP/1.1"):
+        raise HttpError(400, "Host")
+    return b"\r\n".join([method + b" " + path + b" " + version, b"Host: " + m.group(1), *others]) + b"\r\n\r\n"
 
 
 _FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
@@ -204,9 +239,10 @@ class ChunkScanner:
                 return pos
             else:
                 self.total += len(line)
-                name, colon, _ = line.partition(b":")
-                if not colon or not _TOKEN.match(name) or self.total > MAX_TRAILERS:
-                    raise HttpError(400, "bad trailer")
+                name, colon, value = line.partition(b":")
+                if (not colon or not _TOKEN.match(name) or self.total > MAX_TRAILERS
+                        or b"\r" in value[:-2] or b"\x00" in value):
+                    raise HttpError(400, "bad trailer")   # a bare CR or NUL would split it further on
         return -1
 
     def _size(self, line: bytes) -> None:

@@ -1,13 +1,19 @@
 """The daemon's handle on the proxy worker process: adopt a running one or start a new one.
 
-Every call is one short request over `.changeover/proxy.sock`; none of them is on the request
-path, so the cost (well under a millisecond on loopback) does not matter. A switch is a single
-call, which is what lets a warm rollback finish in a few milliseconds.
+Every call is one short request over `.changeover/proxy.sock` (ops and result shapes in
+`proxy.ops`); none of them is on the request path, so the cost (well under a millisecond on
+loopback) does not matter. A switch is a single call, which is what lets a warm rollback finish
+in a few milliseconds.
+
+A worker of another protocol version (left running by an older or newer changeover) is never
+sent a routing op: it is replaced by a handover through the frozen handover ops, preloaded with
+the routing it reports itself, so nothing users see changes (`ensure`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,16 +23,20 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from changeover import rpc
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
+from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
 
 log = logging.getLogger("changeover.proxy")
 START_TIMEOUT = 10.0
+EXIT_TIMEOUT = 5.0          # shutdown(): how long the worker may take to exit before SIGKILL
+LOG_TAIL_LINES = 20
 
 
 class ProxyProcess:
@@ -37,21 +47,41 @@ class ProxyProcess:
         self.log_path = state_dir / "logs" / "proxy.log"
         self.pid: int | None = None
         self.port: int | None = None
-        self.running_settings: dict[str, Any] = dataclasses.asdict(settings)
+        self.running_settings: dict[str, Any] = _wire(settings)
 
     async def ensure(self, initial: dict[str, Any] | None = None) -> str:
-        """Adopt the worker if one answers on the socket, else start one. Returns 'adopted' or 'started'."""
+        """Adopt the worker if one answers on the socket, else start one. Returns 'adopted' or
+        'started'. A worker that speaks another protocol version is replaced without a gap by a
+        worker of this version, preloaded with `initial` or else with the routing the old worker
+        reports (a worker from before versioning reports none: that is refused)."""
         info = await self.ping()
-        if info is not None:
-            self.pid, self.port = int(info["pid"]), int(info["port"])
-            self.running_settings = dict(info["settings"])
+        if info is None:
+            await self._start(initial=initial)
+            return "started"
+        self.pid, self.port = int(info["pid"]), int(info["port"])
+        self.running_settings = dict(info.get("settings") or {})
+        theirs = ops.protocol_of(info)
+        if theirs == ops.PROTOCOL:
             return "adopted"
-        await self._start(initial=initial)
+        routing = initial if initial is not None else info.get("routing")
+        if not isinstance(routing, dict):
+            raise DaemonError(
+                f"the proxy worker on {self.settings.listen} (pid {self.pid}) speaks proxy control protocol "
+                f"{theirs} and this changeover speaks {ops.PROTOCOL}; a worker that old cannot hand its routing "
+                f"over. Stop it (`kill {self.pid}`; requests still open on it are cut) and start the daemon "
+                "again: it starts a worker of this version and routes it from the state")
+        log.warning("the proxy worker (pid %s) speaks protocol %s, this changeover %s: handing over to a new one",
+                    self.pid, theirs, ops.PROTOCOL)
+
+        async def loaded(_: ProxyProcess) -> None:
+            """The successor was preloaded with the routing: nothing more to tell it."""
+
+        await self.handover(routing, loaded)
         return "started"
 
     async def ping(self) -> dict[str, Any] | None:
         try:
-            result = await rpc.call(self.socket, "ping", timeout=2)
+            result = await rpc.call(self.socket, ops.PING, timeout=2)
         except (DaemonError, OSError):
             return None
         return dict(result)
@@ -59,7 +89,7 @@ class ProxyProcess:
     @property
     def settings_differ(self) -> bool:
         """The adopted worker was started with other [proxy] settings than the config has now."""
-        return self.running_settings != dataclasses.asdict(self.settings)
+        return self.running_settings != _wire(self.settings)
 
     def _check_port_free(self) -> None:
         """A worker binds with SO_REUSEPORT (for handovers), which would silently share the port with
@@ -88,11 +118,11 @@ class ProxyProcess:
         except BaseException:
             await nxt.shutdown()
             raise
-        await self._call("retire", timeout=self.settings.drain_timeout)
+        await self._call(ops.RETIRE, timeout=self.settings.drain_timeout)
         os.replace(nxt.socket, self.socket)
         old = self.pid
         self.pid, self.port = nxt.pid, nxt.port
-        self.running_settings = dataclasses.asdict(self.settings)
+        self.running_settings = _wire(self.settings)
         log.info("proxy handed over from pid %s to pid %s", old, self.pid)
 
     async def _start(self, check_port: bool = True, initial: dict[str, Any] | None = None) -> None:
@@ -104,6 +134,7 @@ class ProxyProcess:
         if initial is not None:
             cmd += ["--initial", json.dumps(initial)]
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        log_from = logf.tell()
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf,
                                     start_new_session=True, close_fds=True)
@@ -115,7 +146,7 @@ class ProxyProcess:
             line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT)
         except TimeoutError:
             proc.kill()
-            raise DaemonError(f"the proxy did not start within {START_TIMEOUT}s (see {self.log_path})") from None
+            raise DaemonError(f"the proxy did not start within {START_TIMEOUT}s{self._log_tail(log_from)}") from None
         finally:
             proc.stdout.close()
         try:
@@ -123,14 +154,31 @@ class ProxyProcess:
         except ValueError:
             msg = {}
         if not msg.get("ready"):
-            proc.wait()
-            detail = msg.get("error") or f"exited with {proc.returncode} (see {self.log_path})"
-            raise ConfigError(detail, key="proxy.listen")
+            await loop.run_in_executor(None, proc.wait)
+            reason = msg.get("reason")
+            if reason in ("listen", "config"):
+                # only what the user can fix in [proxy] is a config error (exit 2)
+                raise ConfigError(str(msg.get("error")), key=msg.get("key") or "proxy")
+            detail = msg.get("error") or f"exited with status {proc.returncode}"
+            raise DaemonError(f"the proxy worker could not start: {detail}{self._log_tail(log_from)}")
         self.pid, self.port = int(msg["pid"]), int(msg["port"])
         # The worker is in its own session and outlives us; a daemon thread reaps it if it exits
         # while we run (an executor thread would hold up the daemon's exit until it does).
         threading.Thread(target=proc.wait, name="reap-proxy", daemon=True).start()
         log.info("proxy started (pid %d, port %d)", self.pid, self.port)
+
+    def _log_tail(self, since: int) -> str:
+        """What the worker wrote to proxy.log since it was started, last lines only."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                text = f.read()[-16384:].decode("utf-8", "replace")
+        except OSError:
+            return f" (see {self.log_path})"
+        lines = [ln for ln in text.splitlines() if ln.strip()][-LOG_TAIL_LINES:]
+        if not lines:
+            return f" (nothing in {self.log_path})"
+        return f"; last lines of {self.log_path}:\n" + "\n".join(f"  {ln}" for ln in lines)
 
     async def _call(self, op: str, *, wait: float | None = 10, **args: Any) -> Any:
         try:
@@ -139,38 +187,61 @@ class ProxyProcess:
             raise ChangeoverError(f"the proxy did not answer ({op}): {e}") from None
 
     async def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
-        await self._call("set_slot", slot=slot, upstreams=[list(u) for u in upstreams])
+        await self._call(ops.SET_SLOT, slot=slot, upstreams=[list(u) for u in upstreams])
 
     async def remove_slot(self, slot: str) -> None:
-        await self._call("remove_slot", slot=slot)
+        await self._call(ops.REMOVE_SLOT, slot=slot)
 
     async def switch(self, slot: str | None) -> dict[str, Any]:
-        return dict(await self._call("switch", slot=slot))
+        return dict(await self._call(ops.SWITCH, slot=slot))
 
     async def live(self) -> str | None:
         info = await self.ping()
         return None if info is None else info.get("live")
 
-    async def inflight(self, slot: str) -> int:
-        return int(await self._call("inflight", slot=slot))
-
     async def drain(self, slot: str, timeout: float) -> bool:
-        return bool(await self._call("drain", wait=timeout + 10, slot=slot, timeout=timeout))
+        return bool(await self._call(ops.DRAIN, wait=timeout + 10, slot=slot, timeout=timeout))
 
     async def set_version(self, slot: str, version: str | None) -> None:
-        await self._call("set_version", slot=slot, version=version)
+        await self._call(ops.SET_VERSION, slot=slot, version=version)
 
     async def metrics(self, since: Any = None) -> dict[str, Any]:
-        return dict(await self._call("metrics", wait=5, since=since))
+        return dict(await self._call(ops.METRICS, wait=5, since=since))
 
     async def shutdown(self) -> None:
-        """Stop the worker (used by `changeover down`)."""
+        """Stop the worker (used by `changeover down`) and return once it has exited, its control
+        socket gone with it."""
         pid = self.pid
         try:
-            await self._call("shutdown", wait=5)
+            await self._call(ops.SHUTDOWN, wait=5)
         except ChangeoverError:
             if pid:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        if pid:
+            deadline = time.monotonic() + EXIT_TIMEOUT
+            while _running(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if _running(pid):
+                log.warning("the proxy worker (pid %d) did not exit within %.0fs: killing it", pid, EXIT_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        # a worker that died before it could clean up leaves its socket: nobody answers there now
+        if self.socket.exists() and await self.ping() is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
+        self.pid = None
+
+
+def _wire(settings: ProxySettings) -> dict[str, Any]:
+    """Settings as a worker reports them back (through JSON: tuples come back as lists)."""
+    return dict(json.loads(json.dumps(dataclasses.asdict(settings))))
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

@@ -33,17 +33,25 @@ R_IDLE, R_HEAD, R_LENGTH, R_CHUNKED, R_EOF, R_TUNNEL, R_DONE = range(7)
 class Upstream:
     """One app instance (host, port) with its idle keep-alive connections (LIFO: warmest first)."""
 
-    __slots__ = ("host", "idle", "port")
+    __slots__ = ("host", "idle", "port", "retired")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
         self.idle: list[UpstreamConn] = []
+        self.retired = False               # no longer routed to: connections close once released
 
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.transport.close()
+
+    def retire(self) -> None:
+        """Removed from its slot (or replaced): close the idle connections now and every busy one
+        when its exchange ends, so that the app's graceful shutdown, which waits for its open
+        connections, can finish."""
+        self.retired = True
+        self.close_idle()
 
 
 class Slot:
@@ -319,7 +327,7 @@ class UpstreamConn(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
         idle = self.upstream.idle
-        if reusable and not self.closed and len(idle) < MAX_IDLE_PER_UPSTREAM:
+        if reusable and not self.closed and not self.upstream.retired and len(idle) < MAX_IDLE_PER_UPSTREAM:
             self.reused = True
             self.idle_since = now
             idle.append(self)

@@ -25,10 +25,12 @@ from typing import Any
 import uvloop
 
 from changeover import rpc
+from changeover.errors import ConfigError
 from changeover.monitor import mirror
 from changeover.monitor.metrics import Recorder
+from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
-from changeover.proxy.embedded import EmbeddedProxy
+from changeover.proxy.embedded import EmbeddedProxy, ListenError
 
 log = logging.getLogger("changeover.proxy.worker")
 
@@ -43,6 +45,7 @@ class Worker:
         self.proxy = EmbeddedProxy(settings, self.recorder, reuse_port=True)
         self.stopped = asyncio.Event()
         self._retiring: asyncio.Task[None] | None = None
+        self.ready = False               # the daemon was told; stdout is no longer read
 
     def preload(self, initial: dict[str, Any]) -> None:
         """Slots, versions and the live slot, set before the socket is bound: a successor in a
@@ -56,14 +59,14 @@ class Worker:
     async def run(self) -> None:
         await self.proxy.start()
         server = await rpc.serve(self.socket_path, {
-            "ping": self.ping, "set_slot": self.set_slot, "remove_slot": self.remove_slot,
-            "switch": self.switch, "inflight": self.inflight, "drain": self.drain,
-            "metrics": self.metrics, "set_version": self.set_version, "shutdown": self.shutdown,
-            "retire": self.retire,
+            ops.PING: self.ping, ops.RETIRE: self.retire, ops.SHUTDOWN: self.shutdown,
+            ops.SET_SLOT: self.set_slot, ops.REMOVE_SLOT: self.remove_slot, ops.SET_VERSION: self.set_version,
+            ops.SWITCH: self.switch, ops.DRAIN: self.drain, ops.METRICS: self.metrics,
         })
         inode = os.stat(self.socket_path).st_ino
         log.info("proxy listening on %s (pid %d)", self.settings.listen, os.getpid())
         print(json.dumps({"ready": True, "pid": os.getpid(), "port": self.proxy.port}), flush=True)
+        self.ready = True
         await self.stopped.wait()
         server.close()
         await self.proxy.close()
@@ -72,9 +75,15 @@ class Worker:
             if os.stat(self.socket_path).st_ino == inode:
                 self.socket_path.unlink()
 
-    async def ping(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live,
-                "settings": dataclasses.asdict(self.settings)}
+    async def ping(self, args: dict[str, Any], emit: rpc.Emit) -> ops.PingResult:
+        return {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live, "protocol": ops.PROTOCOL,
+                "settings": dataclasses.asdict(self.settings), "routing": self.routing()}
+
+    def routing(self) -> ops.Routing:
+        slots = self.proxy.slots
+        return {"slots": {name: [[u.host, u.port] for u in s.upstreams] for name, s in slots.items()},
+                "versions": {name: self.recorder.version(name) for name in slots},
+                "live": self.proxy.live}
 
     async def set_slot(self, args: dict[str, Any], emit: rpc.Emit) -> None:
         self.proxy.set_slot(args["slot"], [(h, int(p)) for h, p in args["upstreams"]])
@@ -82,14 +91,11 @@ class Worker:
     async def remove_slot(self, args: dict[str, Any], emit: rpc.Emit) -> None:
         self.proxy.remove_slot(args["slot"])
 
-    async def switch(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+    async def switch(self, args: dict[str, Any], emit: rpc.Emit) -> ops.SwitchResult:
         was = self.proxy.live
         self.proxy.switch(args["slot"])
         log.info("switch state=%s was=%s", args["slot"], was)
         return {"live": self.proxy.live, "was": was}
-
-    async def inflight(self, args: dict[str, Any], emit: rpc.Emit) -> int:
-        return self.proxy.inflight(args["slot"])
 
     async def drain(self, args: dict[str, Any], emit: rpc.Emit) -> bool:
         return await self.proxy.drain(args["slot"], float(args["timeout"]))
@@ -118,6 +124,13 @@ class Worker:
         asyncio.get_running_loop().call_later(0.05, self.stopped.set)
 
 
+def _not_ready(error: str, reason: str, key: str | None = None) -> None:
+    """Tell the starting daemon why there is no worker: `reason` is "listen" (the [proxy] listen
+    address cannot be bound), "config" (a setting the proxy refuses) or "internal" (anything
+    else: the traceback is in the log)."""
+    print(json.dumps({"ready": False, "error": error, "reason": reason, "key": key}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="changeover-proxy")
     ap.add_argument("--socket", required=True, type=Path)
@@ -126,9 +139,14 @@ def main(argv: list[str] | None = None) -> None:
                     '"live": ...}')
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = ProxySettings(**json.loads(a.settings))
+    started: list[Worker] = []
+
     async def amain() -> None:
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in json.loads(a.settings).items()}   # JSON has no tuples
+        settings = ProxySettings(**fields)
         worker = Worker(a.socket, settings)
+        started.append(worker)
         if a.initial:
             worker.preload(json.loads(a.initial))
         loop = asyncio.get_running_loop()
@@ -138,9 +156,17 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         uvloop.run(amain())
-    except OSError as e:
-        print(json.dumps({"ready": False, "error": f"cannot listen on {settings.listen}: {e.strerror or e}"}),
-              flush=True)
+    except Exception as e:
+        if started and started[0].ready:    # the daemon was told we run; it no longer reads stdout
+            log.exception("the proxy worker failed")
+        elif isinstance(e, ListenError):
+            _not_ready(str(e), "listen", "proxy.listen")
+        elif isinstance(e, ConfigError):
+            _not_ready(str(e), "config", e.key)
+        else:
+            # e.g. the control socket cannot be created: nothing the [proxy] listen address can fix
+            log.exception("the proxy worker could not start")
+            _not_ready(f"{type(e).__name__}: {e}", "internal")
         sys.exit(1)
 
 

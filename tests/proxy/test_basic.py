@@ -17,7 +17,7 @@ def test_get_and_headers(proxy: EmbeddedProxy, backends: tuple[Backend, Backend]
     assert "keep-alive" not in headers and "x-hop" not in headers
     seen = backends[0].seen[-1].headers
     assert seen["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
-    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-proto"] == "https"      # loopback is a trusted proxy by default
     assert seen["x-forwarded-host"] == "test"
     assert seen["via"] == "1.1 changeover"
     for hop in ("x-secret", "keep-alive", "te", "proxy-authorization", "connection", "x_forwarded_for"):

@@ -51,13 +51,12 @@ def test_scanner_limit() -> None:
 def test_rewrite_request() -> None:
     head = (b"POST /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n"
             b"Transfer-Encoding: chunked\r\nX-Forwarded-For: 1.1.1.1\r\nTE: trailers\r\nX-Keep: 2\r\n\r\n")
-    fwd = b"X-Forwarded-For: 9.9.9.9\r\nX-Forwarded-Proto: http\r\nVia: 1.1 changeover\r\n"
-    r = rewrite_request(head, fwd, b"9.9.9.9", False, True)
+    r = rewrite_request(head, b"9.9.9.9", False, True, trusted=True)
     assert r.chunked and r.keep_alive and not r.upgrade
     assert r.out == (b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nX-Keep: 2\r\n"
                      b"X-Forwarded-For: 1.1.1.1, 9.9.9.9\r\nX-Forwarded-Proto: http\r\nVia: 1.1 changeover\r\n"
                      b"X-Forwarded-Host: h\r\n\r\n")
-    r = rewrite_request(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", fwd, b"9.9.9.9", False, False)
+    r = rewrite_request(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", b"9.9.9.9", False, False)
     assert r.keep_alive
-    r = rewrite_request(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", fwd, b"9.9.9.9", False, True)
+    r = rewrite_request(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", b"9.9.9.9", False, True)
     assert not r.keep_alive

@@ -1,0 +1,72 @@
+"""The wire protocol between the daemon (`remote.ProxyProcess`) and the proxy worker (`worker`).
+
+One JSON request per connection over `.changeover/proxy.sock` (see `changeover.rpc`). Op names
+live here only, and each result has a typed shape, so both sides agree by construction.
+
+`PROTOCOL` (= `control.PROXY_PROTOCOL`) is bumped whenever an op, an argument or a result
+changes. A daemon and a worker of different versions never exchange routing ops; the only ops
+they use are the *handover ops* (`ping`, `retire`, `shutdown`), frozen across versions: every
+worker answers them with the same arguments and at least the fields of `HandoverPing`. That is
+what lets a daemon replace a worker of another version without a gap. A worker from before
+versioning (its ping has no "protocol") is version 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from changeover.proxy.control import PROXY_PROTOCOL
+
+PROTOCOL = PROXY_PROTOCOL
+UNVERSIONED = 1              # what a worker whose ping carries no "protocol" speaks
+
+# handover ops: frozen, understood by a worker of any version
+PING = "ping"
+RETIRE = "retire"            # {"timeout": seconds}: stop accepting, finish what is open, exit
+SHUTDOWN = "shutdown"        # stop now (changeover down)
+HANDOVER_OPS = (PING, RETIRE, SHUTDOWN)
+
+# routing and monitoring ops: only between a daemon and a worker of the same PROTOCOL
+SET_SLOT = "set_slot"        # {"slot", "upstreams": [[host, port], ...]}
+REMOVE_SLOT = "remove_slot"  # {"slot"}
+SET_VERSION = "set_version"  # {"slot", "version"}
+SWITCH = "switch"            # {"slot": name | None} -> SwitchResult
+DRAIN = "drain"              # {"slot", "timeout"} -> bool (drained cleanly)
+METRICS = "metrics"          # {"since": second | None} -> monitor.mirror.export()
+
+OPS = (*HANDOVER_OPS, SET_SLOT, REMOVE_SLOT, SET_VERSION, SWITCH, DRAIN, METRICS)
+
+
+class Routing(TypedDict):
+    """Everything a worker routes by: what a successor is preloaded with before it listens."""
+
+    slots: dict[str, list[list[Any]]]     # slot -> [[host, port], ...]
+    versions: dict[str, str]
+    live: str | None
+
+
+class HandoverPing(TypedDict):
+    """The frozen part of a ping result."""
+
+    pid: int
+    port: int
+    live: str | None
+
+
+class PingResult(HandoverPing):
+    protocol: int
+    settings: dict[str, Any]              # ProxySettings as a dict
+    routing: Routing                      # lets a daemon of another version hand over without the state
+
+
+class SwitchResult(TypedDict):
+    live: str | None
+    was: str | None
+
+
+def protocol_of(ping: dict[str, Any]) -> int:
+    """The protocol version a worker speaks, from its ping result."""
+    try:
+        return int(ping.get("protocol", UNVERSIONED))
+    except (TypeError, ValueError):
+        return UNVERSIONED
