@@ -10,6 +10,8 @@ instance's idle list, so the next request on the hot path needs no connect and n
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from typing import TYPE_CHECKING, cast
 
 from changeover.proxy.http1 import (
@@ -23,8 +25,16 @@ from changeover.proxy.http1 import (
 if TYPE_CHECKING:
     from changeover.proxy.exchange import Exchange
 
+log = logging.getLogger("changeover.proxy")
+
 MAX_IDLE_PER_UPSTREAM = 512
 MAX_RESPONSE_HEAD = 64 * 1024
+# after a response that has no body (HEAD, 204, 304) the connection waits this long before it
+# is reused: an app that writes a body anyway (`do_HEAD = do_GET`) would otherwise hand those
+# bytes to the next request as its response. Bytes arriving meanwhile close the connection.
+SETTLE = 0.05
+_BLANK_LINE = re.compile(rb"\n\r?\n")       # the end of a head with bare-LF line endings
+_LINE_END = re.compile(rb"\r?\n")
 
 # response states
 R_IDLE, R_HEAD, R_LENGTH, R_CHUNKED, R_EOF, R_TUNNEL, R_DONE = range(7)
@@ -86,8 +96,8 @@ class Slot:
 
 
 class UpstreamConn(asyncio.Protocol):
-    __slots__ = ("buf", "client", "closed", "got_bytes", "idle_since", "paused", "remaining", "reusable", "reused",
-                 "scanner", "state", "status", "transport", "upstream")
+    __slots__ = ("bodiless", "buf", "client", "closed", "got_bytes", "idle_since", "paused", "remaining", "reusable",
+                 "reused", "scanner", "state", "status", "transport", "upstream")
 
     transport: asyncio.Transport
 
@@ -105,6 +115,7 @@ class UpstreamConn(asyncio.Protocol):
         self.reused = False
         self.status = 0
         self.idle_since = 0.0
+        self.bodiless = False              # the last response had no body by definition (SETTLE)
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,6 +125,7 @@ class UpstreamConn(asyncio.Protocol):
         self.client = client
         self.state = R_HEAD
         self.got_bytes = False
+        self.bodiless = False
         self.buf = b""
         if client.wpaused:
             self.transport.pause_reading()
@@ -178,19 +190,33 @@ class UpstreamConn(asyncio.Protocol):
             data = self.buf + data
             self.buf = b""
         i = data.find(b"\r\n\r\n")
-        if i < 0:
-            if len(data) > MAX_RESPONSE_HEAD:
-                return self._bad()
-            self.buf = data
-            return
-        head = data[:i + 2]
+        head = data[:i + 2] if i >= 0 else b""
+        crlf = head.count(b"\r\n")
+        if i < 0 or head.count(b"\n") != crlf:
+            # bare-LF line endings (accepted, as HAProxy and nginx do): the head may end earlier
+            m = _BLANK_LINE.search(data)
+            if m is None:
+                if len(data) > MAX_RESPONSE_HEAD:
+                    return self._bad(f"a response head over {MAX_RESPONSE_HEAD} bytes")
+                self.buf = data
+                return
+            head = _LINE_END.sub(b"\r\n", data[:m.start() + 1])
+            crlf = head.count(b"\r\n")
+            rest = data[m.end():]
+        else:
+            rest = data[i + 4:]
+        if len(head) > MAX_RESPONSE_HEAD:
+            return self._bad(f"a response head over {MAX_RESPONSE_HEAD} bytes")
+        if head.count(b"\r") != crlf or b"\x00" in head or b"\n " in head or b"\n\t" in head:
+            # a bare CR, a NUL or obs-fold: a client could read another header out of it
+            # (RFC 9112 §2.2, §5.2); refused as nginx does
+            return self._bad(_bad_header(head))
         c = self.client
         assert c is not None
         if head[:7] != b"HTTP/1." or head[12:13] not in (b" ", b"\r") or not head[9:12].isdigit():
             return self._bad()
         status = int(head[9:12])
         http11 = head[7] == 49
-        rest = data[i + 4:]
         if status < 200 and status != 101:
             # interim (100 Continue, 103 Early Hints): forward to 1.1 clients, keep waiting
             if c.req_http11:
@@ -224,7 +250,8 @@ class UpstreamConn(asyncio.Protocol):
             if hop:
                 head = RESP_HOP.sub(b"", head)
                 low = head.lower()
-            if not (c.req_head_only or status == 204 or status == 304):
+            self.bodiless = c.req_head_only or status == 204 or status == 304
+            if not self.bodiless:
                 cl = low.find(b"\r\ncontent-length:")
                 te = low.rfind(b"\r\ntransfer-encoding:")   # several: the last holds the final coding
                 if te >= 0:
@@ -309,8 +336,10 @@ class UpstreamConn(asyncio.Protocol):
         assert c is not None
         c.response_done(self, self.reusable)
 
-    def _bad(self) -> None:
+    def _bad(self, why: str = "") -> None:
         """An unusable response (bad head or framing): 502 if nothing reached the client yet."""
+        if why:
+            log.warning("upstream %s:%d sent %s; answered 502", self.upstream.host, self.upstream.port, why)
         self.reusable = False
         c = self.client
         self.client = None
@@ -329,13 +358,43 @@ class UpstreamConn(asyncio.Protocol):
         idle = self.upstream.idle
         if reusable and not self.closed and not self.upstream.retired and len(idle) < MAX_IDLE_PER_UPSTREAM:
             self.reused = True
+            if self.bodiless:
+                # not in the pool yet: bytes that arrive meanwhile close it (data_received)
+                asyncio.get_running_loop().call_later(SETTLE, self._settled, now + SETTLE)
+                return
             self.idle_since = now
             idle.append(self)
         else:
             self.transport.close()
 
+    def _settled(self, now: float) -> None:
+        """Nothing arrived after a bodiless response: the connection may carry the next one."""
+        self.bodiless = False
+        idle = self.upstream.idle
+        if self.closed or self.client is not None:
+            return
+        if self.upstream.retired or len(idle) >= MAX_IDLE_PER_UPSTREAM:
+            self.transport.close()
+            return
+        self.idle_since = now
+        idle.append(self)
+
 
 _KNOWN_CONN_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+
+def _bad_header(head: bytes) -> str:
+    """Which header of a refused response head holds a bare CR, a NUL or an obs-fold (for the log)."""
+    lines = head.split(b"\r\n")
+    for k, line in enumerate(lines):
+        what = "a bare CR" if b"\r" in line else "a NUL" if b"\x00" in line else ""
+        if not what and k and line[:1] in (b" ", b"\t"):
+            what, line = "an obs-fold", lines[k - 1]
+        if what:
+            name = "the status line" if line is lines[0] else \
+                f"header {line.partition(b':')[0][:64].decode('latin-1')!r}"
+            return f"{what} in {name} of a response"
+    return "a malformed response head"
 
 
 def _drop_header(head: bytes, lname: bytes) -> bytes:
