@@ -26,8 +26,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(config_app, name="config")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output is read by programs and people with wide windows: never wrap it at 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 400)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 400)
 
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="Path to changeover.toml.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -36,6 +37,12 @@ DEFAULT = Path(config_mod.DEFAULT_CONFIG)
 
 def load(path: Path) -> Config:
     return config_mod.load(path)
+
+
+def daemon_at(path: Path) -> config_mod.Location:
+    """For the controls of a running daemon: found from the file's location, not its contents, so
+    `status` and `rollback` work while changeover.toml is being edited (or broken)."""
+    return config_mod.locate(path)
 
 
 def _print_json(data: Any) -> None:
@@ -95,18 +102,24 @@ def deploy(version: Annotated[str, typer.Argument(help="Release name, e.g. v42 o
            path: Annotated[Path, typer.Option("--path", help="Directory the app runs from.")],
            wait: Annotated[bool, typer.Option("--wait", help="Block through the observation window.")] = False,
            env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for this release.")] = None,
+           no_switch: Annotated[bool, typer.Option("--no-switch", help="Prepare only: start and verify the "
+                                                   "release privately; `changeover switch` puts it live.")] = False,
            config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """Deploy VERSION: start it in the idle slot, verify it, switch traffic, keep the old one warm."""
-    cfg = load(config)
+    cfg = load(config)   # a clear error here; the daemon reads the file again for the deploy
+    config_mod.require_app(cfg)
     overrides = commands.parse_env(env or [])
     printer = StepPrinter(err)
     try:
-        result = commands.deploy(cfg, version, str(path), wait=wait, env=overrides,
+        result = commands.deploy(cfg, version, str(path), wait=wait, env=overrides, no_switch=no_switch,
                                  progress=None if json_out else printer)
     finally:
         printer._stop()
     if json_out:
         _print_json(result)
+    elif result.get("state") == "prepared":
+        err.print(f"{version} is prepared on {result.get('slot')} (deployment #{result['deployment']}): "
+                  "`changeover switch` puts it live, `changeover abort` drops it")
     elif result.get("observing"):
         err.print(f"{version} is live; deployment #{result['deployment']} goes on with verification and "
                   "observation (`changeover status` follows it, `deploy --wait` blocks until it ends)")
@@ -122,10 +135,9 @@ def rollback(reason: Annotated[str | None, typer.Option("--reason", help="Why (k
                                                            "down scripts that drop data.")] = False,
              config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """Switch back to the previous release, code and config (instantly when its slot is still warm)."""
-    cfg = load(config)
     printer = StepPrinter(err)
     try:
-        result = commands.rollback(cfg, reason=reason, schema=schema, allow_data_loss=allow_data_loss,
+        result = commands.rollback(daemon_at(config), reason=reason, schema=schema, allow_data_loss=allow_data_loss,
                                    progress=None if json_out else printer)
     finally:
         printer._stop()
@@ -133,13 +145,62 @@ def rollback(reason: Annotated[str | None, typer.Option("--reason", help="Why (k
         _print_json(result)
     else:
         err.print(f"rolled back to [bold]{result.get('version')}[/] on {result.get('slot')} "
-                  f"(switch {result.get('switch_ms', 0):.1f} ms)")
+                  f"(switch {result.get('switch_ms') or 0:.1f} ms)")
+
+
+@app.command()
+def switch(wait: Annotated[bool, typer.Option("--wait", help="Block through the observation window.")] = False,
+           config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Put the prepared release (`deploy --no-switch`) live, verify it through the proxy, observe it."""
+    printer = StepPrinter(err)
+    try:
+        result = commands.switch(daemon_at(config), wait=wait, progress=None if json_out else printer)
+    finally:
+        printer._stop()
+    if json_out:
+        _print_json(result)
+    elif result.get("observing"):
+        err.print(f"{result.get('version')} is live; deployment #{result['deployment']} goes on with observation")
+    else:
+        err.print(f"[bold green]{result.get('version')} finalised[/]")
+
+
+@app.command()
+def promote(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """End the observation window now and finalise (e.g. to deploy a hotfix right after)."""
+    result = commands.promote(daemon_at(config))
+    if json_out:
+        _print_json(result)
+    else:
+        err.print(f"[bold green]{result.get('version')} finalised[/] (promoted)")
+
+
+@app.command()
+def abort(reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in history).")] = None,
+          config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Stop the deployment in progress: before the switch nothing changes; after it, traffic goes back."""
+    result = commands.abort(daemon_at(config), reason=reason)
+    if json_out:
+        _print_json(result)
+    else:
+        live = result.get("live_version") or result.get("version")
+        err.print(f"deployment #{result.get('deployment')} {result.get('state')}; live: {live}")
+
+
+@app.command()
+def reload(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Have the running daemon re-read changeover.toml and .env (deploys do so by themselves)."""
+    result = commands.reload(daemon_at(config))
+    if json_out:
+        _print_json(result)
+    else:
+        err.print(f"re-read {result['file']}")
 
 
 @app.command("stop-standby")
 def stop_standby(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """Drain and stop the warm standby (rollback will then start the previous release first)."""
-    result = commands.stop_standby(load(config))
+    result = commands.stop_standby(daemon_at(config))
     if json_out:
         _print_json(result)
     elif result["stopped"]:
@@ -151,7 +212,7 @@ def stop_standby(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None
 @app.command("reload-proxy")
 def reload_proxy(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """Replace the proxy worker without dropping a request (after upgrading changeover)."""
-    result = commands.reload_proxy(load(config))
+    result = commands.reload_proxy(daemon_at(config))
     if json_out:
         _print_json(result)
     else:
@@ -160,9 +221,10 @@ def reload_proxy(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None
 
 @app.command()
 def down(config: ConfigOpt = DEFAULT) -> None:
-    """Stop everything: the app's slots, the proxy and the daemon."""
-    commands.down(load(config))
-    err.print("stopping the app, the proxy and the daemon")
+    """Stop everything: drain and stop the app's slots, then the proxy and the daemon."""
+    result = commands.down(daemon_at(config))
+    err.print(f"stopped {', '.join(result.get('stopped') or []) or 'nothing running'}; the proxy and the daemon "
+              "are stopping")
 
 
 def _fmt_metrics(m: dict[str, Any] | None) -> str:
@@ -198,7 +260,7 @@ def render_status(st: dict[str, Any]) -> Table:
 @app.command()
 def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """What is live, what is on standby, whether a deploy runs, and live traffic numbers."""
-    st = commands.status(load(config))
+    st = commands.status(daemon_at(config))
     if json_out:
         _print_json(st)
         return
@@ -222,11 +284,18 @@ def top(config: ConfigOpt = DEFAULT,
     """Live req/s, error rate and latency per slot, refreshed every second (Ctrl-C to quit)."""
     from rich.live import Live
 
-    cfg = load(config)
-    with Live(render_status(commands.status(cfg)), console=out, refresh_per_second=4) as live:
+    where = daemon_at(config)
+    if not out.is_terminal:
+        # Piped: a live display shows nothing; print a timestamped table every interval instead.
+        while True:
+            out.print(datetime.now().strftime("%H:%M:%S"))
+            out.print(render_status(commands.status(where)))
+            sys.stdout.flush()
+            time.sleep(interval)
+    with Live(render_status(commands.status(where)), console=out, refresh_per_second=4) as live:
         while True:
             time.sleep(interval)
-            live.update(render_status(commands.status(cfg)))
+            live.update(render_status(commands.status(where)))
 
 
 def _ts(t: float | None) -> str:
@@ -239,7 +308,7 @@ def history(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False,
             steps: Annotated[bool, typer.Option("--steps", help="Show each step with its duration.")] = False,
             limit: Annotated[int, typer.Option("-n", "--limit")] = 20) -> None:
     """Past deployments and rollbacks, newest first."""
-    rows = commands.history(load(config), limit)
+    rows = commands.history(daemon_at(config), limit)
     if json_out:
         _print_json(rows)
         return
@@ -271,7 +340,7 @@ def logs(config: ConfigOpt = DEFAULT,
          follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
          lines: Annotated[int, typer.Option("-n", "--lines")] = 50) -> None:
     """The app's output, per slot and release."""
-    cfg = load(config)
+    cfg = daemon_at(config)
     multi = len(commands.log_files(cfg, slot)) > 1
     for path, line in commands.logs(cfg, slot, lines):
         sys.stdout.write(f"{path.parent.name}/{path.name}: {line}\n" if multi else f"{line}\n")
@@ -298,23 +367,17 @@ def config_check(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None
     out.print_json(data=resolved)
 
 
-def _mount_optional() -> None:
-    """`migrate` and `check` live with their packages."""
-    try:
-        from changeover.migrations.cli import app as migrate_app
+def _mount() -> None:
+    """`migrate` and `check` live with their packages (a broken import there must fail loudly, not
+    make the command vanish)."""
+    from changeover.checks.cli import app as check_app
+    from changeover.migrations.cli import app as migrate_app
 
-        app.add_typer(migrate_app, name="migrate", help="Safe, reversible database migrations.")
-    except ImportError:
-        pass
-    try:
-        from changeover.checks.cli import app as check_app
-
-        app.add_typer(check_app, name="check", help="Run health checks: pre, smoke, flows.")
-    except ImportError:
-        pass
+    app.add_typer(migrate_app, name="migrate", help="Safe, reversible database migrations.")
+    app.add_typer(check_app, name="check", help="Run health checks: pre, smoke, flows.")
 
 
-_mount_optional()
+_mount()
 
 
 def main() -> None:

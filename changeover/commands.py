@@ -13,14 +13,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from changeover import rpc
-from changeover.config import Config
+from changeover import api, rpc
+from changeover.api import Op
+from changeover.config import Config, Location
 from changeover.daemon.logs import tail_lines
 from changeover.errors import DaemonError, UsageError
 from changeover.redact import redact_obj
 from changeover.state import SLOTS, State
 
 Progress = Callable[[dict[str, Any]], None]
+Daemon = Config | Location   # verbs that talk to a running daemon need only where it lives
 
 
 def _actor() -> str:
@@ -30,11 +32,11 @@ def _actor() -> str:
         return "unknown"
 
 
-def _stream(config: Config, op: str, args: dict[str, Any], progress: Progress | None,
+def _stream(config: Daemon, op: Op, args: dict[str, Any], progress: Progress | None,
             timeout: float | None = None) -> Any:
     async def run() -> Any:
         result = None
-        async for msg in rpc.stream(config.socket_path, op, args, timeout=timeout):
+        async for msg in rpc.stream(config.socket_path, str(op), args, timeout=timeout, protocol=api.PROTOCOL):
             if "result" in msg:
                 result = msg["result"]
             elif progress is not None:
@@ -60,33 +62,54 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def deploy(config: Config, version: str, path: str, *, wait: bool = False, env: dict[str, str] | None = None,
-           progress: Progress | None = None) -> dict[str, Any]:
-    """Deploy VERSION from directory PATH; returns once it is live (or, with wait, finalised)."""
+def deploy(config: Daemon, version: str, path: str, *, wait: bool = False, env: dict[str, str] | None = None,
+           no_switch: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Deploy VERSION from directory PATH; returns once it is live (or, with wait, finalised;
+    with no_switch, once it is prepared: running, verified privately, not switched)."""
     app_dir = Path(path).expanduser().absolute()
     if not app_dir.is_dir():
         raise UsageError(f"--path {path}: no such directory")
-    abs_path = str(app_dir)
-    return dict(_stream(config, "deploy", {"version": version, "path": abs_path, "wait": wait, "env": env or {},
-                                           "actor": _actor()}, progress))
+    args = api.DeployArgs(version=version, path=str(app_dir), wait=wait, env=env or {}, actor=_actor(),
+                          no_switch=no_switch)
+    return dict(_stream(config, Op.DEPLOY, api.encode(args), progress))
 
 
-def rollback(config: Config, *, reason: str | None = None, schema: bool = False, allow_data_loss: bool = False,
+def switch(config: Daemon, *, wait: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Switch the prepared release live (after `deploy --no-switch`), then observe it."""
+    return dict(_stream(config, Op.SWITCH, api.encode(api.SwitchArgs(wait=wait, actor=_actor())), progress))
+
+
+def promote(config: Daemon) -> dict[str, Any]:
+    """End the observation window now and finalise the deployment."""
+    return dict(_stream(config, Op.PROMOTE, api.encode(api.PromoteArgs(actor=_actor())), None))
+
+
+def abort(config: Daemon, *, reason: str | None = None) -> dict[str, Any]:
+    """Stop the deployment in progress: unwound before the switch, switched back after it."""
+    return dict(_stream(config, Op.ABORT, api.encode(api.AbortArgs(reason=reason, actor=_actor())), None))
+
+
+def reload(config: Daemon) -> dict[str, Any]:
+    """Have the running daemon re-read changeover.toml and .env now (as SIGHUP does)."""
+    return dict(_stream(config, Op.RELOAD, {}, None, timeout=120))
+
+
+def rollback(config: Daemon, *, reason: str | None = None, schema: bool = False, allow_data_loss: bool = False,
              progress: Progress | None = None) -> dict[str, Any]:
     """Back to the previous release (code and config); with schema, also undo its migrations."""
-    return dict(_stream(config, "rollback", {"reason": reason, "actor": _actor(), "schema": schema,
-                                             "allow_data_loss": allow_data_loss}, progress))
+    args = api.RollbackArgs(reason=reason, actor=_actor(), schema=schema, allow_data_loss=allow_data_loss)
+    return dict(_stream(config, Op.ROLLBACK, api.encode(args), progress))
 
 
-def status(config: Config) -> dict[str, Any]:
-    return dict(_stream(config, "status", {}, None, timeout=10))
+def status(config: Daemon) -> dict[str, Any]:
+    return dict(_stream(config, Op.STATUS, {}, None, timeout=10))
 
 
-def history(config: Config, limit: int = 20) -> list[dict[str, Any]]:
+def history(config: Daemon, limit: int = 20) -> list[dict[str, Any]]:
     """From the daemon when it runs, else straight from the state file (history survives it)."""
     if config.socket_path.exists():
         try:
-            return list(_stream(config, "history", {"limit": limit}, None, timeout=10))
+            return list(_stream(config, Op.HISTORY, {"limit": limit}, None, timeout=10))
         except DaemonError:
             pass  # a socket left by a daemon that was killed: the state file has the history
     db = config.state_dir / "state.db"
@@ -99,21 +122,22 @@ def history(config: Config, limit: int = 20) -> list[dict[str, Any]]:
         state.close()
 
 
-def stop_standby(config: Config) -> dict[str, Any]:
-    return dict(_stream(config, "stop_standby", {}, None))
+def stop_standby(config: Daemon) -> dict[str, Any]:
+    return dict(_stream(config, Op.STOP_STANDBY, {}, None))
 
 
-def reload_proxy(config: Config) -> dict[str, Any]:
+def reload_proxy(config: Daemon) -> dict[str, Any]:
     """Hand traffic to a new proxy worker (new code, new [proxy] settings) without a gap."""
-    return dict(_stream(config, "reload_proxy", {}, None, timeout=config.proxy.drain_timeout + 60))
+    return dict(_stream(config, Op.RELOAD_PROXY, {}, None, timeout=None))
 
 
-def down(config: Config) -> dict[str, Any]:
-    return dict(_stream(config, "down", {}, None, timeout=120))
+def down(config: Daemon) -> dict[str, Any]:
+    """Drain and stop the app, stop the proxy and the daemon; returns when that is done."""
+    return dict(_stream(config, Op.DOWN, {}, None, timeout=None))
 
 
-def metrics(config: Config) -> dict[str, Any]:
-    return dict(_stream(config, "metrics", {}, None, timeout=5))
+def metrics(config: Daemon) -> dict[str, Any]:
+    return dict(_stream(config, Op.METRICS, {}, None, timeout=5))
 
 
 def config_check(config: Config) -> dict[str, Any]:
@@ -121,7 +145,7 @@ def config_check(config: Config) -> dict[str, Any]:
     return dict(redact_obj(config.resolved))
 
 
-def log_files(config: Config, slot: str | None = None) -> list[Path]:
+def log_files(config: Daemon, slot: str | None = None) -> list[Path]:
     """Log files of the slot's current release (both slots when none is named; the live one first)."""
     if slot is not None and slot not in SLOTS:
         raise UsageError(f"--slot {slot}: expected one of {', '.join(SLOTS)}")
@@ -147,7 +171,7 @@ def log_files(config: Config, slot: str | None = None) -> list[Path]:
     return out
 
 
-def logs(config: Config, slot: str | None = None, lines: int = 50) -> Iterator[tuple[Path, str]]:
+def logs(config: Daemon, slot: str | None = None, lines: int = 50) -> Iterator[tuple[Path, str]]:
     for path in log_files(config, slot):
         for line in tail_lines(path, lines):
             yield path, line

@@ -48,7 +48,7 @@ class AppConfig:
 @dataclass(frozen=True)
 class Config:
     file: Path
-    app: AppConfig
+    app: AppConfig | None     # None: a file with only [migrations] (the migrate commands need no app)
     env: dict[str, str]
     proxy: ProxySettings
     migrations: migrations_config.MigrationsConfig
@@ -143,21 +143,7 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     resolved = interpolate(raw, env, name, "")
     top = Table(name, "", resolved)
 
-    t = top.table("app")
-    command = t.str_list("command", nonempty=True)
-    health_path = t.str("health_path", DEFAULT_HEALTH_PATH)
-    if not health_path.startswith("/"):
-        raise t.error("health_path", "a path starting with '/'", health_path)
-    app = AppConfig(
-        command=tuple(command),
-        health_path=health_path,
-        instances=t.int("instances", DEFAULT_INSTANCES, min=1, max=64),
-        ready_timeout=t.duration("ready_timeout", DEFAULT_READY_TIMEOUT),
-        stop_timeout=t.duration("stop_timeout", DEFAULT_STOP_TIMEOUT),
-        health_interval=t.duration("health_interval", DEFAULT_HEALTH_INTERVAL),
-        healthy_threshold=t.int("healthy_threshold", DEFAULT_HEALTHY_THRESHOLD, min=1),
-    )
-    t.finish()
+    app = _app(top.table("app")) if top.has("app") or not top.has("migrations") else None
 
     app_env = top.str_map("env", {})
 
@@ -192,13 +178,66 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
                   migrations=migrations, checks=checks, monitor=monitor, resolved=resolved)
 
 
+def _app(t: Table) -> AppConfig:
+    command = t.str_list("command", nonempty=True)
+    health_path = t.str("health_path", DEFAULT_HEALTH_PATH)
+    if not health_path.startswith("/"):
+        raise t.error("health_path", "a path starting with '/'", health_path)
+    app = AppConfig(
+        command=tuple(command),
+        health_path=health_path,
+        instances=t.int("instances", DEFAULT_INSTANCES, min=1, max=64),
+        ready_timeout=t.duration("ready_timeout", DEFAULT_READY_TIMEOUT),
+        stop_timeout=t.duration("stop_timeout", DEFAULT_STOP_TIMEOUT),
+        health_interval=t.duration("health_interval", DEFAULT_HEALTH_INTERVAL),
+        healthy_threshold=t.int("healthy_threshold", DEFAULT_HEALTHY_THRESHOLD, min=1),
+    )
+    t.finish()
+    return app
+
+
+def require_app(config: Config) -> AppConfig:
+    """The [app] table, for what runs the app; a migrations-only file gets a clear error."""
+    if config.app is None:
+        raise ConfigError("is required to run the app (command, health_path); a file with only "
+                          "[migrations] serves the `changeover migrate` commands", file=str(config.file), key="app")
+    return config.app
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a config file's daemon lives, found from the file's path alone: `status`, `rollback`
+    and the other controls of a running daemon work whatever the file now says."""
+
+    file: Path
+
+    @property
+    def root(self) -> Path:
+        return self.file.parent
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR_NAME
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "control.sock"
+
+
+def locate(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Location:
+    file = Path(path).absolute()
+    if not file.parent.is_dir():
+        raise ConfigError("no such directory", file=str(path))
+    return Location(file)
+
+
 def _engine(p: Table) -> str:
     from changeover.proxy.control import ENGINES
 
     engine = p.str("engine", ProxySettings().engine)
     if engine not in ENGINES:
         raise p.error("engine", " or ".join(f'"{e}"' for e in ENGINES), engine)
-    return engine
+    return str(engine)
 
 
 def _cidrs(p: Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -213,10 +252,18 @@ def _cidrs(p: Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)
 
 
-def release_env(config: Config, version: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a release runs with: [env], then `deploy --env` overrides, API_VERSION
-    defaulting to the release version. Recorded with the release, so a rollback restores it."""
+def release_env(config: Config, version: str | None, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The one definition of a release's environment: [env], then `deploy --env` overrides,
+    API_VERSION defaulting to the release version. Recorded with the release, so a rollback
+    restores it; checks, probes and migrations read DATABASE_URL from it."""
     out = dict(config.env)
     out.update(overrides or {})
-    out.setdefault("API_VERSION", version)
+    if version is not None:
+        out.setdefault("API_VERSION", version)
     return out
+
+
+def process_env(env: dict[str, str]) -> dict[str, str]:
+    """What an app process (or a check run by hand) sees: the daemon's environment (PATH, HOME,
+    LANG...) under the release's own, as a user starting the app from a shell expects."""
+    return {**os.environ, **env}

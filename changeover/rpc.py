@@ -30,13 +30,17 @@ MAX_LINE = 16 * 1024 * 1024
 
 def _error_payload(e: BaseException) -> dict[str, Any]:
     if isinstance(e, ChangeoverError):
-        return {"ok": False, "error": str(e), "type": type(e).__name__, "exit_code": e.exit_code}
+        out = {"ok": False, "error": str(e), "type": type(e).__name__, "exit_code": e.exit_code}
+        if isinstance(e, errors.ConfigError):
+            out.update(file=e.file, key=e.key)
+        return out
     return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}", "type": "InternalError",
             "exit_code": 1}
 
 
-async def serve(path: Path, handlers: dict[str, Handler]) -> asyncio.AbstractServer:
-    """Listen on `path` (mode 0600: only the owner controls deploys)."""
+async def serve(path: Path, handlers: dict[str, Handler], protocol: int | None = None) -> asyncio.AbstractServer:
+    """Listen on `path` (mode 0600: only the owner controls deploys). With `protocol`, a request of
+    another protocol version is refused with a clear error instead of being misread."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
@@ -55,16 +59,21 @@ async def serve(path: Path, handlers: dict[str, Handler]) -> asyncio.AbstractSer
             try:
                 req = json.loads(line)
                 op, args = req["op"], req.get("args") or {}
-                handler = handlers[op]
-            except (ValueError, KeyError, TypeError):
+                handler = handlers.get(op)
+                theirs = req.get("protocol")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 reply: dict[str, Any] = {"ok": False, "error": "bad request", "type": "DaemonError", "exit_code": 3}
             else:
-                try:
-                    reply = {"ok": True, "result": await handler(args, emit)}
-                except Exception as e:
-                    if not isinstance(e, ChangeoverError):
-                        log.exception("control request %s failed", op)
-                    reply = _error_payload(e)
+                if protocol is not None and theirs != protocol:
+                    reply = {"ok": False, "type": "ProtocolMismatch", "exit_code": 3, "protocol": protocol,
+                             "error": f"this daemon speaks control protocol {protocol} and the client "
+                                      f"{theirs or 1}: use the changeover of the same version as the daemon, "
+                                      "or restart the daemon after an upgrade (the app keeps serving)"}
+                elif handler is None:
+                    reply = {"ok": False, "error": f"unknown operation {op!r} (a client newer than the daemon?)",
+                             "type": "DaemonError", "exit_code": 3}
+                else:
+                    reply = await _handle(op, handler, args, emit)
             if not writer.is_closing():
                 writer.write(json.dumps(reply, default=str).encode() + b"\n")
                 await writer.drain()
@@ -82,12 +91,23 @@ async def serve(path: Path, handlers: dict[str, Handler]) -> asyncio.AbstractSer
     return server
 
 
+async def _handle(op: str, handler: Handler, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    try:
+        return {"ok": True, "result": await handler(args, emit)}
+    except Exception as e:
+        if not isinstance(e, ChangeoverError):
+            log.exception("control request %s failed", op)
+        return _error_payload(e)
+
+
 def _raise(reply: dict[str, Any]) -> None:
     cls = getattr(errors, str(reply.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, ChangeoverError)):
-        cls = ChangeoverError
+        cls = DaemonError if reply.get("type") == "ProtocolMismatch" else ChangeoverError
     err = cls.__new__(cls)
     Exception.__init__(err, reply.get("error", "unknown error"))
+    if isinstance(err, errors.ConfigError):   # the file and key survive the socket
+        err.file, err.key = reply.get("file"), reply.get("key")
     code = reply.get("exit_code")
     if isinstance(code, int):
         err.exit_code = code
@@ -95,7 +115,7 @@ def _raise(reply: dict[str, Any]) -> None:
 
 
 async def stream(path: Path, op: str, args: dict[str, Any] | None = None,
-                 timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+                 timeout: float | None = None, protocol: int | None = None) -> AsyncIterator[dict[str, Any]]:
     """Send one request; yield its events; the final result is yielded as {"result": ...}."""
     try:
         reader, writer = await asyncio.wait_for(
@@ -106,7 +126,10 @@ async def stream(path: Path, op: str, args: dict[str, Any] | None = None,
     except (OSError, TimeoutError) as e:
         raise DaemonError(f"cannot reach the daemon at {path}: {e}") from None
     try:
-        writer.write(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        req: dict[str, Any] = {"op": op, "args": args or {}}
+        if protocol is not None:
+            req["protocol"] = protocol
+        writer.write(json.dumps(req).encode() + b"\n")
         await writer.drain()
         while True:
             line = await asyncio.wait_for(reader.readline(), timeout)
@@ -129,9 +152,10 @@ async def stream(path: Path, op: str, args: dict[str, Any] | None = None,
         writer.close()
 
 
-async def call(path: Path, op: str, args: dict[str, Any] | None = None, timeout: float | None = 30) -> Any:
+async def call(path: Path, op: str, args: dict[str, Any] | None = None, timeout: float | None = 30,
+               protocol: int | None = None) -> Any:
     result: Any = None
-    async for msg in stream(path, op, args, timeout):
+    async for msg in stream(path, op, args, timeout, protocol):
         if "result" in msg:
             result = msg["result"]
     return result

@@ -8,15 +8,27 @@ synchronous=FULL: deploys are rare and the truth matters more than microseconds.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from changeover.daemon.model import (
+    FINISHED,
+    IN_FLIGHT,
+    DeploymentState,
+    SlotState,
+    StepKind,
+    check_deployment,
+    check_slot,
+)
+
+log = logging.getLogger("changeover.state")
 SLOTS = ("blue", "green")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -41,7 +53,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     release_id INTEGER REFERENCES releases(id),
     from_version TEXT,
     slot TEXT,
-    state TEXT NOT NULL,              -- running | observing | succeeded | failed | rolled_back
+    state TEXT NOT NULL,              -- daemon.model.DeploymentState
     reason TEXT,
     actor TEXT,
     started_at REAL NOT NULL,
@@ -52,6 +64,7 @@ CREATE TABLE IF NOT EXISTS steps (
     id INTEGER PRIMARY KEY,
     deployment_id INTEGER NOT NULL REFERENCES deployments(id),
     name TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'note', -- daemon.model.StepKind: recovery decides by it, never by name
     state TEXT NOT NULL,              -- running | ok | failed | skipped
     detail TEXT,
     started_at REAL NOT NULL,
@@ -64,8 +77,18 @@ CREATE TABLE IF NOT EXISTS events (
     slot TEXT,
     detail TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS timers (
+    name TEXT PRIMARY KEY,            -- e.g. standby_expiry: deadlines survive a daemon restart
+    due REAL NOT NULL,                -- wall-clock time
+    data TEXT NOT NULL DEFAULT '{}'
+);
 """
+# Columns added after the first release of the schema: (table, column, definition).
+ADDED_COLUMNS = (
+    ("steps", "kind", "TEXT NOT NULL DEFAULT 'note'"),
+    ("deployments", "observation", "TEXT"),          # the observation window: start, length, baseline
+    ("releases", "config", "TEXT NOT NULL DEFAULT '{}'"),  # [app] settings the release ran with
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,7 @@ class Release:
     command: tuple[str, ...]
     env: dict[str, str]
     created_at: float
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,11 @@ class Deployment:
     started_at: float
     finished_at: float | None
     checks: list[dict[str, Any]]
+    window: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> DeploymentState:
+        return DeploymentState(self.state)
 
 
 @dataclass(frozen=True)
@@ -108,6 +137,7 @@ class Step:
     id: int
     deployment_id: int
     name: str
+    kind: StepKind
     state: str
     detail: str | None
     started_at: float
@@ -127,6 +157,10 @@ class State:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        for table, column, definition in ADDED_COLUMNS:
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {definition}')
         now = time.time()
         for name in SLOTS:
             self.db.execute("INSERT OR IGNORE INTO slots(name, state, updated_at) VALUES (?, 'empty', ?)",
@@ -147,10 +181,10 @@ class State:
 
     # -- releases -----------------------------------------------------------------------------
     def add_release(self, version: str, path: str, command: list[str] | tuple[str, ...],
-                    env: dict[str, str]) -> Release:
+                    env: dict[str, str], config: dict[str, Any] | None = None) -> Release:
         cur = self.db.execute(
-            "INSERT INTO releases(version, path, command, env, created_at) VALUES (?, ?, ?, ?, ?)",
-            (version, path, json.dumps(list(command)), json.dumps(env), time.time()))
+            "INSERT INTO releases(version, path, command, env, created_at, config) VALUES (?, ?, ?, ?, ?, ?)",
+            (version, path, json.dumps(list(command)), json.dumps(env), time.time(), json.dumps(config or {})))
         rel = self.release(int(cur.lastrowid or 0))
         assert rel is not None
         return rel
@@ -174,27 +208,47 @@ class State:
     def slots(self) -> dict[str, Slot]:
         return {n: self.slot(n) for n in SLOTS}
 
-    def set_slot(self, name: str, state: str, release_id: int | None = -1,
-                 instances: list[dict[str, Any]] | None = None) -> None:
-        """Update a slot; release_id=-1 and instances=None keep the current values."""
+    def transition_slot(self, name: str, new: SlotState | str, *, release_id: int | None = -1,
+                        instances: list[dict[str, Any]] | None = None, why: str = "") -> None:
+        """The one writer of a slot's state. release_id=-1 and instances=None keep the current values."""
+        new = SlotState(new)
         cur = self.slot(name)
+        was = SlotState(cur.state)
+        check_slot(was, new)
         rid = cur.release_id if release_id == -1 else release_id
         inst = cur.instances if instances is None else instances
-        self.db.execute("UPDATE slots SET state = ?, release_id = ?, instances = ?, updated_at = ? WHERE name = ?",
-                        (state, rid, json.dumps(inst), time.time(), name))
+        with self.tx() as db:
+            db.execute("UPDATE slots SET state = ?, release_id = ?, instances = ?, updated_at = ? WHERE name = ?",
+                       (new, rid, json.dumps(inst), time.time(), name))
+            self._event(db, "slot", name, state=str(new), was=str(was), why=why)
+        log.info("slot=%s state=%s was=%s%s", name, new, was, f" ({why})" if why else "")
+
+    def set_instances(self, name: str, instances: list[dict[str, Any]]) -> None:
+        """The slot's instance records (pid, port, start time): data, not a state transition."""
+        self.db.execute("UPDATE slots SET instances = ? WHERE name = ?", (json.dumps(instances), name))
 
     def live_slot(self) -> str | None:
         for s in self.slots().values():
-            if s.state == "live":
+            if s.state == SlotState.LIVE:
                 return s.name
         return None
 
-    def swap_live(self, new_live: str) -> None:
+    def swap_live(self, new_live: str, why: str = "switch") -> None:
         """The one write that moves the live slot: the old live one becomes the standby."""
         with self.tx() as db:
             now = time.time()
-            db.execute("UPDATE slots SET state = 'standby', updated_at = ? WHERE state = 'live'", (now,))
+            rows = {r["name"]: SlotState(r["state"]) for r in db.execute("SELECT name, state FROM slots")}
+            if rows[new_live] == SlotState.LIVE:
+                return
+            check_slot(rows[new_live], SlotState.LIVE)
+            for name, was in rows.items():
+                if was == SlotState.LIVE:
+                    db.execute("UPDATE slots SET state = 'standby', updated_at = ? WHERE name = ?", (now, name))
+                    self._event(db, "slot", name, state="standby", was=str(was), why=why)
+                    log.info("slot=%s state=standby was=%s (%s)", name, was, why)
             db.execute("UPDATE slots SET state = 'live', updated_at = ? WHERE name = ?", (now, new_live))
+            self._event(db, "slot", new_live, state="live", was=str(rows[new_live]), why=why)
+        log.info("slot=%s state=live was=%s (%s)", new_live, rows[new_live], why)
 
     # -- deployments and steps ----------------------------------------------------------------
     def begin_deployment(self, kind: str, version: str, release_id: int | None, from_version: str | None,
@@ -205,9 +259,22 @@ class State:
             (kind, version, release_id, from_version, slot, reason, actor, time.time()))
         return int(cur.lastrowid or 0)
 
-    def set_deployment(self, dep_id: int, state: str, reason: str | None = None, finished: bool = True) -> None:
-        self.db.execute("UPDATE deployments SET state = ?, reason = COALESCE(?, reason), finished_at = ? WHERE id = ?",
-                        (state, reason, time.time() if finished else None, dep_id))
+    def transition_deployment(self, dep_id: int, new: DeploymentState | str, reason: str | None = None) -> None:
+        """The one writer of a deployment's state, checked against the model's table and logged."""
+        new = DeploymentState(new)
+        with self.tx() as db:
+            row = db.execute("SELECT state FROM deployments WHERE id = ?", (dep_id,)).fetchone()
+            was = DeploymentState(row["state"])
+            check_deployment(was, new)
+            db.execute("UPDATE deployments SET state = ?, reason = COALESCE(?, reason), finished_at = ? WHERE id = ?",
+                       (new, reason, time.time() if new in FINISHED else None, dep_id))
+            self._event(db, "deployment", None, deployment=dep_id, state=str(new), was=str(was), reason=reason)
+        log.info("deployment=%d state=%s was=%s%s", dep_id, new, was, f" ({reason})" if reason else "")
+
+    def set_window(self, dep_id: int, window: dict[str, Any] | None) -> None:
+        """The observation window (wall-clock start, length, baseline): a restarted daemon resumes it."""
+        self.db.execute("UPDATE deployments SET observation = ? WHERE id = ?",
+                        (None if window is None else json.dumps(window), dep_id))
 
     def add_checks(self, dep_id: int, results: list[dict[str, Any]]) -> None:
         with self.tx() as db:
@@ -220,7 +287,8 @@ class State:
         return _deployment(row) if row else None
 
     def running_deployments(self) -> list[Deployment]:
-        rows = self.db.execute("SELECT * FROM deployments WHERE state IN ('running', 'observing') ORDER BY id")
+        marks = ", ".join("?" for _ in IN_FLIGHT)
+        rows = self.db.execute(f"SELECT * FROM deployments WHERE state IN ({marks}) ORDER BY id", IN_FLIGHT)
         return [_deployment(r) for r in rows]
 
     def deployments(self, limit: int = 20) -> list[Deployment]:
@@ -235,16 +303,17 @@ class State:
                 "id": d.id, "kind": d.kind, "version": d.version, "from": d.from_version, "slot": d.slot,
                 "state": d.state, "reason": d.reason, "actor": d.actor, "started_at": d.started_at,
                 "finished_at": d.finished_at, "checks": d.checks,
-                "steps": [{"name": s.name, "state": s.state, "detail": s.detail,
+                "steps": [{"name": s.name, "kind": str(s.kind), "state": s.state, "detail": s.detail,
                            "duration": (s.finished_at - s.started_at) if s.finished_at else None}
                           for s in self.steps(d.id)],
             })
         return out
 
-    def begin_step(self, dep_id: int, name: str, detail: str | None = None) -> int:
+    def begin_step(self, dep_id: int, name: str, kind: StepKind | str = StepKind.NOTE,
+                   detail: str | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO steps(deployment_id, name, state, detail, started_at) VALUES (?, ?, 'running', ?, ?)",
-            (dep_id, name, detail, time.time()))
+            "INSERT INTO steps(deployment_id, name, kind, state, detail, started_at) VALUES (?, ?, ?, 'running', ?, ?)",
+            (dep_id, name, str(StepKind(kind)), detail, time.time()))
         return int(cur.lastrowid or 0)
 
     def end_step(self, step_id: int, state: str, detail: str | None = None) -> None:
@@ -253,33 +322,40 @@ class State:
 
     def steps(self, dep_id: int) -> list[Step]:
         rows = self.db.execute("SELECT * FROM steps WHERE deployment_id = ? ORDER BY id", (dep_id,))
-        return [Step(r["id"], r["deployment_id"], r["name"], r["state"], r["detail"], r["started_at"],
-                     r["finished_at"]) for r in rows]
+        return [Step(r["id"], r["deployment_id"], r["name"], StepKind(r["kind"]), r["state"], r["detail"],
+                     r["started_at"], r["finished_at"]) for r in rows]
 
-    # -- events and meta ----------------------------------------------------------------------
+    # -- events and timers ----------------------------------------------------------------------
     def event(self, kind: str, slot: str | None = None, **detail: Any) -> None:
-        self.db.execute("INSERT INTO events(ts, kind, slot, detail) VALUES (?, ?, ?, ?)",
-                        (time.time(), kind, slot, json.dumps(detail, default=str)))
+        self._event(self.db, kind, slot, **detail)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, kind: str, slot: str | None, **detail: Any) -> None:
+        db.execute("INSERT INTO events(ts, kind, slot, detail) VALUES (?, ?, ?, ?)",
+                   (time.time(), kind, slot, json.dumps(detail, default=str)))
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return [{"ts": r["ts"], "kind": r["kind"], "slot": r["slot"], **json.loads(r["detail"])} for r in rows]
 
-    def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return str(row["value"]) if row else None
+    def set_timer(self, name: str, due: float, **data: Any) -> None:
+        self.db.execute("INSERT INTO timers(name, due, data) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE"
+                        " SET due = excluded.due, data = excluded.data", (name, due, json.dumps(data)))
 
-    def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?)"
-                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+    def timer(self, name: str) -> tuple[float, dict[str, Any]] | None:
+        row = self.db.execute("SELECT due, data FROM timers WHERE name = ?", (name,)).fetchone()
+        return (float(row["due"]), json.loads(row["data"])) if row else None
+
+    def clear_timer(self, name: str) -> None:
+        self.db.execute("DELETE FROM timers WHERE name = ?", (name,))
 
 
 def _release(row: sqlite3.Row) -> Release:
     return Release(row["id"], row["version"], row["path"], tuple(json.loads(row["command"])),
-                   json.loads(row["env"]), row["created_at"])
+                   json.loads(row["env"]), row["created_at"], json.loads(row["config"] or "{}"))
 
 
 def _deployment(row: sqlite3.Row) -> Deployment:
     return Deployment(row["id"], row["kind"], row["version"], row["release_id"], row["from_version"], row["slot"],
                       row["state"], row["reason"], row["actor"], row["started_at"], row["finished_at"],
-                      json.loads(row["checks"]))
+                      json.loads(row["checks"]), json.loads(row["observation"]) if row["observation"] else None)

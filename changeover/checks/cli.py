@@ -7,7 +7,6 @@ results are printed, and the main CLI turns that into a message and exit code 1.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,8 +45,7 @@ def _listening(host: str, port: int) -> bool:
 
 
 def _release_env(cfg: config_mod.Config) -> dict[str, str]:
-    # What a new release gets: this environment plus [env] from changeover.toml.
-    return {**os.environ, **cfg.env}
+    return config_mod.process_env(config_mod.release_env(cfg, None))
 
 
 def _finish(results: list[CheckResult], as_json: bool, title: str) -> None:
@@ -87,7 +85,7 @@ def smoke(config: ConfigOpt = Path(config_mod.DEFAULT_CONFIG), json: JsonOpt = F
         results = []
         v = cfg.checks.version
         if v is not None and expected:
-            results.append(await check_version(base, v.path or cfg.app.health_path, v.field, expected, v.timeout))
+            results.append(await check_version(base, v.path or config_mod.require_app(cfg).health_path, v.field, expected, v.timeout))
         results.extend(await run_smoke(cfg.checks, base))
         return results
 

@@ -1,14 +1,18 @@
-"""The deploy and rollback pipelines: a plan of steps that only move forward.
+"""The deploy as phase verbs: prepare, switch, observe, finalise, abort. `deploy` chains them.
 
-deploy VERSION:
-  pre-deploy checks -> expand migrations -> retire the old standby -> start the idle slot ->
-  verify it privately (version, smoke, flows, old code on the new schema, session sign-in) ->
-  switch -> verify through the proxy (session continuity, smoke, flows) -> observe -> finalise.
-Until the switch nothing users see has changed, so a failure there just cleans up the idle slot.
-After the switch a failure switches back to the warm standby.
+    prepare   pre-deploy checks -> expand migrations -> retire the old standby -> start the idle slot
+              -> verify it privately (version, smoke, flows, old code on the new schema, session
+              sign-in). Nothing users see changes; the deployment is then `prepared`.
+    switch    the proxy sends new requests to the new slot -> verify through the proxy.
+    observe   the observation window; a trigger rolls back to the warm standby.
+    finalise  the deployment succeeded; the standby is kept `keep_standby`, then retired.
+    abort     unwind what ran, newest first: before the switch the idle slot is cleaned up, after it
+              traffic goes back to the old slot (a rollback).
 
-rollback: switch to the warm standby (milliseconds), or start the previous release in the idle
-slot and switch to it when the standby is gone.
+At most one deployment is active. Each phase runs as a task of its own (a CLI that goes away does
+not stop it) and records its steps before they act; every state change goes through
+`State.transition_deployment`. A daemon restarted in the middle picks the deployment up again
+(daemon/recovery.py decides where, `resume` carries on).
 """
 
 from __future__ import annotations
@@ -16,20 +20,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from changeover.config import Config, release_env
-from changeover.daemon.gates import Gates
-from changeover.daemon.slots import SlotManager, other
-from changeover.daemon.steps import StepFailed, StepRunner
+from changeover.checks.flows import SessionProbe
+from changeover.config import Config, release_env, require_app
+from changeover.daemon.model import DeploymentKind, DeploymentState, StepKind, other
+from changeover.daemon.observation import Observation
+from changeover.daemon.slots import SlotManager
+from changeover.daemon.steps import StepFailed, StepRunner, Undo
+from changeover.daemon.telemetry import Telemetry
+from changeover.daemon.verification import Verification
 from changeover.errors import ChangeoverError, DeployError, DeployInProgress, RollbackError, UsageError
 from changeover.rpc import Emit
 from changeover.state import Release, State
 
 log = logging.getLogger("changeover.deploy")
+D = DeploymentState
 
 
 @dataclass
@@ -37,14 +46,24 @@ class Active:
     """The deployment in progress (at most one)."""
 
     id: int
-    kind: str
+    kind: DeploymentKind
     version: str
     started: float
-    phase: str = "running"                       # running | observing
+    config: Config
+    release: Release
+    target: str                     # the slot the release goes into
+    previous: str | None            # the slot that was live before (the rollback target)
+    old_version: str | None
+    steps: StepRunner
+    phase: DeploymentState = D.RUNNING
+    session: SessionProbe | None = None
+    migrated: bool = False
+    switch_ms: float = 0.0
+    stop: dict[str, Any] | None = None        # abort / manual rollback / promote asked from outside
+    observation: Observation | None = None
+    task: asyncio.Task[Any] | None = None
     live_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future[dict[str, Any]] | None = None
-    observer_cancel: Callable[[str | None, str | None], None] | None = None
-    rollback_result: dict[str, Any] | None = None
     listeners: list[Emit] = field(default_factory=list)
 
     async def emit(self, event: dict[str, Any]) -> None:
@@ -54,121 +73,78 @@ class Active:
             except Exception:  # a CLI that went away must not stop the deploy
                 self.listeners.remove(fn)
 
+    def result(self, state: str, **extra: Any) -> dict[str, Any]:
+        return {"state": state, "deployment": self.id, "kind": str(self.kind), "version": self.version,
+                "slot": self.target, **extra}
+
 
 class Pipeline:
-    def __init__(self, config: Config, state: State, slots: SlotManager, gates: Gates) -> None:
-        self.config = config
+    def __init__(self, state: State, slots: SlotManager, verification: Verification, telemetry: Telemetry) -> None:
         self.state = state
         self.slots = slots
-        self.gates = gates
+        self.verify = verification
+        self.telemetry = telemetry
         self.active: Active | None = None
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()           # held by the active deployment and by background retires
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._expiry: asyncio.TimerHandle | None = None
+        self.closing = False    # the daemon stops: leave deployments as they are for the next one
 
-    # -- entry points --------------------------------------------------------------------------
+    # -- the active deployment -------------------------------------------------------------------
     def busy_error(self) -> DeployInProgress:
         a = self.active
         assert a is not None
         since = time.strftime("%H:%M:%S", time.localtime(a.started))
-        what = "is in its observation window" if a.phase == "observing" else "is running"
+        what = {D.OBSERVING: "is live and being observed", D.PREPARED: "is prepared, waiting for `switch`",
+                D.ROLLING_BACK: "is being rolled back"}.get(a.phase, "is running")
         return DeployInProgress(f"{a.kind} of {a.version} (deployment #{a.id}) {what} since {since}; "
-                                "wait for it, or `changeover rollback` to abort it")
+                                "wait for it, `changeover promote` to end its window, or `changeover rollback`/"
+                                "`abort` to stop it")
 
-    async def deploy(self, version: str, path: str, emit: Emit, *, wait: bool = False,
-                     env: dict[str, str] | None = None, actor: str | None = None) -> dict[str, Any]:
+    def _transition(self, a: Active, new: DeploymentState, reason: str | None = None) -> None:
+        self.state.transition_deployment(a.id, new, reason)
+        a.phase = new
+        self.telemetry.set_deploy_state(str(new) if not new.finished else "idle")
+
+    async def _claim(self) -> None:
+        """Claim the one deployment at once (a second deploy is refused, not queued), then wait for
+        the lock, which only background work (retiring a slot) holds, and briefly."""
         if self.active is not None:
             raise self.busy_error()
-        app_dir = Path(path).expanduser()
-        if not app_dir.is_absolute():
-            app_dir = (self.config.root / app_dir).resolve()
-        if not app_dir.is_dir():
-            raise UsageError(f"--path {path}: no such directory")
-        if not version or any(c.isspace() for c in version):
-            raise UsageError(f"version {version!r}: expected a non-empty name without spaces")
-        a = await self._reserve("deploy", version)
-        try:
-            live = self.state.live_slot()
-            release = self.state.add_release(version, str(app_dir), list(self.config.app.command),
-                                             release_env(self.config, version, env))
-            target = other(live)
-            a.id = self.state.begin_deployment("deploy", version, release.id, self.slots.version(live), target,
-                                               actor=actor)
-        except BaseException:
-            self._release()
-            raise
-        return await self._follow(self._run_deploy(release, live, target), emit, wait)
-
-    async def rollback(self, emit: Emit, *, reason: str | None = None, actor: str | None = None,
-                       wait: bool = True, schema: bool = False, allow_data_loss: bool = False) -> dict[str, Any]:
-        a = self.active
-        if a is not None and a.phase == "observing" and a.observer_cancel is not None and schema:
-            raise RollbackError(f"{a.version} is in its observation window: roll back its code first "
-                                "(`changeover rollback`), then its schema (`changeover rollback --schema`)")
-        if a is not None and a.phase == "observing" and a.observer_cancel is not None:
-            # A manual rollback during the window: stop observing; the deploy task then rolls back.
-            a.observer_cancel(reason, actor)
-            assert a.done is not None
-            try:
-                await asyncio.shield(a.done)
-            except DeployError:
-                pass
-            if a.rollback_result is None:
-                raise RollbackError(f"the deploy of {a.version} ended before it could be rolled back; "
-                                    "see `changeover history`")
-            return a.rollback_result
-        a = await self._reserve("rollback", "?")
-        try:
-            live = self.state.live_slot()
-            if live is None:
-                raise RollbackError("nothing is live, so there is nothing to roll back")
-            standby = other(live)
-            target_release = self._rollback_target(live)
-            a.version = target_release.version
-            a.id = self.state.begin_deployment("rollback", target_release.version, target_release.id,
-                                               self.slots.version(live), standby, actor=actor,
-                                               reason=reason or "manual rollback")
-        except BaseException:
-            self._release()
-            raise
-        return await self._follow(self._run_rollback(target_release, live, standby, reason, schema,
-                                                     allow_data_loss), emit, wait)
-
-    async def _reserve(self, kind: str, version: str) -> Active:
-        """Claim the one deployment slot at once (a second deploy is refused, not queued), then
-        wait for the lock, which only background work (retiring a slot) holds, and briefly."""
-        if self.active is not None:
+        await self._lock.acquire()
+        if self.active is not None:  # claimed while we waited
+            self._lock.release()
             raise self.busy_error()
-        a = self.active = Active(0, kind, version, time.time())
-        try:
-            await self._lock.acquire()
-        except BaseException:
-            self.active = None
-            raise
+
+    def _begin(self, config: Config, kind: DeploymentKind, release: Release, target: str,
+               actor: str | None, reason: str | None = None) -> Active:
+        previous = self.state.live_slot()
+        old_version = self.slots.version(previous)
+        dep = self.state.begin_deployment(str(kind), release.version, release.id, old_version, target,
+                                          actor=actor, reason=reason)
+        self._apply(config)
+        a = Active(dep, kind, release.version, time.time(), config, release, target, previous, old_version,
+                   StepRunner(self.state, dep))
+        a.steps.emit = a.emit
+        self.active = a
         return a
 
-    def _release(self) -> None:
-        self.active = None
-        self._lock.release()
+    def _apply(self, config: Config) -> None:
+        """The settings a deployment read become the daemon's for what it starts and watches."""
+        self.slots.config = config
+        self.slots.supervisor.app = require_app(config)
+        self.telemetry.configure(config.monitor)
 
-    async def stop_standby(self) -> dict[str, Any]:
-        if self.active is not None:
-            raise self.busy_error()
-        async with self._lock:
-            live = self.state.live_slot()
-            standby = other(live)
-            slot = self.state.slot(standby)
-            if slot.state == "empty":
-                return {"stopped": None}
-            version = self.slots.version(standby)
-            await self.slots.retire(standby, why="stop-standby")
-            return {"stopped": {"slot": standby, "version": version}}
+    def _end(self, a: Active) -> None:
+        if self.active is a:
+            self.active = None
+            if self._lock.locked():
+                self._lock.release()
+        a.live_event.set()
 
-    # -- the runs ------------------------------------------------------------------------------
-    async def _follow(self, coro: Awaitable[dict[str, Any]], emit: Emit, wait: bool) -> dict[str, Any]:
-        """Run the pipeline as a task of its own (a CLI going away must not cancel it) and stream it."""
-        a = self.active
-        assert a is not None
-        a.listeners.append(emit)
+    def _run(self, a: Active, coro: Coroutine[Any, Any, dict[str, Any]], *, final: bool = True) -> None:
+        """Run a phase as a task of its own; its outcome lands in `a.done`. With final=False the
+        deployment stays active after the phase succeeds (prepare of `deploy --no-switch`)."""
         loop = asyncio.get_running_loop()
         a.done = loop.create_future()
         # Without --wait nobody may await the outcome; it is in the history, not an asyncio warning.
@@ -176,161 +152,347 @@ class Pipeline:
 
         async def runner() -> None:
             assert a.done is not None
+            ended = True
             try:
                 result = await coro
+                ended = final or a.phase.finished
                 a.done.set_result(result)
             except BaseException as e:
                 a.done.set_exception(e)
                 if not isinstance(e, ChangeoverError | asyncio.CancelledError):
                     log.exception("pipeline crashed")
             finally:
-                self.active = None
-                if self._lock.locked():
-                    self._lock.release()
-                a.live_event.set()
+                a.task = None
+                if ended:
+                    self._end(a)
+                else:
+                    a.live_event.set()
 
-        task = loop.create_task(runner())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if wait:
-            return await asyncio.shield(a.done)
-        live_wait: asyncio.Future[Any] = loop.create_task(a.live_event.wait())
-        await asyncio.wait([live_wait, a.done], return_when=asyncio.FIRST_COMPLETED)
-        live_wait.cancel()
-        if a.done.done():
-            return a.done.result()
-        a.listeners.remove(emit)
-        return {"state": "live", "deployment": a.id, "version": a.version, "observing": True}
+        a.task = loop.create_task(runner(), name=f"deployment-{a.id}")
+        self._tasks.add(a.task)
+        a.task.add_done_callback(self._tasks.discard)
 
-    async def _run_deploy(self, release: Release, live: str | None, target: str) -> dict[str, Any]:
-        a = self.active
-        assert a is not None
-        steps = StepRunner(self.state, a.id, a.emit)
-        old_version = self.slots.version(live)
-        switched = False
-        await a.emit({"type": "plan", "deployment": a.id, "version": release.version, "slot": target,
-                      "live": old_version})
+    async def _follow(self, a: Active, emit: Emit | None, wait: bool) -> dict[str, Any]:
+        """Stream a running phase to the caller until it is live (or, with wait, until it ends)."""
+        assert a.done is not None
+        if emit is not None:
+            a.listeners.append(emit)
         try:
-            await self.gates.pre_deploy(steps, release)
-            migrated = await self.gates.migrate_expand(steps, release)
-            if self.state.slot(target).state != "empty" or self.slots.supervisor.records(target):
-                await steps.run(f"retire standby {target}", lambda: self.slots.retire(
-                    target, why=f"making room for {release.version}"))
-            await steps.run(f"start {target}", lambda: self.slots.start(target, release),
-                            detail=lambda recs: ", ".join(f"pid {r.pid} port {r.port}" for r in recs))
-            await self.gates.verify_private(steps, release, target, live, migrated)
-            elapsed = await steps.run(f"switch to {target}", lambda: self.slots.switch(target),
-                                      detail=lambda s: f"{s * 1000:.1f} ms")
-            switched = True
-            self.state.set_deployment(a.id, "observing", finished=False)
-            a.phase = "observing"
-            await a.emit({"type": "live", "version": release.version, "slot": target, "switch_ms": elapsed * 1000})
-            await self.gates.verify_public(steps, release, target, live)
-            a.live_event.set()  # `deploy` without --wait returns here: live and verified through the proxy
-            verdict = await self.gates.observe(steps, release, target, live, a)
-        except StepFailed as e:
-            return await self._deploy_failed(steps, a, release, target, live, old_version, switched, e)
-        except asyncio.CancelledError:
+            if wait:
+                return await asyncio.shield(a.done)
+            live: asyncio.Future[Any] = asyncio.ensure_future(a.live_event.wait())
+            await asyncio.wait([live, a.done], return_when=asyncio.FIRST_COMPLETED)
+            live.cancel()
+            if a.done.done():
+                return a.done.result()
+            return a.result("live", observing=True)
+        finally:
+            if emit is not None and emit in a.listeners:
+                a.listeners.remove(emit)
+
+    # -- verbs -----------------------------------------------------------------------------------
+    async def deploy(self, config: Config, version: str, path: str, emit: Emit | None = None, *,
+                     wait: bool = False, env: dict[str, str] | None = None, actor: str | None = None,
+                     no_switch: bool = False) -> dict[str, Any]:
+        """prepare -> switch -> observe -> finalise (or only prepare, with no_switch). `config` is the
+        file as it is now (the daemon re-reads it for every deploy)."""
+        if self.active is not None:
+            raise self.busy_error()
+        app_dir = Path(path).expanduser()
+        if not app_dir.is_absolute():
+            app_dir = (config.root / app_dir).resolve()
+        if not app_dir.is_dir():
+            raise UsageError(f"--path {path}: no such directory")
+        if not version or any(c.isspace() for c in version):
+            raise UsageError(f"version {version!r}: expected a non-empty name without spaces")
+        if config.app is None:
+            raise UsageError(f"{config.file}: [app] is needed to deploy (command, health_path)")
+        await self._claim()
+        try:
+            release = self.state.add_release(version, str(app_dir), list(config.app.command),
+                                             release_env(config, version, env), app_settings(config))
+            a = self._begin(config, DeploymentKind.DEPLOY, release, other(self.state.live_slot()), actor)
+        except BaseException:
+            self._lock.release()
             raise
-        except ChangeoverError as e:
-            return await self._deploy_failed(steps, a, release, target, live, old_version, switched,
-                                             StepFailed(steps.current or "deploy", str(e)))
-        if verdict is not None and not verdict.get("ok", True):
-            return await self._auto_rollback(steps, a, release, target, live, old_version, verdict)
-        self.state.set_deployment(a.id, "succeeded")
-        self.state.event("deploy.finalised", target, version=release.version)
-        await self.gates.notify("finalised", {"version": release.version, "slot": target})
-        self.gates.schedule_standby_expiry(self, live)
-        return {"state": "succeeded", "deployment": a.id, "version": release.version, "slot": target,
-                "switch_ms": elapsed * 1000}
+        await a.emit({"type": "plan", "deployment": a.id, "version": version, "slot": a.target,
+                      "live": a.old_version})
+        if no_switch:
+            self._run(a, self._prepare(a), final=False)
+            return await self._follow(a, emit, wait=True)
+        self._run(a, self._chain(a, prepare=True))
+        return await self._follow(a, emit, wait)
 
-    async def _deploy_failed(self, steps: StepRunner, a: Active, release: Release, target: str, live: str | None,
-                             old_version: str | None, switched: bool, e: StepFailed) -> dict[str, Any]:
-        if switched and live is not None and self.slots.warm(live):
-            await steps.run(f"switch back to {live}", lambda: self.slots.switch(live),
-                            detail=lambda s: f"{s * 1000:.1f} ms")
-            switched = False
-        if not switched:
-            try:
-                await steps.run(f"clean up {target}", lambda: self.slots.retire(target, drain=False,
-                                                                                why="deploy failed"))
-            except StepFailed:
-                log.exception("cleaning up slot %s failed", target)
-        reason = f"{e.step}: {e.cause}"
-        self.state.set_deployment(a.id, "failed", reason)
-        await self.gates.notify("failed", {"version": release.version, "reason": reason})
-        still = f"{old_version} is still live" if old_version else "nothing was live before and nothing is now"
-        raise DeployError(f"deploy of {release.version} failed at step '{e.step}': {e.cause}\n{still}")
+    async def switch(self, emit: Emit | None = None, *, wait: bool = False) -> dict[str, Any]:
+        """Switch a prepared deployment live, then observe and finalise it."""
+        a = self.active
+        if a is None or a.phase != D.PREPARED:
+            what = "nothing is prepared" if a is None else f"deployment #{a.id} is {a.phase}, not prepared"
+            raise DeployError(f"{what}: `changeover deploy VERSION --path DIR --no-switch` prepares one")
+        self._run(a, self._chain(a, prepare=False))
+        return await self._follow(a, emit, wait)
 
-    async def _auto_rollback(self, steps: StepRunner, a: Active, release: Release, target: str, live: str | None,
-                             old_version: str | None, verdict: dict[str, Any]) -> dict[str, Any]:
-        reason = str(verdict.get("reason", "rollback"))
-        manual = verdict.get("manual")
-        if verdict.get("refused") and not manual:
-            self.state.set_deployment(a.id, "succeeded", f"automatic rollback refused: {reason}")
-            await self.gates.notify("rollback_refused", {"version": release.version, "reason": reason,
-                                                         "evidence": verdict.get("evidence")})
-            raise DeployError(f"{release.version} is live but failing ({reason}); automatic rollback was refused "
-                              f"because {verdict['refused']}. Decide: `changeover rollback` (code only) "
-                              "or fix forward.")
-        if live is None or not self.slots.warm(live):
-            self.state.set_deployment(a.id, "failed", f"{reason} (no warm standby to roll back to)")
-            raise DeployError(f"{release.version} failed after the switch ({reason}) and there is no warm "
+    async def promote(self, actor: str | None = None) -> dict[str, Any]:
+        """End the observation window now and finalise."""
+        a = self.active
+        if a is None or a.phase != D.OBSERVING or a.observation is None:
+            if a is not None and a.phase == D.PREPARED:
+                raise DeployError(f"deployment #{a.id} of {a.version} is prepared, not live: `changeover switch` first")
+            raise DeployError("no deployment is in its observation window")
+        a.stop = {"kind": "promote", "actor": actor}
+        a.observation.stop("promote", {"actor": actor})
+        assert a.done is not None
+        return await asyncio.shield(a.done)
+
+    async def abort(self, reason: str | None = None, actor: str | None = None) -> dict[str, Any]:
+        """Stop the active deployment: unwind before the switch, switch back after it."""
+        a = self.active
+        if a is None:
+            raise DeployError("no deployment is in progress")
+        a.stop = {"kind": "abort", "reason": reason or "aborted", "actor": actor}
+        if a.observation is not None:
+            a.observation.stop("manual", {"reason": reason or "aborted", "actor": actor})
+        elif a.task is not None:
+            a.task.cancel()
+        else:  # prepared and idle: nothing runs, unwind here
+            self._run(a, self._aborted(a))
+        assert a.done is not None
+        try:
+            return await asyncio.shield(a.done)
+        except DeployError as e:
+            row = self.state.deployment(a.id)
+            return a.result(row.state if row else "aborted", message=str(e), live_version=self.slots.version(
+                self.state.live_slot()))
+
+    async def rollback(self, config: Config, emit: Emit | None = None, *, reason: str | None = None,
+                       actor: str | None = None, wait: bool = True, schema: bool = False,
+                       allow_data_loss: bool = False) -> dict[str, Any]:
+        a = self.active
+        if a is not None and a.kind == DeploymentKind.DEPLOY and a.phase != D.ROLLING_BACK:
+            if schema and a.phase == D.OBSERVING:
+                raise RollbackError(f"{a.version} is in its observation window: roll back its code first "
+                                    "(`changeover rollback`), then its schema (`changeover rollback --schema`)")
+            out = await self.abort(reason or "manual rollback", actor)
+            out.setdefault("version", self.slots.version(self.state.live_slot()))
+            return {**out, "version": self.slots.version(self.state.live_slot()), "slot": self.state.live_slot(),
+                    "from": a.version}
+        if a is not None:
+            raise self.busy_error()
+        await self._claim()
+        try:
+            live = self.state.live_slot()
+            if live is None:
+                raise RollbackError("nothing is live, so there is nothing to roll back")
+            standby = other(live)
+            target = self._rollback_target(live)
+            a = self._begin(config, DeploymentKind.ROLLBACK, target, standby, actor, reason or "manual rollback")
+        except BaseException:
+            self._lock.release()
+            raise
+        warm = self.slots.warm(standby) and self.state.slot(standby).release_id == target.id
+        self._run(a, self._warm_rollback(a, schema, allow_data_loss) if warm else self._chain(a, prepare=True))
+        return await self._follow(a, emit, wait)
+
+    async def stop_standby(self) -> dict[str, Any]:
+        if self.active is not None:
+            raise self.busy_error()
+        async with self._lock:
+            standby = other(self.state.live_slot())
+            if self.state.slot(standby).state == "empty":
+                return {"stopped": None}
+            version = self.slots.version(standby)
+            await self.slots.retire(standby, why="stop-standby")
+            self.state.clear_timer("standby_expiry")
+            return {"stopped": {"slot": standby, "version": version}}
+
+    # -- phases ----------------------------------------------------------------------------------
+    async def _prepare(self, a: Active) -> dict[str, Any]:
+        steps, config, release = a.steps, a.config, a.release
+        try:
+            await self.telemetry.notify("deploy_started", {"version": release.version})
+            await self.verify.pre_deploy(steps, config, release, a.previous)
+            if a.kind == DeploymentKind.DEPLOY:
+                a.migrated = await self.verify.migrate_expand(steps, config, release)
+            if self.state.slot(a.target).state != "empty" or self.slots.supervisor.records(a.target):
+                await steps.run(StepKind.RETIRE, f"retire standby {a.target}", lambda: self.slots.retire(
+                    a.target, why=f"making room for {release.version}"))
+            await steps.run(StepKind.START, f"start {a.target}", lambda: self.slots.start(a.target, release),
+                            detail=lambda recs: ", ".join(f"pid {r.pid} port {r.port}" for r in recs),
+                            undo=self._cleanup_undo(a))
+            a.session = await self.verify.verify_private(steps, config, release, a.target, a.previous, a.migrated)
+        except (ChangeoverError, asyncio.CancelledError) as e:
+            return await self._failed(a, e)
+        self._transition(a, D.PREPARED)
+        return a.result("prepared", live=a.old_version)
+
+    async def _chain(self, a: Active, *, prepare: bool, verified: bool = False) -> dict[str, Any]:
+        """From wherever `a` is to the end: prepare, switch, verify through the proxy, observe, finalise."""
+        if prepare:
+            await self._prepare(a)
+        try:
+            if a.phase == D.PREPARED:
+                await self._switch(a)
+            if not verified:
+                await self.verify.verify_public(a.steps, a.config, a.session)
+        except (ChangeoverError, asyncio.CancelledError) as e:
+            return await self._failed(a, e)
+        a.live_event.set()  # `deploy` without --wait returns here: live and verified through the proxy
+        return await self._observe_and_finalise(a)
+
+    async def _switch(self, a: Active) -> None:
+        undo = Undo(StepKind.SWITCH_BACK, f"switch back to {a.previous}", lambda: self.slots.switch(
+            a.previous or "", why=f"switch back: {a.version} did not pass")) \
+            if a.previous is not None else None
+        elapsed = await a.steps.run(StepKind.SWITCH, f"switch to {a.target}", lambda: self.slots.switch(a.target),
+                                    detail=lambda s: f"{s * 1000:.1f} ms", undo=undo)
+        a.switch_ms = elapsed * 1000
+        self._transition(a, D.OBSERVING)
+        self.telemetry.set_live(a.target)
+        await self.telemetry.notify("live", {"version": a.version, "slot": a.target})
+        await a.emit({"type": "live", "version": a.version, "slot": a.target, "switch_ms": a.switch_ms})
+
+    async def _observe_and_finalise(self, a: Active, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+        obs = Observation(a.config, self.state, self.slots, self.telemetry, a.release, a.target, a.previous,
+                          self.verify.proxy_url())
+        a.observation = obs
+        try:
+            verdict = await obs.run(a.steps, a.id, resume)
+        except (ChangeoverError, asyncio.CancelledError) as e:
+            return await self._failed(a, e)
+        finally:
+            a.observation = None
+        if verdict is None or verdict.get("ok") or (a.stop or {}).get("kind") == "promote":
+            return await self._finalise(a)
+        if a.stop is not None and a.stop.get("kind") == "abort":
+            reason = f"manual: {a.stop.get('reason')}" + (f" (by {a.stop['actor']})" if a.stop.get("actor") else "")
+            return await self._roll_back(a, reason, verdict.get("evidence"), manual=True)
+        reason = f"{verdict['reason']}: {verdict['message']}"
+        refused = self.verify.incompatible_migrations(a.config, a.release)
+        if refused:
+            self._transition(a, D.SUCCEEDED, f"automatic rollback refused: {reason}")
+            await self.telemetry.notify("rollback_refused", {"version": a.version, "reason": reason,
+                                                             "evidence": verdict.get("evidence")})
+            raise DeployError(f"{a.version} is live but failing ({reason}); automatic rollback was refused "
+                              f"because {refused}. Decide: `changeover rollback` (code only) or fix forward.")
+        return await self._roll_back(a, reason, verdict.get("evidence"), manual=False)
+
+    async def _finalise(self, a: Active) -> dict[str, Any]:
+        promoted = (a.stop or {}).get("kind") == "promote"
+        self._transition(a, D.SUCCEEDED, "promoted" + (f" by {a.stop['actor']}" if a.stop and a.stop.get("actor")
+                                                       else "") if promoted else None)
+        self.state.event("deploy.finalised", a.target, version=a.version, promoted=promoted)
+        await self.telemetry.notify("finalised", {"version": a.version, "slot": a.target})
+        if a.kind == DeploymentKind.ROLLBACK:
+            self.telemetry.count_rollback("manual", self.state.live_slot())
+            await self.telemetry.notify("rolled_back", {"version": a.old_version, "to": a.version,
+                                                        "reason": "manual", "automatic": False})
+        self.schedule_standby_expiry(a.config, a.previous)
+        return a.result("succeeded", switch_ms=a.switch_ms, promoted=promoted, **{"from": a.old_version})
+
+    async def _roll_back(self, a: Active, reason: str, evidence: Any, *, manual: bool) -> dict[str, Any]:
+        """Back to the warm standby. The state says `rolling_back` before the proxy is touched, so a
+        daemon restarted in between finishes it instead of guessing."""
+        if a.previous is None or not self.slots.warm(a.previous):
+            self._transition(a, D.FAILED, f"{reason} (no warm standby to roll back to)")
+            raise DeployError(f"{a.version} failed after the switch ({reason}) and there is no warm "
                               "standby to roll back to")
-        elapsed = await steps.run(f"roll back to {live}", lambda: self.slots.switch(live),
-                                  detail=lambda s: f"{s * 1000:.1f} ms")
+        self._transition(a, D.ROLLING_BACK, reason)
+        prev = a.previous
+        elapsed = await a.steps.run(StepKind.SWITCH_BACK, f"roll back to {prev}",
+                                    lambda: self.slots.switch(prev, why=f"rollback: {reason}"),
+                                    detail=lambda s: f"{s * 1000:.1f} ms")
+        a.steps.forget(StepKind.SWITCH_BACK)
+        return await self._rolled_back(a, reason, evidence, manual=manual, switch_ms=elapsed * 1000)
+
+    async def _rolled_back(self, a: Active, reason: str, evidence: Any, *, manual: bool,
+                           switch_ms: float | None = None) -> dict[str, Any]:
+        prev = a.previous
+        self._transition(a, D.ROLLED_BACK, reason)
+        self.state.add_checks(a.id, [{"name": "rollback trigger", "kind": "monitor", "ok": False,
+                                      "detail": reason, "data": evidence}])
+        self.state.event("rollback", prev, version=a.old_version, reason=reason, automatic=not manual,
+                         evidence=evidence)
+        await self.telemetry.notify("rolled_back", {"version": a.version, "to": a.old_version, "reason": reason,
+                                                    "evidence": evidence, "automatic": not manual})
+        self.telemetry.count_rollback("manual" if manual else reason, prev)
+        await a.emit({"type": "live", "version": a.old_version, "slot": prev, "switch_ms": switch_ms or 0.0})
+        # The failed release gets no traffic; retire it in the background so it stops consuming.
+        self.spawn(self._retire_quietly(a.target, f"rolled back: {reason}"))
         how = "manually" if manual else "automatically"
         if manual:
-            reason = f"manual: {manual.get('reason')}" + (f" (by {manual['actor']})" if manual.get("actor") else "")
-        self.state.set_deployment(a.id, "rolled_back", reason)
-        self.state.add_checks(a.id, [{"name": "rollback trigger", "kind": "monitor", "ok": False,
-                                      "detail": reason, "data": verdict.get("evidence")}])
-        self.state.event("rollback", live, version=old_version, reason=reason, automatic=not manual,
-                         evidence=verdict.get("evidence"))
-        await self.gates.notify("rolled_back", {"version": release.version, "to": old_version, "reason": reason,
-                                                "evidence": verdict.get("evidence"), "automatic": not manual})
-        self.gates.count_rollback("manual" if manual else reason)
-        a.rollback_result = {"state": "succeeded", "deployment": a.id, "version": old_version, "slot": live,
-                             "switch_ms": elapsed * 1000, "from": release.version}
-        await a.emit({"type": "live", "version": old_version, "slot": live, "switch_ms": elapsed * 1000})
-        if not manual:
-            # The failed release gets no traffic; retire it in the background so it stops consuming.
-            self._spawn(self._retire_quietly(target, f"rolled back: {reason}"))
-        raise DeployError(f"{release.version} was rolled back {how}: {reason}\n{old_version} is live again")
+            return a.result("rolled_back", reason=reason, switch_ms=switch_ms, version=a.old_version,
+                            slot=prev, **{"from": a.version})
+        raise DeployError(f"{a.version} was rolled back {how}: {reason}\n{a.old_version} is live again")
 
-    async def _run_rollback(self, target: Release, live: str, standby: str, reason: str | None,
-                            schema: bool = False, allow_data_loss: bool = False) -> dict[str, Any]:
-        a = self.active
-        assert a is not None
-        steps = StepRunner(self.state, a.id, a.emit)
-        current = self.slots.version(live)
+    async def _failed(self, a: Active, e: BaseException) -> dict[str, Any]:
+        """A step failed or the deployment was stopped: unwind what ran, newest first, and say what is
+        live. Raises, except for an abort after the switch: that is the manual rollback it asked for."""
+        if isinstance(e, asyncio.CancelledError) and self.closing:
+            # SIGTERM (`systemctl restart`): nothing is undone; the next daemon settles or resumes
+            # the deployment from its state and the proxy, exactly as after a crash.
+            raise e
+        aborted = a.stop is not None and a.stop.get("kind") == "abort"
+        if isinstance(e, StepFailed):
+            reason = f"{e.step}: {e.cause}"
+        elif isinstance(e, asyncio.CancelledError):
+            reason = f"aborted: {(a.stop or {}).get('reason', 'cancelled')}"
+        else:
+            reason = f"{a.steps.current or a.kind}: {e}"
+        switched = a.phase == D.OBSERVING
+        if switched:
+            self._transition(a, D.ROLLING_BACK, reason)
+        problems = await a.steps.unwind()
+        if switched and a.previous is not None and self.state.live_slot() == a.previous:
+            if aborted and a.stop is not None:
+                who = f" (by {a.stop['actor']})" if a.stop.get("actor") else ""
+                return await self._rolled_back(a, f"manual: {a.stop.get('reason')}{who}", None, manual=True)
+            return await self._rolled_back(a, reason, None, manual=False)  # raises: rolled back automatically
+        new = D.ABORTED if aborted and not switched else D.FAILED
+        self._transition(a, new, reason + (f" (undo: {'; '.join(problems)})" if problems else ""))
+        await self.telemetry.notify("failed", {"version": a.version, "reason": reason})
+        live = self.slots.version(self.state.live_slot())
+        still = f"{live} is still live" if live else "nothing was live before and nothing is now"
+        verb = "aborted" if new == D.ABORTED else "failed"
+        raise DeployError(f"{a.kind} of {a.version} {verb} at step '{a.steps.current}': "
+                          f"{getattr(e, 'cause', None) or reason}\n{still}")
+
+    async def _aborted(self, a: Active) -> dict[str, Any]:
+        return await self._failed(a, asyncio.CancelledError())
+
+    async def _warm_rollback(self, a: Active, schema: bool, allow_data_loss: bool) -> dict[str, Any]:
+        current = a.old_version
         try:
-            if not (self.slots.warm(standby) and self.state.slot(standby).release_id == target.id):
-                if self.state.slot(standby).state != "empty" or self.slots.supervisor.records(standby):
-                    await steps.run(f"retire {standby}", lambda: self.slots.retire(standby, why="rollback"))
-                await steps.run(f"start {target.version} in {standby}", lambda: self.slots.start(standby, target))
-            elapsed = await steps.run(f"switch to {standby}", lambda: self.slots.switch(standby),
-                                      detail=lambda s: f"{s * 1000:.1f} ms")
+            elapsed = await a.steps.run(StepKind.SWITCH, f"switch to {a.target}",
+                                        lambda: self.slots.switch(a.target, why="rollback"),
+                                        detail=lambda s: f"{s * 1000:.1f} ms")
         except StepFailed as e:
-            self.state.set_deployment(a.id, "failed", f"{e.step}: {e.cause}")
-            raise RollbackError(f"rollback to {target.version} failed at '{e.step}': {e.cause}\n"
+            self._transition(a, D.FAILED, f"{e.step}: {e.cause}")
+            raise RollbackError(f"rollback to {a.version} failed at '{e.step}': {e.cause}\n"
                                 f"{current} is still live") from None
-        if schema and current is not None:
+        a.switch_ms = elapsed * 1000
+        if schema and a.previous is not None:
+            rolled = self.state.release(self.state.slot(a.previous).release_id)
             try:
-                await self.gates.rollback_schema(steps, current, allow_data_loss)
+                if rolled is not None:
+                    await self.verify.rollback_schema(a.steps, a.config, rolled, allow_data_loss)
             except StepFailed as e:
-                self.state.set_deployment(a.id, "failed", f"{e.step}: {e.cause}")
-                raise RollbackError(f"{target.version} is live again (code and config), but the schema rollback "
+                self._transition(a, D.FAILED, f"{e.step}: {e.cause}")
+                raise RollbackError(f"{a.version} is live again (code and config), but the schema rollback "
                                     f"failed: {e.cause}\nthe database is consistent; see `changeover migrate "
                                     "status`") from None
-        self.state.set_deployment(a.id, "succeeded")
-        self.state.event("rollback", standby, version=target.version, reason=reason or "manual", automatic=False)
-        self.gates.count_rollback("manual")
-        await self.gates.notify("rolled_back", {"version": current, "to": target.version,
-                                                "reason": reason or "manual", "automatic": False})
-        await a.emit({"type": "live", "version": target.version, "slot": standby, "switch_ms": elapsed * 1000})
-        return {"state": "succeeded", "deployment": a.id, "version": target.version, "slot": standby,
-                "switch_ms": elapsed * 1000, "from": current}
+        self._transition(a, D.SUCCEEDED)
+        row = self.state.deployment(a.id)
+        self.state.event("rollback", a.target, version=a.version, reason=row.reason if row else "manual",
+                         automatic=False)
+        self.telemetry.count_rollback("manual", a.target)
+        await self.telemetry.notify("rolled_back", {"version": current, "to": a.version,
+                                                    "reason": "manual", "automatic": False})
+        await a.emit({"type": "live", "version": a.version, "slot": a.target, "switch_ms": a.switch_ms})
+        return a.result("succeeded", switch_ms=a.switch_ms, **{"from": current})
+
+    def _cleanup_undo(self, a: Active) -> Undo:
+        return Undo(StepKind.CLEANUP, f"clean up {a.target}",
+                    lambda: self.slots.retire(a.target, drain=False, why=f"{a.kind} of {a.version} stopped"))
 
     def _rollback_target(self, live: str) -> Release:
         standby = self.state.slot(other(live))
@@ -349,6 +511,86 @@ class Pipeline:
                     return rel
         raise RollbackError(f"no earlier release to roll back to ({live_version} is the only one deployed)")
 
+    # -- after a restart ---------------------------------------------------------------------------
+    async def resume(self, dep_id: int, where: str, config: Config) -> None:
+        """Carry on a deployment the previous daemon left switched: `verify` (through the proxy, then
+        observe), `observe` (the rest of its window), or `rollback` (finish switching back)."""
+        dep = self.state.deployment(dep_id)
+        release = self.state.release(dep.release_id) if dep is not None else None
+        if dep is None or release is None or dep.slot is None:
+            return
+        await self._claim()
+        previous = other(dep.slot)
+        a = Active(dep.id, DeploymentKind(dep.kind), dep.version, dep.started_at, config, release, dep.slot,
+                   previous if self.state.slot(previous).state != "empty" else None, dep.from_version,
+                   StepRunner(self.state, dep.id), phase=DeploymentState(dep.state))
+        a.steps.emit = a.emit
+        self._apply(config)
+        self.active = a
+        if a.previous is not None:
+            a.steps.undos.append(Undo(StepKind.SWITCH_BACK, f"switch back to {a.previous}",
+                                      lambda: self.slots.switch(previous, why="switch back after a restart")))
+            a.steps.undos.insert(0, self._cleanup_undo(a))
+        log.info("deployment=%d resumed at %s", dep.id, where)
+        self.state.event("recovery.resumed", dep.slot, deployment=dep.id, at=where)
+        if where == "rollback":
+            self._run(a, self._resume_rollback(a, dep.reason or "rollback"))
+        elif where == "observe":
+            self._run(a, self._observe_and_finalise(a, resume=dep.window))
+        else:
+            self._run(a, self._chain(a, prepare=False))
+
+    async def _resume_rollback(self, a: Active, reason: str) -> dict[str, Any]:
+        manual = reason.startswith("manual")
+        if a.previous is not None and self.state.live_slot() != a.previous and self.slots.warm(a.previous):
+            prev = a.previous
+            await a.steps.run(StepKind.SWITCH_BACK, f"roll back to {prev}",
+                              lambda: self.slots.switch(prev, why=f"rollback (resumed): {reason}"),
+                              detail=lambda s: f"{s * 1000:.1f} ms")
+        if self.state.live_slot() != a.previous:
+            self._transition(a, D.FAILED, f"{reason} (the standby was gone after a restart)")
+            raise DeployError(f"could not finish rolling back {a.version}: no warm standby after the restart")
+        a.steps.undos.clear()
+        try:
+            return await self._rolled_back(a, reason, None, manual=manual)
+        except DeployError as e:
+            return a.result("rolled_back", message=str(e))
+
+    # -- standby expiry ----------------------------------------------------------------------------
+    def schedule_standby_expiry(self, config: Config, slot: str | None) -> None:
+        """Retire the standby `keep_standby` after a deploy; the deadline lives in the state, so a
+        restarted daemon keeps it."""
+        keep = config.monitor.keep_standby
+        if slot is None or keep <= 0:
+            self.state.clear_timer("standby_expiry")
+            self._arm_expiry()
+            return
+        self.state.set_timer("standby_expiry", time.time() + keep, slot=slot,
+                             release_id=self.state.slot(slot).release_id, keep=keep)
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        timer = self.state.timer("standby_expiry")
+        if timer is None:
+            return
+        due, data = timer
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, due - time.time()), self._expire, data)
+
+    def _expire(self, data: dict[str, Any]) -> None:
+        self._expiry = None
+        if self.active is not None:   # a deploy decides about the standby itself; look again later
+            self._expiry = asyncio.get_running_loop().call_later(1.0, self._expire, data)
+            return
+        self.state.clear_timer("standby_expiry")
+        slot = str(data.get("slot"))
+        s = self.state.slot(slot)
+        if s.state == "standby" and s.release_id == data.get("release_id"):
+            log.info("slot=%s standby kept %.0fs: retiring it", slot, float(data.get("keep", 0)))
+            self.spawn(self._retire_quietly(slot, f"standby kept for {float(data.get('keep', 0)):g}s"))
+
     async def _retire_quietly(self, slot: str, why: str) -> None:
         try:
             async with self._lock:
@@ -357,7 +599,7 @@ class Pipeline:
         except ChangeoverError as e:
             log.warning("retiring %s failed: %s", slot, e)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
         async def wrap() -> None:
             await coro
 
@@ -366,6 +608,17 @@ class Pipeline:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        self.closing = True
+        if self._expiry is not None:
+            self._expiry.cancel()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def app_settings(config: Config) -> dict[str, Any]:
+    """The [app] settings recorded with a release (what it ran with)."""
+    app = config.app
+    assert app is not None
+    return {"health_path": app.health_path, "instances": app.instances, "ready_timeout": app.ready_timeout,
+            "stop_timeout": app.stop_timeout}

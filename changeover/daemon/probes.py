@@ -21,7 +21,7 @@ def make_probes(config: Config, slots: SlotManager, release: Release, target: st
     env = release.env
     db_url = env.get(config.checks.pre.database_var)
     timeout = config.monitor.probe_timeout
-    health_path = config.app.health_path
+    health_path = config.app.health_path if config.app is not None else "/health"
 
     async def db_probe() -> tuple[bool, str]:
         assert db_url is not None

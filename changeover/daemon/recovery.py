@@ -1,34 +1,55 @@
-"""Settling the state after a daemon start: adopt what runs, clean what a crash left half-done.
+"""Settling the state after a daemon start: adopt what runs, clean what a crash left half-done, and
+say which deployment to carry on from where.
 
-The rules, in order:
-1. A deployment still `running` was interrupted. If its switch step had begun, the proxy (which
-   kept running) says which slot is really live and the state follows it. Otherwise the
-   deployment is marked failed and its half-started slot is cleaned up.
-2. Live and standby slots adopt their instances (pid alive and start time unchanged). A live
-   slot whose processes are all gone (e.g. after a reboot) is started again from its release.
-   A process tagged as an instance of a slot that is now empty is an orphan and is stopped.
-3. The proxy is told each slot's upstreams and which slot is live, so it matches the state.
+The data plane kept running while the daemon was away, so it is the truth about which slot users
+reach; the state follows it, never the other way round. The rules, in order:
+
+1. The live slot: when the adopted data plane serves a slot that holds a release, that slot is
+   live in the state too (a daemon killed between the proxy's switch and the state's write).
+2. Deployments in flight, decided by their step kinds and the live slot, never by step labels:
+   - `rolling_back`, or a switch back had begun: the rollback is finished (`resume: rollback`);
+   - switched (a `switch` step ran and the new slot is live): resumed at verification through the
+     proxy, or at the observation window when it had opened (`resume: verify` / `observe`);
+     a warm manual rollback that reached its switch succeeded;
+   - otherwise nothing users see had changed: the deployment failed (interrupted), and the slot it
+     was starting is cleaned up below.
+3. Live and standby slots adopt their instances (pid alive and start time unchanged). A live slot
+   whose processes are all gone (a reboot) is started again from its release. A process tagged as
+   an instance of a slot that is now empty is an orphan and is stopped.
+4. The data plane is told each slot's upstreams; when it serves nothing (a new one), the live slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from changeover.daemon.model import DeploymentKind, DeploymentState, SlotState, StepKind
 from changeover.daemon.procs import kill_orphans, proc_start
 from changeover.daemon.slots import SlotManager, spec_of
 from changeover.daemon.supervisor import InstanceRecord
 from changeover.errors import ChangeoverError
-from changeover.proxy.remote import ProxyProcess
+from changeover.proxy.control import ProxyControl
 from changeover.state import SLOTS, State
 
 log = logging.getLogger("changeover.recovery")
+D = DeploymentState
 
 
-def _kill_stale(records: list[InstanceRecord]) -> None:
+@dataclass(frozen=True)
+class Resume:
+    """A deployment the new daemon carries on: at "verify", "observe" or "rollback"."""
+
+    deployment: int
+    at: str
+
+
+async def _kill_stale(records: list[InstanceRecord]) -> None:
     """Kill leftovers of an interrupted start, only if the pid is still the process we started."""
     for r in records:
         if proc_start(r.pid) != r.proc_start:
@@ -40,72 +61,111 @@ def _kill_stale(records: list[InstanceRecord]) -> None:
                 break
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline and proc_start(r.pid) == r.proc_start:
-                time.sleep(0.05)
+                await asyncio.sleep(0.05)   # never block the event loop: the control socket must answer
             if proc_start(r.pid) != r.proc_start:
                 break
 
 
-async def recover(state: State, slots: SlotManager, proxy: ProxyProcess) -> None:
-    proxy_live = await proxy.live()
-    for dep in state.running_deployments():
-        steps = state.steps(dep.id)
-        switch_began = any(s.name.startswith(("switch to", "roll back to")) for s in steps)
-        if dep.state == "observing" or (switch_began and proxy_live == dep.slot):
-            # The new release had gone live; the proxy kept it live. Keep that truth.
-            if state.live_slot() != dep.slot and dep.slot is not None:
-                state.swap_live(dep.slot)
-            state.set_deployment(dep.id, "succeeded", "the daemon restarted during observation; "
-                                 "the release stayed live")
-        else:
-            where = next((s.name for s in reversed(steps) if s.state == "running"), "start")
-            state.set_deployment(dep.id, "failed", f"interrupted: the daemon stopped during '{where}'")
-        for s in steps:
-            if s.state == "running":
-                state.end_step(s.id, "failed", "interrupted: the daemon stopped")
-        settled = state.deployment(dep.id)
-        state.event("recovery.deployment", dep.slot, deployment=dep.id, state=settled.state if settled else None)
+def _follow_proxy(state: State, proxy_live: str | None) -> None:
+    if proxy_live not in SLOTS or proxy_live == state.live_slot():
+        return
+    assert proxy_live is not None
+    slot = state.slot(proxy_live)
+    if slot.release_id is None or slot.state in (SlotState.EMPTY, SlotState.STOPPING):
+        return
+    log.warning("the proxy serves slot %s, the state said %s: the state follows the proxy",
+                proxy_live, state.live_slot())
+    state.swap_live(proxy_live, "recovery: the proxy serves it")
+
+
+def _settle(state: State, dep_id: int) -> Resume | None:
+    dep = state.deployment(dep_id)
+    assert dep is not None
+    steps = state.steps(dep.id)
+    kinds = {s.kind for s in steps}
+    live = state.live_slot()
+    switched = StepKind.SWITCH in kinds and dep.slot is not None and live == dep.slot
+    resume: Resume | None = None
+    if dep.status == D.ROLLING_BACK or StepKind.SWITCH_BACK in kinds:
+        if dep.status != D.ROLLING_BACK:
+            state.transition_deployment(dep.id, D.ROLLING_BACK, "interrupted while switching back")
+        resume = Resume(dep.id, "rollback")
+    elif switched and dep.kind == DeploymentKind.ROLLBACK and StepKind.START not in kinds:
+        state.transition_deployment(dep.id, D.SUCCEEDED, "the daemon restarted after the switch; "
+                                    "the rollback had taken effect")
+    elif switched:
+        if dep.status != D.OBSERVING:
+            state.transition_deployment(dep.id, D.OBSERVING)
+        resume = Resume(dep.id, "observe" if StepKind.OBSERVE in kinds else "verify")
+    else:
+        where = next((s.name for s in reversed(steps) if s.state == "running"), None) or \
+            (steps[-1].name if steps else "start")
+        state.transition_deployment(dep.id, D.FAILED, f"interrupted: the daemon stopped during '{where}'; "
+                                    "nothing users see had changed")
+    for s in steps:
+        if s.state == "running":
+            state.end_step(s.id, "failed", "interrupted: the daemon stopped")
+    settled = state.deployment(dep.id)
+    state.event("recovery.deployment", dep.slot, deployment=dep.id, state=settled.state if settled else None,
+                resume=resume.at if resume else None)
+    return resume
+
+
+async def recover(state: State, slots: SlotManager, proxy: ProxyControl, adopted: bool) -> list[Resume]:
+    """Bring the state in line with what runs; returns the deployments to carry on."""
+    proxy_live = await proxy.live() if adopted else None
+    if adopted:
+        _follow_proxy(state, proxy_live)
+    resumes = [r for dep in state.running_deployments() if (r := _settle(state, dep.id)) is not None]
+    keep = {state.deployment(r.deployment).slot for r in resumes}  # type: ignore[union-attr]
 
     for name in SLOTS:
         slot = state.slot(name)
         records = [InstanceRecord.from_json(r) for r in slot.instances]
         release = state.release(slot.release_id)
-        if slot.state in ("starting", "stopping") or (slot.state != "empty" and release is None):
-            _kill_stale(records)
-            slots.transition(name, "empty", release_id=None, instances=[], why="recovery: half-done slot")
+        if slot.state in (SlotState.STARTING, SlotState.STOPPING) or (slot.state != SlotState.EMPTY
+                                                                        and release is None):
+            await _kill_stale(records)
+            if slot.state == SlotState.STARTING:
+                state.transition_slot(name, SlotState.STOPPING, why="recovery: half-started slot")
+            state.transition_slot(name, SlotState.EMPTY, release_id=None, instances=[],
+                                  why="recovery: half-done slot")
             await proxy.remove_slot(name)
             continue
-        if slot.state not in ("live", "standby") or release is None:
+        if slot.state not in (SlotState.LIVE, SlotState.STANDBY) or release is None:
             continue
         alive = slots.supervisor.adopt(name, spec_of(release), records)
-        state.set_slot(name, slot.state, instances=[r.to_json() for r in alive])
+        state.set_instances(name, [r.to_json() for r in alive])
         log.info("slot=%s adopted %d of %d instances of %s", name, len(alive), len(records), release.version)
         if not alive:
-            if slot.state == "standby":
-                slots.transition(name, "empty", release_id=None, instances=[], why="recovery: standby is gone")
+            if slot.state == SlotState.STANDBY and name not in keep:
+                state.transition_slot(name, SlotState.EMPTY, release_id=None, instances=[],
+                                      why="recovery: standby is gone")
                 await proxy.remove_slot(name)
                 continue
             try:
                 recs = await slots.supervisor.start_slot(name, spec_of(release))
-                state.set_slot(name, "live", instances=[r.to_json() for r in recs])
+                state.set_instances(name, [r.to_json() for r in recs])
                 state.event("recovery.restarted", name, version=release.version)
             except ChangeoverError as e:
-                log.error("slot=%s live release %s could not be restarted: %s", name, release.version, e)
+                log.error("slot=%s release %s could not be restarted: %s", name, release.version, e)
                 state.event("recovery.failed", name, version=release.version, error=str(e))
         await proxy.set_slot(name, slots.supervisor.upstreams(name))
         await proxy.set_version(name, release.version)
 
     # An empty slot runs nothing: a process tagged with it was spawned just before the daemon
     # died, before its pid was recorded. Found by its environment tag, stopped.
-    empty = [name for name in SLOTS if state.slot(name).state == "empty"]
+    empty = [name for name in SLOTS if state.slot(name).state == SlotState.EMPTY]
     orphans = kill_orphans(slots.supervisor.owner, empty)
     if orphans:
         log.warning("stopped %d orphaned instance process group(s): %s", len(orphans), orphans)
         state.event("recovery.orphans", None, pgids=orphans)
 
     live = state.live_slot()
-    if proxy_live != live:
-        await proxy.switch(live)
-        log.info("proxy live slot=%s was=%s (from state)", live, proxy_live)
+    if proxy_live is None and live is not None:
+        await proxy.switch(live)   # a data plane that serves nothing yet: tell it the live slot
+        log.info("proxy live slot=%s (from state: the proxy served nothing)", live)
+    return resumes
 
 
 def routing(state: State, slots: SlotManager) -> dict[str, Any]:
@@ -114,13 +174,13 @@ def routing(state: State, slots: SlotManager) -> dict[str, Any]:
     for name in SLOTS:
         slot = state.slot(name)
         release = state.release(slot.release_id)
-        if slot.state in ("live", "standby", "starting") and release is not None:
+        if slot.state in (SlotState.LIVE, SlotState.STANDBY, SlotState.STARTING) and release is not None:
             out["slots"][name] = [list(u) for u in slots.supervisor.upstreams(name)]
             out["versions"][name] = release.version
     return out
 
 
-async def configure_proxy(state: State, slots: SlotManager, proxy: ProxyProcess) -> None:
+async def configure_proxy(state: State, slots: SlotManager, proxy: ProxyControl) -> None:
     """Tell a proxy (a fresh one after a crash or a handover) every slot's upstreams and the live slot."""
     plan = routing(state, slots)
     for name, upstreams in plan["slots"].items():

@@ -1,35 +1,42 @@
 """`changeover serve`: the per-host daemon.
 
-It owns the state, the slot supervisor, the proxy worker (a process of its own, so traffic flows
-while the daemon restarts) and the control API on `.changeover/control.sock`. On start it adopts
-what is still running and settles anything a crash left half-done (daemon/recovery.py).
+It owns the state, the slot supervisor, the data plane (a process of its own, so traffic flows
+while the daemon restarts) and the control API on `.changeover/control.sock` (changeover.api).
+On start it adopts what is still running, settles anything a crash left half-done and carries on
+a deployment that had gone live (daemon/recovery.py). Every deploy and rollback re-reads
+`changeover.toml` and `.env`; `changeover reload` (or SIGHUP) does so for the running daemon.
 Stopping the daemon (SIGTERM, Ctrl-C) leaves the proxy and the app serving; `changeover down`
-stops everything.
+drains and stops everything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from changeover import rpc
+from changeover import api, rpc
+from changeover import config as config_mod
+from changeover.api import Op
 from changeover.config import Config
-from changeover.daemon.gates import Gates
+from changeover.daemon.model import SlotState, other
 from changeover.daemon.pipeline import Pipeline
 from changeover.daemon.recovery import configure_proxy, recover, routing
-from changeover.daemon.slots import SlotManager, other
-from changeover.errors import ChangeoverError, DaemonError
-from changeover.proxy.remote import ProxyProcess
+from changeover.daemon.slots import SlotManager
+from changeover.daemon.telemetry import Telemetry
+from changeover.daemon.verification import Verification
+from changeover.errors import ChangeoverError, ConfigError, DaemonError
+from changeover.proxy.control import ProxyControl
 from changeover.state import SLOTS, State
 
 log = logging.getLogger("changeover.daemon")
@@ -41,38 +48,67 @@ INCIDENTS = ("instance.crashed", "instance.gave_up", "instance.restarted", "inst
              "recovery.restarted", "proxy.restarted", "proxy.restart_failed")
 
 
+def make_control(config: Config) -> ProxyControl:
+    try:
+        from changeover.proxy.engines import make_control as make
+    except ImportError:  # the engine registry is optional while only the embedded proxy exists
+        from changeover.proxy.remote import ProxyProcess
+
+        return ProxyProcess(config.proxy, config.state_dir)
+    return make(config.proxy, config.state_dir)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
+        if config.app is None:
+            raise ConfigError("[app] is needed to run the daemon (command, health_path)", file=str(config.file),
+                              key="app")
         self.config = config
         self.state_dir = config.state_dir
         self.state = State(self.state_dir / "state.db")
-        self.proxy = ProxyProcess(config.proxy, self.state_dir)
+        self.proxy = make_control(config)
         self.slots = SlotManager(config, self.state, self.proxy)
-        self.gates = Gates(config, self.state, self.slots)
-        self.pipeline = Pipeline(config, self.state, self.slots, self.gates)
+        self.telemetry = Telemetry(config.monitor, self.proxy, str(config.file))
+        self.verification = Verification(self.slots, self._proxy_url)
+        self.pipeline = Pipeline(self.state, self.slots, self.verification, self.telemetry)
         self.stopping = asyncio.Event()
         self.started_at = time.time()
         self._server: asyncio.AbstractServer | None = None
         self._down = False
         self._handover = False
 
+    def _proxy_url(self) -> str:
+        host = self.config.proxy.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        port = self.proxy.port or self.config.proxy.port
+        return f"http://{host}:{port}"
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self._claim_pidfile()
         how = await self.proxy.ensure()
         self.state.event("daemon.start", proxy=how, proxy_pid=self.proxy.pid, pid=os.getpid())
-        await recover(self.state, self.slots, self.proxy)
+        resumes = await recover(self.state, self.slots, self.proxy, adopted=how == "adopted")
         if how == "adopted" and self.proxy.settings_differ:
             # [proxy] changed since the worker started: apply it without a gap.
             await self.reload_proxy("the [proxy] settings changed")
-        await self.gates.start(self.proxy)
-        self._server = await rpc.serve(self.config.socket_path, {
-            "status": self.h_status, "deploy": self.h_deploy, "rollback": self.h_rollback,
-            "stop_standby": self.h_stop_standby, "history": self.h_history, "down": self.h_down,
-            "ping": self.h_ping, "metrics": self.h_metrics, "reload_proxy": self.h_reload_proxy,
-        })
-        log.info("changeover daemon ready (pid %d): proxy on %s (%s, pid %s), control socket %s",
-                 os.getpid(), self.config.proxy.listen, how, self.proxy.pid, self.config.socket_path)
+        await self.telemetry.start(self.state.live_slot())
+        self.pipeline._arm_expiry()
+        for r in resumes:
+            await self.pipeline.resume(r.deployment, r.at, self.config)
+        handlers: dict[str, Callable[[dict[str, Any], rpc.Emit], Awaitable[Any]]] = {
+            Op.PING: self.h_ping, Op.STATUS: self.h_status, Op.HISTORY: self.h_history, Op.METRICS: self.h_metrics,
+            Op.DEPLOY: self.h_deploy, Op.PREPARE: self.h_prepare, Op.SWITCH: self.h_switch,
+            Op.PROMOTE: self.h_promote, Op.ABORT: self.h_abort, Op.ROLLBACK: self.h_rollback,
+            Op.STOP_STANDBY: self.h_stop_standby, Op.RELOAD: self.h_reload, Op.RELOAD_PROXY: self.h_reload_proxy,
+            Op.DOWN: self.h_down,
+        }
+        self._server = await rpc.serve(self.config.socket_path, {str(k): v for k, v in handlers.items()},
+                                       protocol=api.PROTOCOL)
+        log.info("changeover daemon ready (pid %d): proxy on %s (%s %s, pid %s), control socket %s",
+                 os.getpid(), self.config.proxy.listen, self.config.proxy.engine, how, self.proxy.pid,
+                 self.config.socket_path)
 
     async def run(self) -> None:
         await self.start()
@@ -106,11 +142,11 @@ class Daemon:
             misses += 1
             if misses < PROXY_MISSES:
                 continue
-            log.error("the proxy worker (pid %s) stopped answering: starting a new one", self.proxy.pid)
+            log.error("the proxy (pid %s) stopped answering: starting a new one", self.proxy.pid)
             try:
                 await self.proxy.ensure(routing(self.state, self.slots))  # routable before it listens
                 await configure_proxy(self.state, self.slots, self.proxy)
-                self.gates.reset_mirror()
+                self.telemetry.reset_mirror()
                 self.state.event("proxy.restarted", pid=self.proxy.pid)
                 misses = 0
             except ChangeoverError as e:
@@ -118,16 +154,11 @@ class Daemon:
                 self.state.event("proxy.restart_failed", error=str(e))
 
     async def close(self) -> None:
-        log.info("daemon stopping%s", " (down: stopping the app and the proxy)" if self._down else "")
+        log.info("daemon stopping%s", " (down: the app and the proxy were stopped)" if self._down else "")
         if self._server is not None:
             self._server.close()
         await self._bounded("the deploy pipeline", self.pipeline.close())
-        await self._bounded("the monitor", self.gates.close())
-        if self._down:
-            for slot in SLOTS:
-                await self.slots.supervisor.stop_slot(slot)
-                self.slots.transition(slot, "empty", release_id=None, instances=[], why="changeover down")
-            await self.proxy.shutdown()
+        await self._bounded("the monitor", self.telemetry.close())
         await self.slots.supervisor.close()
         self.state.event("daemon.stop", down=self._down)
         self.state.close()
@@ -164,6 +195,41 @@ class Daemon:
                                   "stop it first") from None
         pidfile.write_text(f"{os.getpid()}\n")
 
+    # -- the config, read at every deploy ----------------------------------------------------------
+    async def fresh_config(self) -> Config:
+        """changeover.toml and .env as they are now. An invalid file raises (file, key, expected) and
+        changes nothing; a changed [proxy] is applied by a hitless handover first."""
+        config = await asyncio.to_thread(config_mod.load, self.config.file)
+        if config.app is None:
+            raise ConfigError("[app] is needed to deploy (command, health_path)", file=str(config.file), key="app")
+        if config.proxy != self.config.proxy:
+            if config.proxy.engine != self.config.proxy.engine:
+                raise ConfigError(f"changed from {self.config.proxy.engine!r} to {config.proxy.engine!r}: a new "
+                                  "data plane needs a daemon restart (`changeover down`, then `changeover serve`)",
+                                  file=str(config.file), key="proxy.engine")
+            self.config = dataclasses.replace(self.config, proxy=config.proxy)
+            self.proxy.settings = config.proxy
+            await self.reload_proxy("the [proxy] settings changed")
+        self.config = config
+        return config
+
+    async def h_reload(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        config = await self.fresh_config()
+        if self.pipeline.active is None:
+            self.pipeline._apply(config)
+        self.state.event("daemon.reload", file=str(config.file))
+        log.info("config re-read from %s", config.file)
+        return {"file": str(config.file), "applied": self.pipeline.active is None}
+
+    def sighup(self) -> None:
+        async def go() -> None:
+            try:
+                await self.h_reload({}, _silent)
+            except ChangeoverError as e:
+                log.error("reload (SIGHUP) refused: %s", e)
+
+        self.pipeline.spawn(go())
+
     async def reload_proxy(self, why: str) -> dict[str, Any]:
         """Replace the proxy worker (new code after an upgrade, or new [proxy] settings) without
         dropping a request: the successor shares the port, the old one finishes and exits."""
@@ -177,17 +243,18 @@ class Daemon:
                                           lambda p: configure_proxy(self.state, self.slots, p))
             finally:
                 self._handover = False
-            self.gates.reset_mirror()
+            self.telemetry.reset_mirror()
         self.state.event("proxy.handover", old_pid=old, pid=self.proxy.pid, why=why)
         log.info("proxy handover: pid %s -> %s (%s)", old, self.proxy.pid, why)
         return {"old_pid": old, "pid": self.proxy.pid}
 
     async def h_reload_proxy(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return await self.reload_proxy(str(args.get("why") or "changeover reload-proxy"))
+        a = api.decode(api.ReloadProxyArgs, args)
+        return await self.reload_proxy(a.why or "changeover reload-proxy")
 
     # -- control API ----------------------------------------------------------------------------
     async def h_ping(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return {"pid": os.getpid(), "uptime": time.time() - self.started_at}
+        return {"pid": os.getpid(), "uptime": time.time() - self.started_at, "protocol": api.PROTOCOL}
 
     async def h_status(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         return await self.status()
@@ -200,21 +267,41 @@ class Daemon:
             out["live"] = self._slot_info(live)
         if standby_name:
             s = self.state.slot(standby_name)
-            if s.state != "empty":
+            if s.state != SlotState.EMPTY:
                 info = self._slot_info(standby_name)
-                info["state"] = ("warm" if s.state == "standby" and self.slots.warm(standby_name) else s.state)
+                info["state"] = ("warm" if s.state == SlotState.STANDBY and self.slots.warm(standby_name)
+                                 else s.state)
+                timer = self.state.timer("standby_expiry")
+                if timer is not None and timer[1].get("slot") == standby_name:
+                    info["expires_at"] = timer[0]
                 out["standby"] = info
         a = self.pipeline.active
         if a is not None:
-            out["deployment"] = {"id": a.id, "kind": a.kind, "version": a.version, "phase": a.phase,
-                                 "started_at": a.started}
-        out["proxy"] = {"listen": self.config.proxy.listen, "pid": self.proxy.pid}
-        # Crashes and restarts of the last hour: a crash-looping instance must be visible here.
-        recent = time.time() - 3600
-        out["incidents"] = [e for e in self.state.events(limit=200)
-                            if e["ts"] >= recent and e["kind"] in INCIDENTS][:10]
-        out["metrics"] = self.gates.live_metrics()
+            out["deployment"] = {"id": a.id, "kind": str(a.kind), "version": a.version, "phase": str(a.phase),
+                                 "slot": a.target, "started_at": a.started, "step": a.steps.current}
+        out["proxy"] = {"listen": self.config.proxy.listen, "pid": self.proxy.pid, "engine": self.config.proxy.engine}
+        out["incidents"] = self._incidents()
+        out["metrics"] = self.telemetry.live_metrics()
         return out
+
+    def _incidents(self) -> list[dict[str, Any]]:
+        """Crashes and restarts of the last hour, of what runs now: a crash-looping instance must be
+        visible here, the instances of a release that has since been replaced must not."""
+        recent = time.time() - 3600
+        since = {}
+        for name in SLOTS:
+            rel = self.state.release(self.state.slot(name).release_id)
+            since[name] = rel.created_at if rel is not None else None
+        out = []
+        for e in self.state.events(limit=200):
+            if e["ts"] < recent or e["kind"] not in INCIDENTS:
+                continue
+            if e["kind"].startswith("instance.") and e.get("slot") in since:
+                start = since[e["slot"]]
+                if start is None or e["ts"] < start:
+                    continue
+            out.append(e)
+        return out[:10]
 
     def _slot_info(self, slot: str) -> dict[str, Any]:
         s = self.state.slot(slot)
@@ -223,34 +310,90 @@ class Daemon:
                 "instances": [{"pid": r.pid, "port": r.port} for r in self.slots.supervisor.records(slot)]}
 
     async def h_deploy(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return await self.pipeline.deploy(str(args["version"]), str(args["path"]), emit,
-                                          wait=bool(args.get("wait")), env=args.get("env"),
-                                          actor=args.get("actor"))
+        a = api.decode(api.DeployArgs, args)
+        if self.pipeline.active is not None:
+            raise self.pipeline.busy_error()
+        config = await self.fresh_config()
+        return await self.pipeline.deploy(config, a.version, a.path, emit, wait=a.wait, env=a.env, actor=a.actor,
+                                          no_switch=a.no_switch)
+
+    async def h_prepare(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        return await self.h_deploy({**args, "no_switch": True}, emit)
+
+    async def h_switch(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        a = api.decode(api.SwitchArgs, args)
+        return await self.pipeline.switch(emit, wait=a.wait)
+
+    async def h_promote(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        a = api.decode(api.PromoteArgs, args)
+        return await self.pipeline.promote(a.actor)
+
+    async def h_abort(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        a = api.decode(api.AbortArgs, args)
+        return await self.pipeline.abort(a.reason, a.actor)
 
     async def h_rollback(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return await self.pipeline.rollback(emit, reason=args.get("reason"), actor=args.get("actor"),
-                                            schema=bool(args.get("schema")),
-                                            allow_data_loss=bool(args.get("allow_data_loss")))
+        a = api.decode(api.RollbackArgs, args)
+        try:
+            config = await self.fresh_config()
+        except ChangeoverError as e:
+            # A rollback is the emergency exit: a broken file must not block it.
+            log.warning("rolling back with the config the daemon read last: %s", e)
+            await emit({"type": "check", "name": "config", "ok": False,
+                        "detail": f"{e} (rolling back with the config read last)"})
+            config = self.config
+        return await self.pipeline.rollback(config, emit, reason=a.reason, actor=a.actor, schema=a.schema,
+                                            allow_data_loss=a.allow_data_loss, wait=a.wait)
 
     async def h_stop_standby(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         return await self.pipeline.stop_standby()
 
     async def h_history(self, args: dict[str, Any], emit: rpc.Emit) -> list[dict[str, Any]]:
-        return self.state.history(limit=int(args.get("limit", 20)))
+        a = api.decode(api.HistoryArgs, args)
+        return self.state.history(limit=a.limit)
 
     async def h_metrics(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return self.gates.live_metrics()
+        return self.telemetry.live_metrics()
 
     async def h_down(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        # "Stop everything" wins over a deploy in progress: it is cancelled (its steps are marked
-        # failed) and the deployment is settled as interrupted.
-        a = self.pipeline.active
-        if a is not None and a.id:
-            self.state.set_deployment(a.id, "failed", "stopped by `changeover down`")
+        """Stop everything, in the order that fails no request: stop routing new requests, drain what
+        is in flight (up to drain_timeout), stop the app, stop the proxy; answer when it is done."""
         log.info("`changeover down` requested")
+        a = self.pipeline.active
+        if a is not None and a.task is not None:
+            a.stop = {"kind": "abort", "reason": "stopped by `changeover down`"}
+            a.task.cancel()
+            with contextlib.suppress(BaseException):
+                if a.done is not None:
+                    await asyncio.wait_for(asyncio.shield(a.done), CLOSE_TIMEOUT)
+        if a is not None and a.id:
+            row = self.state.deployment(a.id)
+            if row is not None and not row.status.finished:
+                self.state.transition_deployment(a.id, "failed", "stopped by `changeover down`")
         self._down = True
+        stopped = []
+        live = self.state.live_slot()
+        order = [s for s in SLOTS if s != live] + ([live] if live else [])
+        with contextlib.suppress(ChangeoverError):
+            await self.proxy.switch(None)   # new requests: 503; those in flight finish
+        for slot in order:
+            st = self.state.slot(slot)
+            if st.state == SlotState.EMPTY and not self.slots.supervisor.records(slot):
+                continue
+            with contextlib.suppress(ChangeoverError):
+                await self.proxy.drain(slot, self.config.proxy.drain_timeout)
+            await self.slots.supervisor.stop_slot(slot)
+            if st.state != SlotState.STOPPING:
+                self.state.transition_slot(slot, SlotState.STOPPING, why="changeover down")
+            self.state.transition_slot(slot, SlotState.EMPTY, release_id=None, instances=[], why="changeover down")
+            stopped.append(slot)
+        await self.proxy.shutdown()
         self.stopping.set()
-        return {"stopping": True}
+        return {"stopping": True, "stopped": stopped}
+
+
+async def _silent(event: dict[str, Any]) -> None:
+    return None
 
 
 def setup_logging(state_dir: Path, verbose: bool = False) -> None:
@@ -278,6 +421,7 @@ def serve(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, daemon.sighup)
         await daemon.run()
 
     uvloop.run(main())

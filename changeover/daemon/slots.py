@@ -11,17 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from changeover.config import Config
+from changeover.config import Config, require_app
+from changeover.daemon.model import SlotState, other
 from changeover.daemon.supervisor import InstanceRecord, ReleaseSpec, Supervisor, SupervisorEvent
 from changeover.errors import DeployError
-from changeover.proxy.remote import ProxyProcess
+from changeover.proxy.control import ProxyControl
 from changeover.state import SLOTS, Release, State
 
 log = logging.getLogger("changeover.slots")
-
-
-def other(slot: str | None) -> str:
-    return "green" if slot == "blue" else "blue"
+__all__ = ["SlotManager", "other", "spec_of"]
 
 
 def spec_of(release: Release) -> ReleaseSpec:
@@ -30,21 +28,18 @@ def spec_of(release: Release) -> ReleaseSpec:
 
 
 class SlotManager:
-    def __init__(self, config: Config, state: State, proxy: ProxyProcess) -> None:
+    def __init__(self, config: Config, state: State, proxy: ProxyControl) -> None:
         self.config = config
         self.state = state
         self.proxy = proxy
-        self.supervisor = Supervisor(config.app, config.state_dir / "logs", on_event=self._on_event)
+        self.supervisor = Supervisor(require_app(config), config.state_dir / "logs", on_event=self._on_event)
         self.crashes: list[tuple[float, str]] = []  # (time, slot): read by the monitor's crash-loop trigger
         self._pending: list[SupervisorEvent] = []
 
     # -- transitions ------------------------------------------------------------------------------
-    def transition(self, slot: str, new: str, *, release_id: int | None = -1,
+    def transition(self, slot: str, new: SlotState, *, release_id: int | None = -1,
                    instances: list[dict[str, Any]] | None = None, why: str = "") -> None:
-        was = self.state.slot(slot).state
-        self.state.set_slot(slot, new, release_id, instances)
-        log.info("slot=%s state=%s was=%s%s", slot, new, was, f" ({why})" if why else "")
-        self.state.event("slot", slot, state=new, was=was, why=why)
+        self.state.transition_slot(slot, new, release_id=release_id, instances=instances, why=why)
 
     def version(self, slot: str | None) -> str | None:
         if slot is None:
@@ -58,14 +53,15 @@ class SlotManager:
     # -- actions ----------------------------------------------------------------------------------
     async def start(self, slot: str, release: Release) -> list[InstanceRecord]:
         """Start `release` in an empty slot and wait until ready; the proxy learns its upstreams."""
-        self.transition(slot, "starting", release_id=release.id, instances=[], why=f"starting {release.version}")
+        self.transition(slot, SlotState.STARTING, release_id=release.id, instances=[],
+                        why=f"starting {release.version}")
         records = await self.supervisor.start_slot(slot, spec_of(release))
-        self.state.set_slot(slot, "starting", instances=[r.to_json() for r in records])
+        self.state.set_instances(slot, [r.to_json() for r in records])
         await self.proxy.set_slot(slot, self.supervisor.upstreams(slot))
         await self.proxy.set_version(slot, release.version)
         return records
 
-    async def switch(self, slot: str) -> float:
+    async def switch(self, slot: str, why: str = "switch") -> float:
         """Make `slot` live; the previous live slot becomes the warm standby. Returns seconds taken."""
         if not self.warm(slot):
             raise DeployError(f"slot {slot} has no running instance to switch to")
@@ -74,7 +70,7 @@ class SlotManager:
         await self.proxy.switch(slot)
         elapsed = time.perf_counter() - t0
         was = self.state.live_slot()
-        self.state.swap_live(slot)
+        self.state.swap_live(slot, why)
         log.info("live slot=%s was=%s switched in %.1f ms", slot, was, elapsed * 1000)
         self.state.event("switch", slot, was=was, ms=round(elapsed * 1000, 2), version=self.version(slot))
         return elapsed
@@ -82,16 +78,17 @@ class SlotManager:
     async def retire(self, slot: str, *, drain: bool = True, why: str = "") -> None:
         """Stop routing to a slot, drain it, stop its processes, forget it."""
         current = self.state.slot(slot)
-        if current.state == "empty" and not self.supervisor.records(slot):
+        if current.state == SlotState.EMPTY and not self.supervisor.records(slot):
             return
         if self.state.live_slot() == slot:
             raise DeployError(f"slot {slot} is live; switch away from it first")
-        self.transition(slot, "stopping", why=why)
+        if current.state != SlotState.STOPPING:
+            self.transition(slot, SlotState.STOPPING, why=why)
         if drain:
             await self.proxy.drain(slot, self.config.proxy.drain_timeout)
         await self.proxy.remove_slot(slot)
         await self.supervisor.stop_slot(slot)
-        self.transition(slot, "empty", release_id=None, instances=[], why=why)
+        self.transition(slot, SlotState.EMPTY, release_id=None, instances=[], why=why)
 
     # -- supervisor events --------------------------------------------------------------------------
     def _on_event(self, ev: SupervisorEvent) -> None:
@@ -104,7 +101,7 @@ class SlotManager:
             # knows which process to clean up when it comes back.
             cur = self.state.slot(ev.slot)
             recs = [r for r in cur.instances if r.get("index") != ev.instance.index] + [ev.instance.to_json()]
-            self.state.set_slot(ev.slot, cur.state, instances=recs)
+            self.state.set_instances(ev.slot, recs)
         if ev.kind == "crashed":
             self.crashes.append((time.monotonic(), ev.slot))
             del self.crashes[:-100]
@@ -123,8 +120,8 @@ class SlotManager:
                 continue
             records = [r.to_json() for r in self.supervisor.records(slot)]
             cur = self.state.slot(slot)
-            if cur.state in ("live", "standby", "starting"):
-                self.state.set_slot(slot, cur.state, instances=records)
+            if cur.state in (SlotState.LIVE, SlotState.STANDBY, SlotState.STARTING):
+                self.state.set_instances(slot, records)
                 await self.proxy.set_slot(slot, self.supervisor.upstreams(slot))
 
     def crash_count(self, slot: str, since: float) -> int:

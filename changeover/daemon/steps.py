@@ -1,17 +1,23 @@
-"""Recording a deployment's steps: written before each step acts, finished after, shown live.
+"""Recording a deployment's steps: written before each step acts, finished after, shown live; and
+unwound, newest first, when the deployment fails or is aborted.
 
-`StepRunner.run(name, fn)` is the only way the pipeline does anything that changes the world, so
-every action has a row in `steps` (state=running) before it starts, and the CLI sees the same
-step with its duration as an event.
+`StepRunner.run(kind, name, fn, undo=...)` is the only way the pipeline does anything that changes
+the world, so every action has a row in `steps` (state=running, with its kind) before it starts,
+and the CLI sees the same step with its duration as an event. A step that changes something names
+its undo up front (alembic's operations know their reverse): it is registered before the step
+acts, so a step that fails half-way (a slot half-started) is undone too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from changeover.daemon.model import StepKind
 from changeover.errors import ChangeoverError
 from changeover.redact import redact_text
 from changeover.rpc import Emit
@@ -28,10 +34,20 @@ async def _drop(event: dict[str, Any]) -> None:
 class StepFailed(ChangeoverError):
     """A step failed; `step` names it and the message is the cause."""
 
-    def __init__(self, step: str, cause: str) -> None:
+    def __init__(self, step: str, cause: str, kind: StepKind = StepKind.NOTE) -> None:
         self.step = step
         self.cause = cause
+        self.kind = kind
         super().__init__(f"{step}: {cause}")
+
+
+@dataclass(frozen=True)
+class Undo:
+    """The reverse of a step: run as a step of its own when the deployment unwinds."""
+
+    kind: StepKind
+    name: str
+    fn: Callable[[], Awaitable[Any]]
 
 
 class StepRunner:
@@ -40,35 +56,60 @@ class StepRunner:
         self.deployment_id = deployment_id
         self.emit: Emit = emit or _drop
         self.current: str | None = None
+        self.current_kind: StepKind = StepKind.NOTE
+        self.undos: list[Undo] = []
 
-    async def run(self, name: str, fn: Callable[[], Awaitable[T]], *,
-                  detail: Callable[[T], str | None] | None = None) -> T:
-        step_id = self.state.begin_step(self.deployment_id, name)
-        self.current = name
-        await self.emit({"type": "step", "name": name, "state": "running"})
+    async def run(self, kind: StepKind, name: str, fn: Callable[[], Awaitable[T]], *,
+                  detail: Callable[[T], str | None] | None = None, undo: Undo | None = None) -> T:
+        step_id = self.state.begin_step(self.deployment_id, name, kind)
+        self.current, self.current_kind = name, kind
+        if undo is not None:
+            self.undos.append(undo)
+        await self.emit({"type": "step", "name": name, "kind": str(kind), "state": "running"})
         t0 = time.monotonic()
         try:
             result = await fn()
         except ChangeoverError as e:
             msg = redact_text(str(e))
             self.state.end_step(step_id, "failed", msg)
-            await self.emit({"type": "step", "name": name, "state": "failed",
+            await self.emit({"type": "step", "name": name, "kind": str(kind), "state": "failed",
                              "duration": time.monotonic() - t0, "detail": msg})
             log.warning("step %s failed: %s", name, msg)
-            raise StepFailed(name, msg) from e
+            raise StepFailed(name, msg, kind) from e
+        except asyncio.CancelledError:
+            self.state.end_step(step_id, "failed", "interrupted")
+            raise
         except BaseException as e:
-            # Cancelled or a bug: the row must not stay "running" while this daemon lives.
+            # A bug: the row must not stay "running" while this daemon lives.
             self.state.end_step(step_id, "failed", f"{type(e).__name__}: {e}")
             raise
         text = detail(result) if detail else None
         self.state.end_step(step_id, "ok", text)
         elapsed = time.monotonic() - t0
-        await self.emit({"type": "step", "name": name, "state": "ok", "duration": elapsed, "detail": text})
+        await self.emit({"type": "step", "name": name, "kind": str(kind), "state": "ok", "duration": elapsed,
+                         "detail": text})
         log.info("step %s ok in %.3fs%s", name, elapsed, f" ({text})" if text else "")
         return result
 
     async def note(self, name: str, detail: str) -> None:
         """A step that was considered and did not need to act (e.g. no migrations configured)."""
-        step_id = self.state.begin_step(self.deployment_id, name, detail)
+        step_id = self.state.begin_step(self.deployment_id, name, StepKind.NOTE, detail)
         self.state.end_step(step_id, "skipped")
-        await self.emit({"type": "step", "name": name, "state": "skipped", "duration": 0.0, "detail": detail})
+        await self.emit({"type": "step", "name": name, "kind": str(StepKind.NOTE), "state": "skipped",
+                         "duration": 0.0, "detail": detail})
+
+    def forget(self, kind: StepKind) -> None:
+        """A step's undo no longer applies (e.g. the switch was undone on purpose already)."""
+        self.undos = [u for u in self.undos if u.kind != kind]
+
+    async def unwind(self) -> list[str]:
+        """Undo what ran, newest first. A failing undo is reported and the rest still run."""
+        problems = []
+        while self.undos:
+            u = self.undos.pop()
+            try:
+                await self.run(u.kind, u.name, u.fn)
+            except StepFailed as e:
+                log.error("undo %s failed: %s", u.name, e.cause)
+                problems.append(f"{u.name}: {e.cause}")
+        return problems

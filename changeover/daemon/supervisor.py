@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from changeover.config import AppConfig
+from changeover.config import AppConfig, process_env
 from changeover.daemon import procs
 from changeover.daemon.logs import prune_release_logs, rotate, tail_lines
 from changeover.daemon.readiness import wait_ready
@@ -257,8 +256,7 @@ class Supervisor:
     def _env(self, release: ReleaseSpec, port: int, slot: str = "", index: int = 0) -> dict[str, str]:
         # The daemon's environment (PATH, HOME, LANG...) under the release's own: what a user who
         # starts the app from a shell expects. PORT and the instance tag always win.
-        return {**os.environ, **release.env, "PORT": str(port),
-                procs.INSTANCE_TAG: f"{self.owner}:{slot}:{index}"}
+        return {**process_env(release.env), "PORT": str(port), procs.INSTANCE_TAG: f"{self.owner}:{slot}:{index}"}
 
     @staticmethod
     def _log_name(version: str) -> str:

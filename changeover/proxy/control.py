@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
+from changeover.proxy.base import ProxySettings
+
 # Bumped whenever an op, an argument or a result of the control protocol changes: a daemon and a
 # proxy worker of different protocol versions refuse to talk (a clear error, never a misread).
 PROXY_PROTOCOL = 2
@@ -28,6 +30,7 @@ ENGINES: tuple[str, ...] = ("embedded", "haproxy")
 class ProxyControl(Protocol):
     """What the daemon needs from a data plane. Slot names are "blue" and "green"."""
 
+    settings: ProxySettings  # the [proxy] settings it is (to be) run with; a handover applies new ones
     pid: int | None          # the process carrying traffic (HAProxy's master), for `status`
     port: int | None         # the port it listens on (useful when [proxy] listen has port 0)
 
