@@ -7,7 +7,6 @@ code. `--json` prints one JSON document on stdout; progress goes to stderr eithe
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import typer
 
 from changeover import config as config_mod
 from changeover.errors import LintFailed
-from changeover.migrations import commands
+from changeover.migrations import commands, releases
 from changeover.migrations.engine import StepResult
 from changeover.migrations.results import ApplyResult
 
@@ -25,6 +24,11 @@ CONFIG = typer.Option(config_mod.DEFAULT_CONFIG, "-c", "--config", help="Path to
 JSON = typer.Option(False, "--json", help="Print one JSON document.")
 RELEASE = typer.Option(None, "--release", help="Release being deployed (recorded in the history).")
 WAIT = typer.Option(False, "--wait", help="Wait for another migration run to finish instead of failing.")
+RELEASE_DIR = typer.Option(None, "--release-dir", help="Release directory for a [migrations] dir with {release} "
+                           "(default: the live release's).")
+DATABASE = typer.Option(None, "--database", help="Database URL to use instead of [migrations] database.")
+OUT_OF_ORDER = typer.Option(False, "--allow-out-of-order", help="Accept pending migrations older than the newest "
+                            "applied one, and applied ones whose files are gone.")
 
 
 def _progress(msg: str) -> None:
@@ -37,24 +41,8 @@ def _emit(data: Any) -> None:
 
 def older_release_live(config: config_mod.Config) -> bool | None:
     """From the daemon's state (.changeover/state.db beside the config): is an older release still
-    running? None when it cannot be told (no state file, no slots table yet, no live slot)."""
-    path = config.state_dir / "state.db"
-    if not path.is_file():
-        return None
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
-        try:
-            rows = db.execute("SELECT name, state, release_id, instances FROM slots").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    live = [r for r in rows if r[1] == "live"]
-    if len(live) != 1:
-        return None
-    running = ("live", "standby", "starting", "stopping")
-    return any(r[1] in running and r[2] is not None and r[2] != live[0][2] and (r[3] or "[]") != "[]"
-               for r in rows if r is not live[0])
+    running? None when it cannot be told."""
+    return releases.older_release_live(config)
 
 
 def _steps(title: str, steps: list[StepResult]) -> None:
@@ -62,6 +50,8 @@ def _steps(title: str, steps: list[StepResult]) -> None:
         extra = f", backfilled {s.backfilled_rows} rows" if s.backfilled_rows else ""
         retry = f", {s.attempts} attempts" if s.attempts > 1 else ""
         typer.echo(f"{title} {s.version}_{s.name} ({s.phase}, {s.duration_ms} ms{retry}{extra})")
+        for note in s.notes:
+            typer.echo(f"  note: {note}")
 
 
 def _apply_out(res: ApplyResult, as_json: bool) -> None:
@@ -73,21 +63,28 @@ def _apply_out(res: ApplyResult, as_json: bool) -> None:
         typer.echo("nothing to apply" if not res.stopped_at else "nothing applied")
     if res.stopped_at:
         typer.echo(res.stopped_at.reason)
+    elif res.contract_pending:
+        typer.echo(f"contract pending: {', '.join(res.contract_pending)} (run `changeover migrate contract` once "
+                   "no older release is live)")
 
 
 @app.command()
-def status(config: str = CONFIG, as_json: bool = JSON) -> None:
-    """Applied and pending migrations, drift, interrupted backfills."""
-    res = commands.status(config_mod.load(config))
+def status(config: str = CONFIG, release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE,
+           as_json: bool = JSON) -> None:
+    """Applied and pending migrations, drift, interrupted backfills, dirty migrations."""
+    res = commands.status(config_mod.load(config), release_dir=release_dir, database_url=database)
     if as_json:
         _emit(res.to_json())
         return
     typer.echo(f"database: {res.database}")
+    typer.echo(f"migrations: {res.source} ({res.origin})")
     for m in res.migrations:
         flag = "  CHANGED since applied (see `migrate repair`)" if m.drifted else ""
         rel = f"  release {m.release}" if m.release else ""
         typer.echo(f"{m.state:<12} {m.version}_{m.name}  [{m.phase}]{rel}{flag}")
-    typer.echo(f"{len(res.pending)} pending")
+        if m.failed:
+            typer.echo(f"             {m.failed}  (resolve with `migrate repair --dirty applied|pending`)")
+    typer.echo(f"{len(res.pending)} pending" + (f", {len(res.dirty)} dirty" if res.dirty else ""))
 
 
 @app.command()
@@ -121,38 +118,51 @@ def plan(config: str = CONFIG, as_json: bool = JSON) -> None:
 
 
 @app.command()
-def safe(config: str = CONFIG, release: str | None = RELEASE, wait: bool = WAIT, as_json: bool = JSON) -> None:
+def safe(config: str = CONFIG, release: str | None = RELEASE, release_dir: str | None = RELEASE_DIR,
+         database: str | None = DATABASE, allow_out_of_order: bool = OUT_OF_ORDER, wait: bool = WAIT,
+         as_json: bool = JSON) -> None:
     """Apply expand migrations; stop before the first contract or unsafe one."""
-    _apply_out(commands.safe(config_mod.load(config), release, _progress, wait=wait), as_json)
+    _apply_out(commands.safe(config_mod.load(config), release, _progress, wait=wait, release_dir=release_dir,
+                             database_url=database, allow_out_of_order=allow_out_of_order), as_json)
 
 
 @app.command()
 def up(config: str = CONFIG, allow_unsafe: bool = typer.Option(False, "--allow-unsafe"),
-       release: str | None = RELEASE, wait: bool = WAIT, as_json: bool = JSON) -> None:
+       release: str | None = RELEASE, release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE,
+       allow_out_of_order: bool = OUT_OF_ORDER, wait: bool = WAIT, as_json: bool = JSON) -> None:
     """Apply everything pending; unsafe migrations need --allow-unsafe."""
-    res = commands.up(config_mod.load(config), release, _progress, allow_unsafe=allow_unsafe, wait=wait)
+    res = commands.up(config_mod.load(config), release, _progress, allow_unsafe=allow_unsafe, wait=wait,
+                      release_dir=release_dir, database_url=database, allow_out_of_order=allow_out_of_order)
     _apply_out(res, as_json)
 
 
 @app.command()
 def contract(config: str = CONFIG, force: bool = typer.Option(
         False, "--force", help="Proceed when the daemon state cannot tell whether an older release is live."),
-        release: str | None = RELEASE, wait: bool = WAIT, as_json: bool = JSON) -> None:
+        release: str | None = RELEASE, release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE,
+        allow_out_of_order: bool = OUT_OF_ORDER, wait: bool = WAIT, as_json: bool = JSON) -> None:
     """Apply contract migrations once no older release is live."""
     cfg = config_mod.load(config)
     res = commands.contract(cfg, release, _progress, older_release_live=older_release_live(cfg), force=force,
-                            wait=wait)
+                            wait=wait, release_dir=release_dir, database_url=database,
+                            allow_out_of_order=allow_out_of_order)
     _apply_out(res, as_json)
 
 
 @app.command()
 def rollback(config: str = CONFIG, steps: int | None = typer.Option(None, "--steps", help="How many (default 1)."),
-             to: str | None = typer.Option(None, "--to", help="Roll back everything newer than VERSION."),
-             allow_data_loss: bool = typer.Option(False, "--allow-data-loss"), wait: bool = WAIT,
+             to: str | None = typer.Option(None, "--to", help="Roll back everything newer than VERSION, "
+                                                               "leaving VERSION applied."),
+             everything: bool = typer.Option(False, "--all", help="Roll back every applied migration."),
+             allow_data_loss: bool = typer.Option(False, "--allow-data-loss"),
+             force: bool = typer.Option(False, "--force", help="Undo migrations the live or standby release "
+                                                               "needs."),
+             release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE, wait: bool = WAIT,
              as_json: bool = JSON) -> None:
-    """Run down scripts, newest first, each in its own transaction."""
-    res = commands.rollback(config_mod.load(config), steps, to, allow_data_loss=allow_data_loss,
-                            progress=_progress, wait=wait)
+    """Run down scripts, newest first, each in its own transaction; all are checked first."""
+    res = commands.rollback(config_mod.load(config), steps, to, everything=everything,
+                            allow_data_loss=allow_data_loss, force=force, progress=_progress, wait=wait,
+                            release_dir=release_dir, database_url=database)
     if as_json:
         _emit(res.to_json())
         return
@@ -183,9 +193,9 @@ def lint(paths: list[str] = typer.Argument(None, help="Files or directories (def
 
 
 @app.command()
-def new(name: str, config: str = CONFIG, as_json: bool = JSON) -> None:
+def new(name: str, config: str = CONFIG, release_dir: str | None = RELEASE_DIR, as_json: bool = JSON) -> None:
     """Create an empty migration in the directory's layout."""
-    files = commands.new(config_mod.load(config), name)
+    files = commands.new(config_mod.load(config), name, release_dir=release_dir)
     if as_json:
         _emit({"files": [str(f) for f in files]})
     else:
@@ -194,10 +204,25 @@ def new(name: str, config: str = CONFIG, as_json: bool = JSON) -> None:
 
 
 @app.command()
-def repair(config: str = CONFIG, as_json: bool = JSON) -> None:
-    """Accept changed migration files: record their current checksums."""
-    fixed = commands.repair(config_mod.load(config))
+def repair(config: str = CONFIG, dirty: str | None = typer.Option(
+        None, "--dirty", help="Resolve a dirty migration: applied (its changes are all in place) or pending "
+                              "(none are)."),
+        release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE, as_json: bool = JSON) -> None:
+    """Accept changed migration files (record their current checksums); resolve a dirty migration."""
+    fixed = commands.repair(config_mod.load(config), dirty=dirty, release_dir=release_dir, database_url=database)
     if as_json:
         _emit({"repaired": fixed})
     else:
         typer.echo("\n".join(f"repaired {v}" for v in fixed) or "nothing to repair")
+
+
+@app.command()
+def baseline(version: str, config: str = CONFIG, release: str | None = RELEASE,
+             release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE, as_json: bool = JSON) -> None:
+    """Adopt an existing database: record every migration up to VERSION as applied, without running it."""
+    ids = commands.baseline(config_mod.load(config), version, release=release, release_dir=release_dir,
+                            database_url=database)
+    if as_json:
+        _emit({"baselined": ids})
+    else:
+        typer.echo("\n".join(f"recorded {v} as applied (not run)" for v in ids))

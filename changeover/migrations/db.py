@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,69 @@ def is_lock_timeout(e: BaseException) -> bool:
 
 
 def describe(e: BaseException) -> str:
-    """A database error as one readable line (SQLSTATE and the server's primary message)."""
+    """A database error as one readable line: the server's message, SQLSTATE, DETAIL and HINT
+    (DETAIL is where PostgreSQL says which key is duplicated, HINT what to do)."""
     if isinstance(e, psycopg.Error):
         diag = e.diag
         msg = diag.message_primary or str(e).strip().splitlines()[0]
-        return f"{msg} (SQLSTATE {diag.sqlstate})" if diag.sqlstate else msg
+        if diag.sqlstate:
+            msg += f" (SQLSTATE {diag.sqlstate})"
+        if diag.message_detail:
+            msg += f"; DETAIL: {diag.message_detail}"
+        if diag.message_hint:
+            msg += f"; HINT: {diag.message_hint}"
+        return msg
     return str(e)
+
+
+class BlockerWatch:
+    """Who blocks a session while it waits for a lock: pg_blocking_pids(pid), sampled from a second
+    connection for as long as the block runs (once the wait times out, the server no longer knows)."""
+
+    POLL = 0.02
+
+    def __init__(self, db: Database, pid: int) -> None:
+        self.db, self.pid = db, pid
+        self.seen: list[tuple[Any, ...]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="changeover-blockers", daemon=True)
+
+    def __enter__(self) -> BlockerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            conn = psycopg.connect(self.db.target, autocommit=True, connect_timeout=5,
+                                   application_name=f"{APP_NAME} watch")
+        except psycopg.Error:
+            return
+        try:
+            while not self._stop.is_set():
+                rows = conn.execute(
+                    "SELECT pid, application_name, state, left(regexp_replace(query, '\\s+', ' ', 'g'), 120), "
+                    "now() - xact_start FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids(%s))",
+                    (self.pid,)).fetchall()
+                if rows:
+                    self.seen = rows
+                self._stop.wait(self.POLL)
+        except psycopg.Error:
+            pass
+        finally:
+            conn.close()
+
+    def describe(self) -> str:
+        if not self.seen:
+            return "the blocking session was not seen: look for a long transaction in pg_stat_activity"
+        parts = []
+        for pid, app, state, query, age in self.seen:
+            held = f", in a transaction for {age.total_seconds():.1f}s" if age is not None else ""
+            parts.append(f"pid {pid} (application {app or '-'!r}, {state}{held}, query: {query!r})")
+        return "blocked by " + "; ".join(parts) + f" — end it with SELECT pg_terminate_backend({self.seen[0][0]})"
 
 
 class Conn:
@@ -141,6 +199,15 @@ class Conn:
         else:
             self.execute(f"PRAGMA busy_timeout = {int(lock_timeout * 1000)}")
 
+    @property
+    def backend_pid(self) -> int | None:
+        return int(self.raw.info.backend_pid) if self.pg else None
+
+    def watch(self) -> BlockerWatch | None:
+        """A BlockerWatch on this session (PostgreSQL), for an attempt that may wait for a lock."""
+        pid = self.backend_pid
+        return BlockerWatch(self.db, pid) if pid is not None else None
+
     def close(self) -> None:
         try:
             self.raw.close()
@@ -158,6 +225,13 @@ class Conn:
         rows = self.query(f"PRAGMA table_info({qident(table)})")
         pks = [r[1] for r in rows if r[5]]
         return str(pks[0]) if len(pks) == 1 else "rowid"
+
+    def columns(self, table: str) -> set[str]:
+        if self.pg:
+            rows = self.query("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(?) AND attnum > 0 "
+                              "AND NOT attisdropped", (table,))
+            return {str(r[0]) for r in rows}
+        return {str(r[1]) for r in self.query(f"PRAGMA table_info({qident(table)})")}
 
     def table_exists(self, table: str) -> bool:
         if self.pg:

@@ -1,10 +1,14 @@
 """Running one migration up or down, atomically where the database allows it.
 
-A transactional migration runs all its statements and writes (or deletes) its history row in one
-transaction: it is either fully applied and recorded, or not at all. A lock timeout rolls the
-whole attempt back and retries it. Migrations with CONCURRENTLY (or `transaction off`) run
-statement by statement; a failed CREATE INDEX CONCURRENTLY leaves an INVALID index, which is
-dropped before the statement is tried again.
+A transactional migration runs all its statements and writes its history row in one transaction:
+it is either fully applied and recorded, or not at all. A lock timeout rolls the whole attempt
+back and retries it. Transaction control in the file behaves as `psql -f` would, inside ours:
+BEGIN/COMMIT become a savepoint and its release, a ROLLBACK undoes back to the BEGIN, SAVEPOINT
+and ROLLBACK TO run as written (so a script ending in ROLLBACK keeps nothing).
+
+Migrations with CONCURRENTLY (or `transaction off`) run statement by statement; each statement is
+retried on its own, a failed CREATE INDEX CONCURRENTLY's INVALID index is dropped before the next
+attempt (see concurrent.py). One that fails after some statements ran is recorded `dirty`.
 """
 
 from __future__ import annotations
@@ -12,21 +16,26 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
 from changeover.errors import MigrationError
 from changeover.migrations import backfill, history
+from changeover.migrations.concurrent import IndexBuild
 from changeover.migrations.config import MigrationsConfig
-from changeover.migrations.db import Conn, describe, qident
+from changeover.migrations.dataloss import data_loss
+from changeover.migrations.db import Conn, describe
 from changeover.migrations.formats import Migration
 from changeover.migrations.lint import ScriptAnalysis, StatementPlan
 from changeover.migrations.retry import Policy, with_retries
 
+__all__ = ["StepResult", "apply", "data_loss", "policy", "revert"]
+
 Progress = Callable[[str], None] | None
 DB_ERRORS = (psycopg.Error, sqlite3.Error)
+_BLOCK = "changeover_script_block"   # the savepoint that plays a BEGIN ... COMMIT block of the file
 
 
 @dataclass
@@ -39,11 +48,12 @@ class StepResult:
     transaction: bool = True
     backfilled_rows: int = 0
     direction: str = "up"
+    notes: list[str] = field(default_factory=list)   # e.g. "its ROLLBACK at line 4 undid lines 1-3"
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "name": self.name, "phase": self.phase, "duration_ms": self.duration_ms,
                 "attempts": self.attempts, "transaction": self.transaction,
-                "backfilled_rows": self.backfilled_rows, "direction": self.direction}
+                "backfilled_rows": self.backfilled_rows, "direction": self.direction, "notes": self.notes}
 
 
 def policy(cfg: MigrationsConfig) -> Policy:
@@ -55,26 +65,82 @@ def _fail(m: Migration, st: StatementPlan | None, e: BaseException, tail: str, p
     return MigrationError(f"{m.id} failed{where}: {describe(e)}; {tail}")
 
 
-def _drop_invalid_index(conn: Conn, st: StatementPlan) -> bool:
-    """Drop the INVALID index a failed CREATE INDEX CONCURRENTLY left behind. -> dropped?"""
+# -- transaction control in a script ------------------------------------------------------------
+def _tx_kind(st: StatementPlan) -> str | None:
+    """BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE, ROLLBACK_TO, PREPARE...; None: not transaction control."""
     node = st.node
-    if not conn.pg or type(node).__name__ != "IndexStmt" or not node.idxname:
-        return False
-    name = f"{node.relation.schemaname}.{node.idxname}" if node.relation.schemaname else node.idxname
-    rows = conn.query("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(?)", (name,))
-    if rows and rows[0][0]:
-        conn.query(f"DROP INDEX CONCURRENTLY IF EXISTS {qident(name)}")
-        return True
-    return False
+    if type(node).__name__ == "TransactionStmt":
+        kind = str(node.kind.name).removeprefix("TRANS_STMT_")
+        return {"START": "BEGIN"}.get(kind, kind)
+    if node is None:  # SQLite spellings pglast cannot read: BEGIN IMMEDIATE, END TRANSACTION
+        head = (st.sql.split() or [""])[0].upper()
+        return {"BEGIN": "BEGIN", "END": "COMMIT", "COMMIT": "COMMIT"}.get(head)
+    return None
 
 
+@dataclass
+class _Script:
+    steps: list[tuple[StatementPlan, list[str]]]   # each statement and the SQL that plays it
+    notes: list[str]
+
+
+def _in_transaction(a: ScriptAnalysis, path: str) -> _Script:
+    """Statements as they run inside the engine's transaction, with psql's meaning kept."""
+    out = _Script([], [])
+    begin: StatementPlan | None = None
+    for st in a.statements:
+        kind = _tx_kind(st)
+        if kind is None:
+            out.steps.append((st, [st.sql]))
+            continue
+        chain = bool(getattr(st.node, "chain", False))
+        sql: list[str] = []
+        if kind == "BEGIN":
+            if begin is None:  # psql: a BEGIN inside a block only warns
+                sql, begin = [f"SAVEPOINT {_BLOCK}"], st
+        elif kind in ("COMMIT", "ROLLBACK"):
+            if begin is not None:
+                if kind == "ROLLBACK":
+                    sql = [f"ROLLBACK TO SAVEPOINT {_BLOCK}"]
+                    out.notes.append(f"its ROLLBACK at line {st.line} undid what ran since the BEGIN at line "
+                                     f"{begin.line}, as psql would")
+                sql.append(f"RELEASE SAVEPOINT {_BLOCK}")
+                begin = None
+                if chain:
+                    sql.append(f"SAVEPOINT {_BLOCK}")
+                    begin = st
+        elif kind in ("SAVEPOINT", "RELEASE", "ROLLBACK_TO"):
+            sql = [st.sql]
+        else:
+            raise MigrationError(f"{path}:{st.line}:{st.col}: {' '.join(st.sql.split()[:2])}: two-phase "
+                                 "commit is not supported in a migration")
+        out.steps.append((st, sql))
+    if begin is not None:  # psql ends the session: the open block is rolled back
+        out.steps.append((begin, [f"ROLLBACK TO SAVEPOINT {_BLOCK}", f"RELEASE SAVEPOINT {_BLOCK}"]))
+        out.notes.append(f"its BEGIN at line {begin.line} is never committed: what ran after it was undone, "
+                         "as psql would")
+    return out
+
+
+def _statement_by_statement(a: ScriptAnalysis, path: str) -> list[StatementPlan]:
+    """Without a transaction BEGIN/COMMIT mean nothing; a ROLLBACK or savepoint cannot work."""
+    out = []
+    for st in a.statements:
+        kind = _tx_kind(st)
+        if kind is None:
+            out.append(st)
+        elif kind not in ("BEGIN", "COMMIT"):
+            raise MigrationError(f"{path}:{st.line}:{st.col}: {' '.join(st.sql.split()[:3])} cannot work in a "
+                                 "migration that runs without a transaction (CONCURRENTLY or `transaction off`)")
+    return out
+
+
+# -- up -------------------------------------------------------------------------------------------
 def apply(conn: Conn, cfg: MigrationsConfig, m: Migration, a: ScriptAnalysis, release: str | None,
           progress: Progress, resume: history.Applied | None = None) -> StepResult:
     """Apply one migration (or resume its interrupted backfill) and record it in the history."""
     t0 = time.monotonic()
     path = str(m.up.path)
-    # BEGIN/COMMIT in a file would end our transaction early: the engine provides the transaction
-    ddl = [s for s in a.statements if not s.backfill and s.kind != "Transaction"]
     fills = [s for s in a.statements if s.backfill]
     state = history.BACKFILLING if fills else history.APPLIED
     timeouts = (cfg.lock_timeout, cfg.statement_timeout)
@@ -83,25 +149,31 @@ def apply(conn: Conn, cfg: MigrationsConfig, m: Migration, a: ScriptAnalysis, re
         if progress:
             progress(f"applying {m.id} ({a.phase}{'' if a.transaction else ', no transaction'})")
         if a.transaction:
+            script = _in_transaction(a, path)
             current: list[StatementPlan | None] = [None]
 
             def attempt() -> None:
                 conn.begin()
                 conn.set_timeouts(*timeouts, local=True)
-                for st in ddl:
+                for st, sqls in script.steps:
+                    if st.backfill:
+                        continue
                     current[0] = st
-                    conn.execute(st.sql)
+                    for sql in sqls:
+                        conn.execute(sql)
                 current[0] = None
                 history.insert(conn, cfg.table, m.version, m.name, a.phase, m.checksum,
                                int((time.monotonic() - t0) * 1000), release, state)
                 conn.commit()
 
             try:
-                _, res.attempts = with_retries(attempt, policy(cfg), m.id, progress, conn.rollback)
+                _, res.attempts = with_retries(attempt, policy(cfg), m.id, progress, conn.rollback, conn.watch)
             except DB_ERRORS as e:
                 raise _fail(m, current[0], e, "rolled back: nothing of it was applied", path) from None
+            res.notes += script.notes
         else:
-            _run_each(conn, cfg, m, ddl, timeouts, progress, path, res)
+            ddl = [s for s in _statement_by_statement(a, path) if not s.backfill]
+            _run_each(conn, cfg, m, ddl, timeouts, progress, path, res, release, up=True)
             try:
                 conn.begin()
                 history.insert(conn, cfg.table, m.version, m.name, a.phase, m.checksum,
@@ -135,36 +207,50 @@ def apply(conn: Conn, cfg: MigrationsConfig, m: Migration, a: ScriptAnalysis, re
         history.set_state(conn, cfg.table, m.version, history.APPLIED, None,
                           res.duration_ms if resume is None else 0)
         conn.commit()
+    if progress:
+        for note in res.notes:
+            progress(f"{m.id}: {note}")
     return res
 
 
 def _run_each(conn: Conn, cfg: MigrationsConfig, m: Migration, statements: list[StatementPlan],
               timeouts: tuple[float, float], progress: Progress, path: str, res: StepResult,
-              up: bool = True) -> None:
-    """Statement by statement, outside a transaction (CONCURRENTLY)."""
+              release: str | None, up: bool) -> None:
+    """Statement by statement, outside a transaction (CONCURRENTLY). A failure after some statements
+    ran marks the migration dirty, so nobody mistakes it for pending (or for applied)."""
     conn.set_timeouts(*timeouts, local=False)
+    ran: list[StatementPlan] = []
     try:
-        for n, st in enumerate(statements):
-            if st.concurrent and _drop_invalid_index(conn, st) and progress:
-                progress(f"{m.id}: dropped the INVALID index a failed earlier build left behind")
-
-            def attempt(st: StatementPlan = st) -> None:
-                try:
-                    conn.execute(st.sql)
-                except Exception:
-                    if st.concurrent:
-                        _drop_invalid_index(conn, st)
-                    raise
-
+        for st in statements:
+            build: IndexBuild | None = None
             try:
+                if st.concurrent and conn.pg and type(st.node).__name__ == "IndexStmt":
+                    build = IndexBuild(conn, st.node)
+
+                def attempt(st: StatementPlan = st, build: IndexBuild | None = build) -> None:
+                    if build is not None:
+                        build.drop_leftovers()  # a lock timeout here is retried like the build's own
+                    try:
+                        conn.execute(st.sql)
+                    except Exception:
+                        if build is not None:
+                            try:
+                                build.drop_leftovers()
+                            except DB_ERRORS:
+                                pass  # the next attempt (or the next run) drops it
+                        raise
+
                 _, attempts = with_retries(attempt, policy(cfg), f"{m.id} statement {st.index}", progress,
-                                           conn.rollback)
+                                           conn.rollback, conn.watch)
                 res.attempts = max(res.attempts, attempts)
-            except DB_ERRORS as e:
-                done = f"statements 1-{n} ran and stay" if n else "none of its statements ran"
-                state = "not recorded as applied" if up else "still recorded as applied"
-                raise _fail(m, st, e, f"it runs without a transaction: {done}; the migration is {state}, "
-                            "fix it and run again (IF [NOT] EXISTS makes it re-runnable)", path) from None
+                if build is not None:
+                    build.drop_duplicates()
+                    if build.dropped and progress:
+                        progress(f"{m.id}: dropped the INVALID index(es) failed builds left: "
+                                 f"{', '.join(build.dropped)}")
+            except (*DB_ERRORS, MigrationError) as e:
+                raise _failed_midway(conn, cfg, m, res, st, e, ran, build, path, release, up) from None
+            ran.append(st)
     finally:
         if conn.pg:
             conn.rollback()
@@ -172,84 +258,82 @@ def _run_each(conn: Conn, cfg: MigrationsConfig, m: Migration, statements: list[
             conn.query("RESET statement_timeout")
 
 
-def _relname(rv: Any) -> str:
-    return f"{rv.schemaname}.{rv.relname}" if getattr(rv, "schemaname", None) else str(rv.relname)
+def _failed_midway(conn: Conn, cfg: MigrationsConfig, m: Migration, res: StepResult, st: StatementPlan,
+                   e: BaseException,
+                   ran: list[StatementPlan], build: IndexBuild | None, path: str, release: str | None,
+                   up: bool) -> MigrationError:
+    cause = describe(e) if isinstance(e, DB_ERRORS) else str(e)
+    left = ""
+    if build is not None:
+        try:
+            names = build.leftovers()
+        except DB_ERRORS:
+            names = []
+        if names:
+            left = f"; the INVALID index {', '.join(names)} it left is dropped by the next run"
+    where = f"{path}:{st.line}:{st.col} (statement {st.index})"
+    if not ran:
+        state = "not recorded as applied" if up else "still recorded as applied"
+        return MigrationError(f"{'' if up else 'rollback of '}{m.id} failed at {where}: {cause}; it runs without a "
+                              f"transaction and none of its statements ran; the migration is {state}{left}")
+    done = f"statement{'s' if len(ran) > 1 else ''} {', '.join(str(s.index) for s in ran)}"
+    detail = f"{'up' if up else 'down'}: statement {st.index} (line {st.line}) failed after {done} ran: {cause}"
+    recorded = "recorded as dirty"
+    try:
+        conn.rollback()
+        conn.begin()
+        if up:
+            history.insert(conn, cfg.table, m.version, m.name, res.phase, m.checksum, 0, release,
+                           history.DIRTY, detail)
+        else:
+            history.set_state(conn, cfg.table, m.version, history.DIRTY, None, failed=detail)
+        conn.commit()
+    except DB_ERRORS as err:
+        conn.rollback()
+        recorded = f"NOT recorded as dirty ({describe(err)})"
+    return MigrationError(
+        f"{'' if up else 'rollback of '}{m.id} failed at {where}: {cause}; it runs without a transaction: "
+        f"{done} ran and stay{left}; the migration is {recorded} "
+        "— finish or undo its statements by hand, then run `changeover migrate repair --dirty applied` "
+        "(its changes are all in place) or `--dirty pending` (none are: the next run applies it again)")
 
 
-def data_loss(conn: Conn, a: ScriptAnalysis) -> list[str]:
-    """What a down script would destroy: tables, columns and rows that hold values now."""
-    out = []
-    for st in a.statements:
-        node = st.node
-        kind = type(node).__name__
-        if kind == "DropStmt" and str(node.removeType.name) == "OBJECT_TABLE":
-            out += [f"table {t}" for t in st.tables if conn.has_data(t)]
-        elif kind == "DropStmt" and str(node.removeType.name) == "OBJECT_SCHEMA":
-            for obj in node.objects or ():
-                schema = str(getattr(obj, "sval", obj))
-                full = [t for t in conn.schema_tables(schema) if conn.has_data(t)]
-                if full:
-                    out.append(f"schema {schema} (tables with rows: {', '.join(full)})")
-        elif kind == "TruncateStmt":
-            out += [f"rows of {t} (TRUNCATE)" for t in map(_relname, node.relations or ()) if conn.has_data(t)]
-        elif kind == "DeleteStmt" and node.whereClause is None:
-            table = _relname(node.relation)
-            if conn.has_data(table):
-                out.append(f"rows of {table} (DELETE without WHERE)")
-        elif kind == "AlterTableStmt":
-            table = _relname(node.relation)
-            for cmd in node.cmds or ():
-                sub = str(cmd.subtype.name)
-                if sub == "AT_DropColumn" and conn.has_data(table, cmd.name):
-                    out.append(f"column {table}.{cmd.name}")
-                elif sub == "AT_AlterColumnType" and conn.has_data(table, cmd.name):
-                    out.append(f"values of {table}.{cmd.name} (converted to another type)")
-        elif node is None:
-            words = st.sql.replace(";", " ").split()
-            head = [w.upper() for w in words[:3]]
-            if head[:2] == ["DROP", "TABLE"]:
-                name = words[-1].strip('"`[]')
-                if conn.has_data(name):
-                    out.append(f"table {name}")
-            elif head[:2] == ["DELETE", "FROM"] and len(words) == 3:
-                name = words[2].strip('"`[]')
-                if conn.has_data(name):
-                    out.append(f"rows of {name} (DELETE without WHERE)")
-    return out
-
-
+# -- down -----------------------------------------------------------------------------------------
 def revert(conn: Conn, cfg: MigrationsConfig, m: Migration, a: ScriptAnalysis, progress: Progress) -> StepResult:
-    """Run the down script and delete the history row, in one transaction where possible."""
+    """Run the down script and mark the history row reverted, in one transaction where possible."""
     t0 = time.monotonic()
     assert m.down is not None
     path = str(m.down.path)
     timeouts = (cfg.lock_timeout, cfg.statement_timeout)
     res = StepResult(m.version, m.name, a.phase, 0, transaction=a.transaction, direction="down")
-    statements = [s for s in a.statements if s.kind != "Transaction"]
     if progress:
         progress(f"rolling back {m.id}")
     if a.transaction:
+        script = _in_transaction(a, path)
         current: list[StatementPlan | None] = [None]
 
         def attempt() -> None:
             conn.begin()
             conn.set_timeouts(*timeouts, local=True)
-            for st in statements:
+            for st, sqls in script.steps:
                 current[0] = st
-                conn.execute(st.sql)
+                for sql in sqls:
+                    conn.execute(sql)
             current[0] = None
-            history.delete(conn, cfg.table, m.version)
+            history.revert(conn, cfg.table, m.version)
             conn.commit()
 
         try:
-            _, res.attempts = with_retries(attempt, policy(cfg), f"rollback of {m.id}", progress, conn.rollback)
+            _, res.attempts = with_retries(attempt, policy(cfg), f"rollback of {m.id}", progress, conn.rollback,
+                                           conn.watch)
         except DB_ERRORS as e:
             err = _fail(m, current[0], e, "rolled back: the migration is still applied and recorded", path)
             raise MigrationError(f"rollback of {err}") from None
+        res.notes += script.notes
     else:
-        _run_each(conn, cfg, m, statements, timeouts, progress, path, res, up=False)
+        _run_each(conn, cfg, m, _statement_by_statement(a, path), timeouts, progress, path, res, None, up=False)
         conn.begin()
-        history.delete(conn, cfg.table, m.version)
+        history.revert(conn, cfg.table, m.version)
         conn.commit()
     res.duration_ms = int((time.monotonic() - t0) * 1000)
     return res

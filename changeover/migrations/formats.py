@@ -1,8 +1,12 @@
-"""Finding migrations on disk, in the three layouts projects already use, and their directives.
+"""Finding migrations on disk, in the layouts projects already use, and their directives.
 
     native / golang-migrate   0001_add_orders.up.sql + 0001_add_orders.down.sql
     diesel                    2024-01-01-120000_add_orders/up.sql + down.sql
     dbmate                    20240101120000_add_orders.sql with `-- migrate:up` / `-- migrate:down`
+    flyway                    V1.1__add_orders.sql + U1.1__add_orders.sql (undo), dotted versions
+
+Versions compare as dotted numbers (`1.10` after `1.9`; `0001` is `1`): `version_key` is the one
+ordering and `norm` the one spelling used as a key in the history.
 
 Directives are SQL comments, so the files stay valid for every other tool:
 `-- changeover:phase expand|contract`, `-- changeover:transaction off`,
@@ -19,14 +23,16 @@ from pathlib import Path
 from changeover.errors import MigrationError
 from changeover.tables import parse_duration
 
-NATIVE, DIESEL, DBMATE = "native", "diesel", "dbmate"
+NATIVE, DIESEL, DBMATE, FLYWAY = "native", "diesel", "dbmate", "flyway"
 PHASES = ("expand", "contract")
+VERSION = re.compile(r"^\d+(?:[._]\d+)*$")
 
 _NATIVE = re.compile(r"^(\d+)_(.+)\.(up|down)\.sql$")
 _DIESEL = re.compile(r"^(\d[\d-]*)_(.+)$")
 _DBMATE = re.compile(r"^(\d+)_(.+)\.sql$")
 _DIRECTIVE = re.compile(r"^[ \t]*--[ \t]*changeover:(\S*)[ \t]*(.*?)[ \t]*$", re.M)
 _DBMATE_MARK = re.compile(r"^[ \t]*--[ \t]*migrate:(up|down)\b(.*)$", re.M)
+_FLYWAY = re.compile(r"^([VU])(\d+(?:[._]\d+)*)__(.+)\.sql$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$.]*$")
 
 
@@ -74,8 +80,22 @@ class Migration:
         return hashlib.sha256(self.up.text.encode()).hexdigest()
 
     @property
-    def sort_key(self) -> tuple[int, str]:
-        return int(self.version), self.name
+    def key(self) -> str:
+        return norm(self.version)
+
+    @property
+    def sort_key(self) -> tuple[tuple[int, ...], str]:
+        return version_key(self.version), self.name
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """'0001' -> (1,), '1.10' -> (1, 10), '2024-01-01-120000' -> (20240101120000,)."""
+    return tuple(int(p) for p in version.replace("-", "").replace("_", ".").split("."))
+
+
+def norm(version: str) -> str:
+    """The one spelling of a version used as a key: leading zeros dropped, '.' between parts."""
+    return ".".join(str(p) for p in version_key(version))
 
 
 def parse_directives(text: str, path: Path, line_offset: int = 0) -> Directives:
@@ -166,19 +186,22 @@ def split_dbmate(path: Path, text: str) -> tuple[Script, Script | None]:
     return sections["up"], sections.get("down")
 
 
-def discover(directory: Path) -> list[Migration]:
-    """Every migration under `directory`, oldest first. Layouts may be mixed; versions must be unique."""
+def discover(directory: Path, origin: str | None = None) -> list[Migration]:
+    """Every migration under `directory`, oldest first. Layouts may be mixed; versions must be unique.
+    origin: where the directory comes from, for the error when it is missing."""
     if not directory.is_dir():
-        raise MigrationError(f"migrations directory {directory} does not exist "
+        where = f" ({origin})" if origin else ""
+        raise MigrationError(f"migrations directory {directory}{where} does not exist "
                              "(create it, run `changeover migrate new NAME`, or set [migrations] dir)")
     found: dict[str, Migration] = {}
     natives: dict[tuple[str, str], dict[str, Path]] = {}
+    flyway: dict[tuple[str, str], dict[str, Path]] = {}
 
     def add(m: Migration) -> None:
-        other = found.get(str(int(m.version)))
+        other = found.get(m.key)
         if other is not None:
             raise MigrationError(f"{m.up.path}: version {m.version} is also used by {other.up.path}")
-        found[str(int(m.version))] = m
+        found[m.key] = m
 
     for p in sorted(directory.iterdir()):
         if p.name.startswith("."):
@@ -196,10 +219,17 @@ def discover(directory: Path) -> list[Migration]:
         if nm:
             natives.setdefault((nm.group(1), nm.group(2)), {})[nm.group(3)] = p
             continue
+        fm = _FLYWAY.match(p.name)
+        if fm:
+            flyway.setdefault((fm.group(2).replace("_", "."), fm.group(3)), {})[fm.group(1)] = p
+            continue
+        if p.name.startswith("R__"):
+            raise MigrationError(f"{p}: Flyway's repeatable migrations (R__) are not supported; "
+                                 "give it a version (V<version>__name.sql)")
         bm = _DBMATE.match(p.name)
         if not bm:
-            raise MigrationError(f"{p}: cannot tell the version from the name "
-                                 "(expected 0001_name.up.sql, 0001_name.down.sql or 20240101120000_name.sql)")
+            raise MigrationError(f"{p}: cannot tell the version from the name (expected 0001_name.up.sql, "
+                                 "0001_name.down.sql, 20240101120000_name.sql or V1.1__name.sql)")
         up, down = split_dbmate(p, _read(p))
         add(Migration(bm.group(1), bm.group(2), DBMATE, up, down))
     for (version, name), files in natives.items():
@@ -207,6 +237,10 @@ def discover(directory: Path) -> list[Migration]:
             raise MigrationError(f"{files['down']}: has no matching {version}_{name}.up.sql")
         add(Migration(version, name, NATIVE, script(files["up"]),
                       script(files["down"]) if "down" in files else None))
+    for (version, name), files in flyway.items():
+        if "V" not in files:
+            raise MigrationError(f"{files['U']}: has no matching V{version}__{name}.sql")
+        add(Migration(version, name, FLYWAY, script(files["V"]), script(files["U"]) if "U" in files else None))
     return sorted(found.values(), key=lambda m: m.sort_key)
 
 

@@ -1,18 +1,29 @@
-"""The history table: one row per applied migration, written in the migration's own transaction.
+"""The history table: one row per migration, written in the migration's own transaction.
 
-state is `applied`, or `backfilling` while a declared backfill is still running (its DDL is
-committed; the next run resumes the batches from `backfill_position`).
+state is
+  applied      fully applied;
+  backfilling  its DDL is committed and a declared backfill is still running (the next run
+               resumes the batches from `backfill_position`);
+  dirty        a migration without a transaction failed after running some of its statements
+               (`failed` says which, and why): nothing runs until `migrate repair` resolves it;
+  reverted     rolled back: not applied, the row is kept so that re-applying keeps its release tag.
+
+applied_at is written from the clock of the host that runs changeover (not the database's), so it
+compares with the release times in the daemon's state (release-aware rollback).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from changeover.migrations.db import Conn
+from changeover.migrations.formats import norm
 
-APPLIED, BACKFILLING = "applied", "backfilling"
+APPLIED, BACKFILLING, DIRTY, REVERTED = "applied", "backfilling", "dirty", "reverted"
+_COLUMNS = "version, name, phase, checksum, applied_at, duration_ms, release, state, backfill_position"
 
 
 @dataclass(frozen=True)
@@ -26,11 +37,17 @@ class Applied:
     release: str | None
     state: str
     backfill_position: str | None
+    failed: str | None = None        # dirty: which statement failed, and the error
+    applied_ts: float | None = None  # applied_at as a Unix time
+
+    @property
+    def id(self) -> str:
+        return f"{self.version}_{self.name}"
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "name": self.name, "phase": self.phase, "checksum": self.checksum,
                 "applied_at": self.applied_at, "duration_ms": self.duration_ms, "release": self.release,
-                "state": self.state, "backfill_position": self.backfill_position}
+                "state": self.state, "backfill_position": self.backfill_position, "failed": self.failed}
 
 
 def ensure(conn: Conn, table: str) -> None:
@@ -44,39 +61,66 @@ def ensure(conn: Conn, table: str) -> None:
         duration_ms bigint NOT NULL DEFAULT 0,
         release text,
         state text NOT NULL DEFAULT 'applied',
-        backfill_position text)""")
+        backfill_position text,
+        failed text)""")
+    if "failed" not in conn.columns(table):  # a history table from before dirty states
+        conn.query(f"ALTER TABLE {table} ADD COLUMN failed text")
 
 
-def load(conn: Conn, table: str) -> dict[str, Applied]:
-    """Applied migrations by version (normalised: leading zeros dropped)."""
+def _ts(value: Any) -> tuple[str, float | None]:
+    if isinstance(value, datetime):
+        return value.isoformat(), value.timestamp()
+    text = str(value)
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return text, datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            continue
+    return text, None
+
+
+def load(conn: Conn, table: str, reverted: bool = False) -> dict[str, Applied]:
+    """Rows by normalised version (formats.norm); reverted rows only when asked."""
     if not conn.table_exists(table):
         return {}
-    rows = conn.query(f"SELECT version, name, phase, checksum, applied_at, duration_ms, release, state, "
-                      f"backfill_position FROM {table} ORDER BY version")
+    failed = ", failed" if "failed" in conn.columns(table) else ", NULL"
+    rows = conn.query(f"SELECT {_COLUMNS}{failed} FROM {table}")
     out = {}
     for r in rows:
-        at = r[4].isoformat() if hasattr(r[4], "isoformat") else str(r[4])
-        out[str(int(r[0]))] = Applied(str(r[0]), r[1], r[2], r[3], at, int(r[5]), r[6], r[7], r[8])
+        if r[7] == REVERTED and not reverted:
+            continue
+        at, ts = _ts(r[4])
+        out[norm(str(r[0]))] = Applied(str(r[0]), r[1], r[2], r[3], at, int(r[5]), r[6], r[7], r[8], r[9], ts)
     return out
 
 
 def insert(conn: Conn, table: str, version: str, name: str, phase: str, checksum: str, duration_ms: int,
-           release: str | None, state: str = APPLIED) -> None:
-    """Raw execute: runs inside the migration's transaction, errors go to the engine."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if conn.pg:
-        conn.execute(f"INSERT INTO {table} (version, name, phase, checksum, duration_ms, release, state) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (version, name, phase, checksum, duration_ms, release, state))
-    else:
-        conn.execute(f"INSERT INTO {table} (version, name, phase, checksum, applied_at, duration_ms, release, "
-                     "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     (version, name, phase, checksum, now, duration_ms, release, state))
+           release: str | None, state: str = APPLIED, failed: str | None = None) -> None:
+    """Raw execute: runs inside the migration's transaction, errors go to the engine.
+    A reverted row of the same version is replaced; its release tag is kept when none is given."""
+    now = time.time()
+    old = conn.execute(f"SELECT release FROM {table} WHERE version = ? AND state = ?", (version, REVERTED))
+    if old:
+        release = release or old[0][0]
+        conn.execute(f"DELETE FROM {table} WHERE version = ?", (version,))
+    at: Any = datetime.fromtimestamp(now, UTC)
+    if not conn.pg:
+        at = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    conn.execute(f"INSERT INTO {table} (version, name, phase, checksum, applied_at, duration_ms, release, state, "
+                 "failed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (version, name, phase, checksum, at, duration_ms, release, state, failed))
 
 
 def set_state(conn: Conn, table: str, version: str, state: str, position: str | None,
-              add_ms: int = 0) -> None:
-    conn.execute(f"UPDATE {table} SET state = ?, backfill_position = ?, duration_ms = duration_ms + ? "
-                 "WHERE version = ?", (state, position, add_ms, version))
+              add_ms: int = 0, failed: str | None = None) -> None:
+    conn.execute(f"UPDATE {table} SET state = ?, backfill_position = ?, duration_ms = duration_ms + ?, "
+                 "failed = ? WHERE version = ?", (state, position, add_ms, failed, version))
+
+
+def revert(conn: Conn, table: str, version: str) -> None:
+    """Rolled back: keep the row (and its release tag) as `reverted`."""
+    conn.execute(f"UPDATE {table} SET state = ?, backfill_position = NULL, failed = NULL WHERE version = ?",
+                 (REVERTED, version))
 
 
 def delete(conn: Conn, table: str, version: str) -> None:

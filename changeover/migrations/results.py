@@ -27,11 +27,14 @@ class ApplyResult:
     stopped_at: Stop | None = None     # `safe`: the first contract/unsafe migration, not applied
     pending: int = 0                   # still pending after this run
     release: str | None = None
+    source: str | None = None          # the directory the migrations were read from
+    contract_pending: list[str] = field(default_factory=list)  # contract migrations left for `contract`
 
     def to_json(self) -> dict[str, Any]:
         return {"applied": [s.to_json() for s in self.applied],
                 "stopped_at": self.stopped_at.to_json() if self.stopped_at else None,
-                "pending": self.pending, "release": self.release}
+                "pending": self.pending, "release": self.release, "source": self.source,
+                "contract_pending": self.contract_pending}
 
 
 @dataclass
@@ -46,29 +49,38 @@ class RollbackResult:
 class MigrationStatus:
     version: str
     name: str
-    state: str              # applied | backfilling | pending | missing (applied, file gone)
+    state: str              # applied | backfilling | dirty | pending | missing (applied, file gone)
     phase: str
     drifted: bool = False   # applied, and the file changed since
     applied_at: str | None = None
     release: str | None = None
+    failed: str | None = None   # dirty: which statement failed, and why
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "name": self.name, "state": self.state, "phase": self.phase,
-                "drifted": self.drifted, "applied_at": self.applied_at, "release": self.release}
+                "drifted": self.drifted, "applied_at": self.applied_at, "release": self.release,
+                "failed": self.failed}
 
 
 @dataclass
 class StatusResult:
     database: str
     migrations: list[MigrationStatus]
+    source: str = ""    # the directory the migrations were read from
+    origin: str = ""    # why that one ([migrations] dir, the live release...)
 
     @property
     def pending(self) -> list[MigrationStatus]:
         return [m for m in self.migrations if m.state == "pending"]
 
+    @property
+    def dirty(self) -> list[MigrationStatus]:
+        return [m for m in self.migrations if m.state == "dirty"]
+
     def to_json(self) -> dict[str, Any]:
-        return {"database": self.database, "migrations": [m.to_json() for m in self.migrations],
-                "pending": len(self.pending), "drifted": sum(m.drifted for m in self.migrations)}
+        return {"database": self.database, "source": self.source, "origin": self.origin,
+                "migrations": [m.to_json() for m in self.migrations], "pending": len(self.pending),
+                "dirty": len(self.dirty), "drifted": sum(m.drifted for m in self.migrations)}
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from changeover.errors import MigrationError
-from changeover.migrations.db import describe, is_lock_timeout
+from changeover.migrations.db import BlockerWatch, describe, is_lock_timeout
 
 T = TypeVar("T")
 
@@ -28,20 +28,29 @@ class Policy:
 
 
 def with_retries(fn: Callable[[], T], policy: Policy, label: str,
-                 progress: Callable[[str], None] | None, undo: Callable[[], None]) -> tuple[T, int]:
-    """Run fn; on a lock timeout call undo (roll back), wait, and run it again. -> (result, attempts)."""
+                 progress: Callable[[str], None] | None, undo: Callable[[], None],
+                 watch: Callable[[], BlockerWatch | None] | None = None) -> tuple[T, int]:
+    """Run fn; on a lock timeout call undo (roll back), wait, and run it again. -> (result, attempts).
+
+    watch: makes a BlockerWatch for the session; the last attempt (and any after a first timeout)
+    runs under it, so that giving up can name who held the lock."""
     attempt = 1
     while True:
+        watcher = watch() if watch is not None and (attempt > 1 or policy.retries == 0) else None
         try:
-            return fn(), attempt
+            if watcher is None:
+                return fn(), attempt
+            with watcher:
+                return fn(), attempt
         except Exception as e:
             undo()
             if not is_lock_timeout(e):
                 raise
             if attempt > policy.retries:
+                who = watcher.describe() if watcher is not None else \
+                    "a long transaction is probably holding it: find it in pg_stat_activity"
                 raise MigrationError(f"{label}: could not get its lock after {attempt} attempts "
-                                     f"({describe(e)}); a long transaction is probably holding it — "
-                                     "find it in pg_stat_activity, or raise [migrations] retries") from None
+                                     f"({describe(e)}); {who}; or raise [migrations] retries") from None
             wait = policy.pause(attempt)
             if progress:
                 progress(f"{label}: lock timeout (attempt {attempt}/{policy.retries + 1}), "
