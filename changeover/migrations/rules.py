@@ -89,6 +89,41 @@ RULES: dict[str, Rule] = {r.id: r for r in (
     Rule("phase-mismatch", "error", "unsafe",
          "A migration marked `phase expand` must only hold backward compatible changes: move the "
          "contract statements into their own migration marked `-- changeover:phase contract`.", _BOTH),
+    Rule("unjudged", "error", "unsafe",
+         "Read what the statement locks and whether old code survives it; if it is safe, confirm with "
+         "`-- changeover:ignore unjudged <reason>` on the line above it."),
+    Rule("truncating-table", "error", "unsafe",
+         "TRUNCATE empties the table at once under ACCESS EXCLUSIVE, and the running code loses its rows. "
+         "Delete what must go with `-- changeover:backfill table=T` over `DELETE FROM T WHERE ...` (batched), "
+         "or truncate in a contract migration a table no release reads any more (ignore with the reason)."),
+    Rule("locking-table", "error", "unsafe",
+         "Remove the LOCK TABLE: every statement takes the lock it needs, changeover gives each a short "
+         "lock_timeout and retries; an explicit strong lock is held until commit and blocks the application "
+         "for the whole migration."),
+    Rule("table-rewrite", "error", "unsafe",
+         "There is no online form: run it in a maintenance window (`migrate up --allow-unsafe`), use "
+         "pg_repack for VACUUM FULL / CLUSTER, or create the table that way from the start (free on a new "
+         "table)."),
+    Rule("refresh-matview-not-concurrent", "error", "unsafe",
+         "REFRESH MATERIALIZED VIEW CONCURRENTLY (needs a UNIQUE index on the view): reads go on while it "
+         "refreshes."),
+    Rule("transaction-incompatible", "error", "unsafe",
+         "Put the statement in a migration of its own with `-- changeover:transaction off` (PostgreSQL "
+         "refuses to run it inside a transaction block)."),
+    Rule("slow-under-held-lock", "error", "unsafe",
+         "Split into two migrations: the statement that takes the strong lock commits at once in the first; "
+         "the slow statement runs in the next, holding only its own weaker lock (each migration is one "
+         "transaction, and every lock is held until it commits)."),
+    Rule("dropping-constraint", "notice", "contract",
+         "Old code may rely on it (ON CONFLICT (col) needs the unique index; a CHECK or FK keeps its data "
+         "valid): drop it in a contract migration once no older release is live.", _BOTH),
+    Rule("dropping-default", "notice", "contract",
+         "Old code's INSERTs that omit the column would store NULL (or fail on NOT NULL): drop the default "
+         "in a contract migration once no older release is live.", _BOTH),
+    Rule("renaming-object", "error", "unsafe",
+         "Expand: create the object under the new name beside the old one (CREATE VIEW new AS SELECT * FROM "
+         "old-view's query; CREATE FUNCTION new(...) with the same body, or one calling the other); the new "
+         "release uses the new name. Contract: drop the old one."),
     Rule("prefer-bigint", "warning", "expand",
          "Use bigint (or bigint GENERATED ALWAYS AS IDENTITY) for keys: int runs out at 2^31 and the later "
          "int -> bigint change rewrites the table."),
@@ -100,7 +135,26 @@ RULES: dict[str, Rule] = {r.id: r for r in (
     Rule("prefer-identity", "warning", "expand",
          "Use bigint GENERATED ALWAYS AS IDENTITY instead of serial: standard SQL, and the sequence is "
          "owned and permissioned with the table."),
+    Rule("prefer-text-over-char", "warning", "expand",
+         "Use text (or varchar): char(n) pads every value with blanks to n characters, and comparing or "
+         "changing it later surprises."),
+    Rule("identifier-too-long", "warning", "expand",
+         "Keep names to 63 bytes: PostgreSQL truncates longer ones silently, so two long names with the same "
+         "first 63 bytes collide and the catalog shows another name than the migration."),
 )}
+
+# Rules about a lock held or a table rewritten: harmless when the table is empty (nobody waits, nothing
+# is copied), so on an empty table or one created earlier in the same run they become notices.
+LOCK_RULES = frozenset({
+    "adding-volatile-default", "adding-serial-column", "adding-stored-generated-column", "changing-column-type",
+    "setting-not-null", "index-not-concurrent", "drop-index-not-concurrent", "reindex-not-concurrent",
+    "constraint-missing-not-valid", "unique-without-index", "exclusion-constraint", "truncating-table",
+    "table-rewrite", "refresh-matview-not-concurrent", "locking-table", "slow-under-held-lock",
+})
+# NOT NULL without a default fails on rows and breaks old INSERTs: harmless only on a table that this run
+# creates (no running release knows it, no rows). Renames and drops stay what they are: the release
+# being deployed, not only the old one, must agree with them.
+COMPAT_RULES = frozenset({"adding-required-column"})
 
 PHASE_ORDER = {"expand": 0, "contract": 1, "unsafe": 2}
 
@@ -111,17 +165,24 @@ LOCK_BLOCKS = {
     "SHARE": "writes",
     "SHARE UPDATE EXCLUSIVE": "nothing (other DDL only)",
     "ROW EXCLUSIVE": "rows it touches",
+    "ROW SHARE": "nothing (EXCLUSIVE locks only)",
+    "ACCESS SHARE": "nothing (ACCESS EXCLUSIVE only)",
     "none": "nothing",
+    "unknown": "unknown (not judged)",
     "database write lock": "writes (SQLite: whole database)",
 }
 
 LOCK_RANK = {k: i for i, k in enumerate(
-    ("none", "ROW EXCLUSIVE", "SHARE UPDATE EXCLUSIVE", "SHARE", "SHARE ROW EXCLUSIVE", "EXCLUSIVE",
-     "database write lock", "ACCESS EXCLUSIVE"))}
+    ("none", "unknown", "ACCESS SHARE", "ROW SHARE", "ROW EXCLUSIVE", "SHARE UPDATE EXCLUSIVE", "SHARE",
+     "SHARE ROW EXCLUSIVE", "EXCLUSIVE", "database write lock", "ACCESS EXCLUSIVE"))}
 
 
 def worst_phase(*phases: str) -> str:
     return max(phases, key=PHASE_ORDER.__getitem__, default="expand")
+
+
+def blocks_writes(lock: str) -> bool:
+    return LOCK_RANK.get(lock, 0) >= LOCK_RANK["SHARE"]
 
 
 def strongest_lock(*locks: str) -> str:

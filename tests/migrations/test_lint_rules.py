@@ -61,6 +61,24 @@ CASES: dict[str, tuple[str, str]] = {
     "prefer-identity": ("CREATE TABLE t (id bigserial PRIMARY KEY);",
                         "CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY);"),
     "parse-error": ("ALTER TABLE orders ADD COLUMN;", "ALTER TABLE orders ADD COLUMN x int;"),
+    "unjudged": ("ALTER TABLE orders ATTACH PARTITION orders_2024 FOR VALUES FROM (1) TO (2);",
+                 "ALTER TABLE orders SET (fillfactor = 70);"),
+    "truncating-table": ("TRUNCATE orders;", "CREATE TABLE t (id bigint);\nTRUNCATE t;"),
+    "locking-table": ("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE;", "LOCK TABLE orders IN ROW EXCLUSIVE MODE;"),
+    "table-rewrite": ("ALTER TABLE orders SET UNLOGGED;", "CREATE TABLE t (id bigint);\nALTER TABLE t SET UNLOGGED;"),
+    "refresh-matview-not-concurrent": ("REFRESH MATERIALIZED VIEW order_totals;",
+                                       "REFRESH MATERIALIZED VIEW CONCURRENTLY order_totals;"),
+    "transaction-incompatible": ("VACUUM orders;", "-- changeover:transaction off\nVACUUM orders;"),
+    "slow-under-held-lock": (
+        "ALTER TABLE orders ADD CONSTRAINT pos CHECK (total > 0) NOT VALID;\nALTER TABLE orders VALIDATE CONSTRAINT pos;",
+        "ALTER TABLE orders VALIDATE CONSTRAINT pos;"),
+    "dropping-constraint": ("ALTER TABLE orders DROP CONSTRAINT orders_pkey;",
+                            "ALTER TABLE orders ADD CONSTRAINT pos CHECK (total > 0) NOT VALID;"),
+    "dropping-default": ("ALTER TABLE orders ALTER COLUMN note DROP DEFAULT;",
+                         "ALTER TABLE orders ALTER COLUMN note SET DEFAULT 'x';"),
+    "renaming-object": ("ALTER VIEW order_totals RENAME TO totals;", "ALTER INDEX orders_user RENAME TO o_user;"),
+    "prefer-text-over-char": ("CREATE TABLE t (code char(3));", "CREATE TABLE t (code text);"),
+    "identifier-too-long": ("CREATE TABLE t (" + "x" * 64 + " text);", "CREATE TABLE t (" + "x" * 63 + " text);"),
 }
 
 
