@@ -285,9 +285,11 @@ class Daemon:
         return out
 
     def _incidents(self) -> list[dict[str, Any]]:
-        """Crashes and restarts of the last hour, of what runs now: a crash-looping instance must be
-        visible here, the instances of a release that has since been replaced must not."""
+        """Crashes and restarts of the last hour: those of what runs now, and those during the latest
+        deployment (they explain its outcome); not those of releases replaced since."""
         recent = time.time() - 3600
+        latest = self.state.deployments(1)
+        last_start = latest[0].started_at if latest else 0.0
         since = {}
         for name in SLOTS:
             rel = self.state.release(self.state.slot(name).release_id)
@@ -298,7 +300,7 @@ class Daemon:
                 continue
             if e["kind"].startswith("instance.") and e.get("slot") in since:
                 start = since[e["slot"]]
-                if start is None or e["ts"] < start:
+                if e["ts"] < last_start and (start is None or e["ts"] < start):
                     continue
             out.append(e)
         return out[:10]

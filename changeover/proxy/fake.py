@@ -1,60 +1,50 @@
-"""An in-memory `DataPlane` for other layers' unit tests: no sockets, every call recorded."""
+"""An in-memory `ProxyControl` for in-process tests of the pipeline and recovery: no sockets,
+every call recorded, traffic simulated on demand.
+
+It behaves like the embedded proxy towards the daemon (kamal-proxy tests its router the same
+way): `switches` lists every `switch()` target in order, `drains` every (slot, timeout, result).
+`request(slot, status, seconds)` records a simulated request for the monitor; `begin(slot)` /
+`end(slot)` move the in-flight count that `drain()` waits for. `fail_next(op)` makes the next
+call of that op raise, to test what a data-plane failure does to a deploy.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from changeover.errors import ChangeoverError
+from changeover.monitor import mirror
+from changeover.monitor.metrics import Recorder
+from changeover.proxy.base import ProxySettings
+from changeover.proxy.control import PROXY_PROTOCOL
 
 
-class FakeDataPlane:
-    """Behaves like the embedded proxy towards the daemon, and remembers what it was told.
-
-    `switches` lists every `switch()` target in order; `drains` every (slot, timeout, result).
-    Tests simulate traffic with `begin(slot)` / `end(slot)`, which move the in-flight count that
-    `drain()` waits for; `drain_result` forces the outcome of the next drains when set.
-    """
-
-    def __init__(self) -> None:
-        self.started = False
-        self.closed = False
+class FakeControl:
+    def __init__(self, settings: ProxySettings | None = None, *, running: bool = False) -> None:
+        self.settings = settings or ProxySettings()
+        self.pid: int | None = None
+        self.port: int | None = None
+        self.running = running            # True: ensure() adopts (a data plane that kept running)
         self.slots: dict[str, list[tuple[str, int]]] = {}
+        self.versions: dict[str, str | None] = {}
         self.switches: list[str | None] = []
         self.drains: list[tuple[str, float, bool]] = []
-        self.drain_result: bool | None = None
+        self.calls: list[str] = []
+        self.recorder = Recorder()
         self._live: str | None = None
         self._inflight: dict[str, int] = {}
-        self._idle = asyncio.Event()
+        self._fail: dict[str, str] = {}
+        self._running_settings = dataclasses.asdict(self.settings)
 
-    async def start(self) -> None:
-        self.started = True
+    # -- test controls ------------------------------------------------------------------------
+    def fail_next(self, op: str, message: str = "the proxy did not answer") -> None:
+        self._fail[op] = message
 
-    async def close(self) -> None:
-        self.closed = True
-
-    def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
-        if not slot:
-            raise ChangeoverError("slot name must be a non-empty string")
-        self.slots[slot] = [(h, int(p)) for h, p in upstreams]
-
-    def remove_slot(self, slot: str) -> None:
-        if slot == self._live:
-            raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
-        self.slots.pop(slot, None)
-
-    def switch(self, slot: str | None) -> None:
-        if slot is not None and slot not in self.slots:
-            raise ChangeoverError(f"unknown slot {slot!r}")
-        self._live = slot
-        self.switches.append(slot)
-
-    @property
-    def live(self) -> str | None:
-        return self._live
-
-    def inflight(self, slot: str) -> int:
-        return self._inflight.get(slot, 0)
+    def request(self, slot: str, status: int = 200, seconds: float = 0.001) -> None:
+        self.recorder.record(slot, status, seconds, status >= 502)
 
     def begin(self, slot: str) -> None:
         self._inflight[slot] = self._inflight.get(slot, 0) + 1
@@ -62,15 +52,80 @@ class FakeDataPlane:
     def end(self, slot: str) -> None:
         self._inflight[slot] = max(0, self._inflight.get(slot, 0) - 1)
 
+    def _call(self, op: str) -> None:
+        self.calls.append(op)
+        msg = self._fail.pop(op, None)
+        if msg is not None:
+            raise ChangeoverError(f"{msg} ({op})")
+
+    # -- ProxyControl -------------------------------------------------------------------------
+    async def ensure(self, initial: dict[str, Any] | None = None) -> str:
+        self._call("ensure")
+        if self.running:
+            return "adopted"
+        self.running, self.pid, self.port = True, 1, self.settings.port
+        if initial:
+            for slot, ups in initial.get("slots", {}).items():
+                self.slots[slot] = [(h, int(p)) for h, p in ups]
+            self.versions.update(initial.get("versions", {}))
+            self._live = initial.get("live")
+        self._running_settings = dataclasses.asdict(self.settings)
+        return "started"
+
+    async def ping(self) -> dict[str, Any] | None:
+        if not self.running:
+            return None
+        return {"pid": self.pid, "port": self.port, "live": self._live, "settings": self._running_settings,
+                "protocol": PROXY_PROTOCOL}
+
+    @property
+    def settings_differ(self) -> bool:
+        return self._running_settings != dataclasses.asdict(self.settings)
+
+    async def live(self) -> str | None:
+        return self._live if self.running else None
+
+    async def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
+        self._call("set_slot")
+        self.slots[slot] = [(h, int(p)) for h, p in upstreams]
+
+    async def set_version(self, slot: str, version: str | None) -> None:
+        self.versions[slot] = version
+        self.recorder.set_version(slot, version)
+
+    async def remove_slot(self, slot: str) -> None:
+        self._call("remove_slot")
+        if slot == self._live:
+            raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
+        self.slots.pop(slot, None)
+
+    async def switch(self, slot: str | None) -> dict[str, Any]:
+        self._call("switch")
+        if slot is not None and slot not in self.slots:
+            raise ChangeoverError(f"unknown slot {slot!r}")
+        was, self._live = self._live, slot
+        self.switches.append(slot)
+        return {"live": slot, "was": was}
+
     async def drain(self, slot: str, timeout: float) -> bool:
-        if self.drain_result is not None:
-            result = self.drain_result
-        else:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while self.inflight(slot) and loop.time() < deadline:
-                await asyncio.sleep(min(0.01, max(0.0, deadline - loop.time())))
-            result = not self.inflight(slot)
-            self._inflight[slot] = 0          # what was left is cut, as the real proxies do
+        self._call("drain")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._inflight.get(slot) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        result = not self._inflight.get(slot)
+        self._inflight[slot] = 0          # what was left is cut, as the real proxies do
         self.drains.append((slot, timeout, result))
         return result
+
+    async def metrics(self, since: Any = None) -> dict[str, Any]:
+        return mirror.export(self.recorder, since)
+
+    async def handover(self, initial: dict[str, Any], configure: Callable[[Any], Awaitable[None]]) -> None:
+        self._call("handover")
+        self._running_settings = dataclasses.asdict(self.settings)
+        await configure(self)
+
+    async def shutdown(self) -> None:
+        self._call("shutdown")
+        self.running = False

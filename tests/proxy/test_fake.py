@@ -1,3 +1,5 @@
+"""The fake proxy control behaves like the embedded proxy towards the daemon."""
+
 from __future__ import annotations
 
 import asyncio
@@ -5,29 +7,41 @@ import asyncio
 import pytest
 
 from changeover.errors import ChangeoverError
-from changeover.proxy.base import DataPlane
-from changeover.proxy.fake import FakeDataPlane
+from changeover.monitor import mirror
+from changeover.monitor.metrics import Recorder
+from changeover.proxy.control import ProxyControl
+from changeover.proxy.fake import FakeControl
 
 
-def test_fake_records_and_drains() -> None:
+def test_fake_records_switches_drains_and_failures() -> None:
     async def run() -> None:
-        fake = FakeDataPlane()
-        dp: DataPlane = fake
-        await dp.start()
-        dp.set_slot("blue", [("127.0.0.1", 1)])
-        dp.set_slot("green", [("127.0.0.1", 2)])
-        dp.switch("blue")
-        dp.switch("green")
-        assert dp.live == "green" and fake.switches == ["blue", "green"]
+        fake = FakeControl()
+        pc: ProxyControl = fake
+        assert await pc.ensure() == "started" and await pc.live() is None
+        await pc.set_slot("blue", [("127.0.0.1", 1)])
+        await pc.set_slot("green", [("127.0.0.1", 2)])
+        await pc.switch("blue")
+        await pc.switch("green")
+        assert await pc.live() == "green" and fake.switches == ["blue", "green"]
         with pytest.raises(ChangeoverError):
-            dp.switch("red")
+            await pc.switch("red")
         with pytest.raises(ChangeoverError):
-            dp.remove_slot("green")
+            await pc.remove_slot("green")
         fake.begin("blue")
-        assert dp.inflight("blue") == 1
-        assert await dp.drain("blue", 0.05) is False
-        assert dp.inflight("blue") == 0
-        assert await dp.drain("blue", 0.05) is True
-        assert fake.drains == [("blue", 0.05, False), ("blue", 0.05, True)]
-        await dp.close()
+        assert await pc.drain("blue", 0.05) is False
+        assert await pc.drain("blue", 0.05) is True
+        fake.fail_next("switch")
+        with pytest.raises(ChangeoverError, match="switch"):
+            await pc.switch("blue")
+        assert await pc.live() == "green"
+        fake.request("green", 500)
+        fake.request("green", 200)
+        rec = Recorder()
+        mirror.absorb(rec, await pc.metrics(None))
+        assert rec.window("green", 10).requests == 2
+        info = await pc.ping()
+        assert info is not None and info["live"] == "green"
+        await pc.shutdown()
+        assert await pc.ping() is None
+
     asyncio.run(run())
