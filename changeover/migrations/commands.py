@@ -591,7 +591,7 @@ def lint(config: Config | None, paths: list[str] | None = None, dialect: str | N
             if down is not None:
                 n, found = judge.down_findings(down, ctx)
                 findings += found
-                statements, files = statements + n, files + 1
+                statements += n
     finally:
         if conn is not None:
             conn.close()
