@@ -177,7 +177,7 @@ def origin_form(head: bytes) -> bytes:
     return b"\r\n".join([method + b" " + path + b" " + version, b"Host: " + m.group(1), *others]) + b"\r\n\r\n"
 
 
-_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
+_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"))
 _REQ_HOP = frozenset((b"connection", b"keep-alive", b"te", b"trailer", b"upgrade"))
 
 

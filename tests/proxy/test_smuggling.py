@@ -57,6 +57,15 @@ CORPUS: list[tuple[str, bytes, int]] = [
     ("header no colon", b"GET / HTTP/1.1\r\n" + H + b"XY\r\n\r\n", 400),
     ("CONNECT", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
     ("unknown Expect", b"POST / HTTP/1.1\r\n" + H + b"Expect: 200-ok\r\nContent-Length: 0\r\n\r\n", 417),
+    ("bare CR in a trailer", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+     b"0\r\nX-T: a\rSet-Cookie: b\r\n\r\n", 400),
+    ("NUL in a trailer", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-T: a\x00b\r\n\r\n",
+     400),
+    ("leading bare CR", b"\rGET / HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("absolute-form, not http", b"GET ftp://h/ HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    ("absolute-form with userinfo", b"GET http://u:p@h/ HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    ("absolute-form, two Hosts", b"GET http://h/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("absolute-form, no Host in 1.1", b"GET http://h/ HTTP/1.1\r\n\r\n", 400),
 ]
 
 
