@@ -405,9 +405,11 @@ def rollback(config: Config, steps: int | None = None, to: str | None = None, *,
                     problems.append(f"{m.id} has no down script: it cannot be rolled back")
                     continue
                 a = analyze(m.down, LintContext(db.dialect))
-                if a.parse_error:
-                    f = a.parse_error
-                    problems.append(f"{f.file}:{f.line}:{f.col}: syntax error: {f.message}")
+                syntax = [(f.line, f.col, f.message) for f in [a.parse_error] if f is not None]
+                syntax += [(st.line, st.col, err) for st in a.statements if st.node is None
+                           for err in [conn.syntax_error(st.sql)] if err]   # SQLite pglast cannot read
+                if syntax:
+                    problems += [f"{m.down.path}:{line}:{col}: syntax error: {msg}" for line, col, msg in syntax]
                     parse_errors = True
                     continue
                 lost = engine.data_loss(conn, a)
@@ -547,13 +549,22 @@ def new(config: Config, name: str, *, release_dir: str | Path | None = None) -> 
 
 
 def lint(config: Config | None, paths: list[str] | None = None, dialect: str | None = None, *,
-         use_database: bool = False) -> LintResult:
+         use_database: bool = False, database_url: str | None = None) -> LintResult:
     """Lint migration files or directories (default: the configured migrations directory), down
-    scripts included. use_database: judge against the configured database's tables (sizes)."""
+    scripts included. With database_url, or use_database (the configured one), statements are judged
+    against that database's tables: sizes from pg_class, row estimates from EXPLAIN."""
     t0 = time.perf_counter()
+    db = None
+    if database_url or use_database:
+        if database_url is None and (config is None or not config.migrations.database):
+            raise UsageError("no database to read table sizes from: pass --database URL or configure "
+                             "[migrations] database")
+        db = database(database_url, Path.cwd()) if config is None else _db(config, database_url)
     if dialect is None:
         dialect = POSTGRES
-        if config is not None and config.migrations.database:
+        if db is not None:
+            dialect = db.dialect
+        elif config is not None and config.migrations.database:
             dialect = _db(config).dialect
     scripts: list[tuple[Script, Script | None]] = []   # (up, its down) or (a lone file, None)
     targets = [Path(p) for p in paths] if paths else ([_dir(config)] if config is not None else [])
@@ -570,11 +581,7 @@ def lint(config: Config | None, paths: list[str] | None = None, dialect: str | N
                 scripts.append((formats.script(t, text), None))
         else:
             raise UsageError(f"{t}: no such file or directory")
-    conn = None
-    if use_database:
-        if config is None or not config.migrations.database:
-            raise UsageError("--database needs a config with [migrations] database (or DATABASE_URL)")
-        conn = _db(config).connect("lint")
+    conn = db.connect("lint") if db is not None else None
     try:
         threshold = judge.threshold(config.migrations) if config is not None else judge.DEFAULT_BACKFILL_THRESHOLD
         ctx = judge.context(dialect, conn, threshold)

@@ -226,6 +226,17 @@ class Conn:
         pks = [r[1] for r in rows if r[5]]
         return str(pks[0]) if len(pks) == 1 else "rowid"
 
+    def syntax_error(self, sql: str) -> str | None:
+        """SQLite: compile a statement without running it (EXPLAIN) -> its syntax error, if any.
+        Other errors (a table a previous statement would create) are not syntax errors."""
+        if self.pg:
+            return None
+        try:
+            self.raw.execute(f"EXPLAIN {sql}").fetchall()
+        except sqlite3.Error as e:
+            return str(e) if "syntax error" in str(e) or "incomplete input" in str(e) else None
+        return None
+
     def columns(self, table: str) -> set[str]:
         if self.pg:
             rows = self.query("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(?) AND attnum > 0 "
