@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from changeover.proxy.http1 import ChunkScanner, HttpError, rewrite_request
+from changeover.proxy.http1 import ChunkScanner, HttpError, origin_form, rewrite_request
 
 
 def _encode(chunks: list[bytes], ext: bool, trailers: bool) -> bytes:
@@ -60,3 +60,39 @@ def test_rewrite_request() -> None:
     assert r.keep_alive
     r = rewrite_request(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", b"9.9.9.9", False, True)
     assert not r.keep_alive
+
+
+def test_rewrite_request_from_an_untrusted_peer() -> None:
+    head = (b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-Host: evil\r\nForwarded: for=1.1.1.1\r\nX-Real-IP: 1.1.1.1\r\n\r\n")
+    assert rewrite_request(head, b"9.9.9.9", False, True).out == (
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 9.9.9.9\r\nX-Forwarded-Proto: http\r\n"
+        b"Via: 1.1 changeover\r\nX-Forwarded-Host: h\r\n\r\n")
+    assert rewrite_request(head, b"9.9.9.9", False, True, trusted=True).out == (
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\n"
+        b"Forwarded: for=1.1.1.1\r\nX-Real-IP: 1.1.1.1\r\nX-Forwarded-For: 1.1.1.1, 9.9.9.9\r\n"
+        b"Via: 1.1 changeover\r\n\r\n")
+
+
+@pytest.mark.parametrize(("line", "expect"), [
+    (b"GET http://a.example/x?y=1 HTTP/1.1", b"GET /x?y=1 HTTP/1.1\r\nHost: a.example"),
+    (b"GET HTTPS://a.example:8443 HTTP/1.1", b"GET / HTTP/1.1\r\nHost: a.example:8443"),
+    (b"GET http://a.example?q HTTP/1.1", b"GET /?q HTTP/1.1\r\nHost: a.example"),
+    (b"GET http://[::1]:80/ HTTP/1.1", b"GET / HTTP/1.1\r\nHost: [::1]:80"),
+])
+def test_origin_form(line: bytes, expect: bytes) -> None:
+    assert origin_form(line + b"\r\nHost: other\r\nX: 1\r\n\r\n") == expect + b"\r\nX: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize("line", [b"GET ftp://a/ HTTP/1.1", b"GET http://u@a/ HTTP/1.1", b"GET http:///x HTTP/1.1",
+                                  b"GET http://a b/ HTTP/1.1", b"GET http://a/#f HTTP/1.1"])
+def test_origin_form_refuses(line: bytes) -> None:
+    with pytest.raises(HttpError) as info:
+        origin_form(line + b"\r\nHost: a\r\n\r\n")
+    assert info.value.status == 400
+
+
+def test_scanner_refuses_bare_cr_and_nul_in_trailers() -> None:
+    for trailer in (b"X: a\rb\r\n", b"X: a\x00\r\n"):
+        with pytest.raises(HttpError):
+            ChunkScanner().feed(b"0\r\n" + trailer + b"\r\n")
