@@ -17,11 +17,11 @@ baseline with the deployment so a restarted daemon resumes the window against th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import NBUCKETS, Recorder, WindowStats, quantile
+from changeover.monitor.metrics import NBUCKETS, Recorder, WindowStats, load_profile, quantile, route_windows
 
 Sparse = tuple[tuple[int, int], ...]       # (latency bucket, count), buckets ascending
 
@@ -155,10 +155,19 @@ def p95_of(hist: Sparse, requests: int) -> float | None:
     return quantile(dense(hist), requests, 0.95)
 
 
+def _levels(snapshot: list[tuple[int, int, int, int, list[int]]]) -> tuple[Level, ...]:
+    return tuple(Level(lv, secs, req, err, sparse(h)) for lv, secs, req, err, h in snapshot)
+
+
 def capture_baseline(metrics: Recorder, slot: str, seconds: float) -> Baseline:
-    """The pre-switch window alone (kept for callers that predate make_baseline)."""
+    """`slot` over its last `seconds`, with its load profile and its routes (each with theirs).
+    Whether each part is usable is decided when it is used, by the observer's config."""
     w, hist = metrics.window_hist(slot, seconds)
-    return Baseline.from_stats(w, hist)
+    routes = tuple(RouteBaseline(name, req, err, sparse(h), _levels(load_profile(metrics, slot, name)))
+                   for name, req, err, h in route_windows(metrics, slot, seconds))
+    b = Baseline.from_stats(w, hist)
+    return Baseline(b.slot, b.version, b.seconds, b.requests, b.error_rate, b.p50, b.p95, b.p99,
+                    errors=b.errors, hist=b.hist, levels=_levels(load_profile(metrics, slot)), routes=routes)
 
 
 def make_baseline(metrics: Recorder, slot: str, cfg: MonitorConfig) -> Baseline:
@@ -168,5 +177,4 @@ def make_baseline(metrics: Recorder, slot: str, cfg: MonitorConfig) -> Baseline:
     rejected = ""
     if b.requests and b.errors > cfg.error_rate * b.requests:
         rejected = f"{b.error_rate:.1%} errors in the last {b.seconds:.0f}s (above {cfg.error_rate:.1%})"
-    return Baseline(b.slot, b.version, b.seconds, b.requests, b.error_rate, b.p50, b.p95, b.p99,
-                    errors=b.errors, hist=b.hist, rejected=rejected)
+    return replace(b, rejected=rejected)

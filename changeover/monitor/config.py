@@ -37,6 +37,9 @@ DEFAULT_SYNTHETIC_RATE = 5.0          # smoke requests per second while real tra
 DEFAULT_KEEP_STANDBY = 600.0          # the old slot stays warm this long after finalising
 DEFAULT_HISTORY = 300.0               # per-second buckets kept per slot
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9181"
+DEFAULT_MAX_ROUTES = 32               # routes judged (and counted) per slot; the rest is "(other)"
+DEFAULT_ROUTE_METRICS = False         # per-route Prometheus series (bounded by max_routes)
+DEFAULT_PAIRED_PROBES = 2.0           # probe pairs per second to both slots during the window (0 = off)
 
 # -- [notify] defaults ----------------------------------------------------------------------------
 EVENTS = ("deploy_started", "live", "finalised", "rolled_back", "rollback_refused")
@@ -89,6 +92,10 @@ class MonitorConfig:
     keep_standby: float = DEFAULT_KEEP_STANDBY
     history: float = DEFAULT_HISTORY
     metrics_listen: str = DEFAULT_METRICS_LISTEN
+    routes: tuple[str, ...] = ()      # route patterns, see monitor/routes.py
+    max_routes: int = DEFAULT_MAX_ROUTES
+    route_metrics: bool = DEFAULT_ROUTE_METRICS
+    paired_probes: float = DEFAULT_PAIRED_PROBES
     notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     @property
@@ -144,6 +151,10 @@ def _load_monitor(t: Table) -> MonitorConfig:
         keep_standby=t.duration("keep_standby", d.keep_standby),
         history=_positive(t, "history", d.history),
         metrics_listen=listen,
+        routes=tuple(_route_patterns(t)),
+        max_routes=t.int("max_routes", d.max_routes, min=1, max=1000),
+        route_metrics=bool(t.bool("route_metrics", d.route_metrics)),
+        paired_probes=t.float("paired_probes", d.paired_probes, min=0.0, max=100.0),
     )
     t.finish()
     # Windows are read from the per-second ring, so they must fit in it.
@@ -153,6 +164,18 @@ def _load_monitor(t: Table) -> MonitorConfig:
             raise t.error("history", f"a duration >= {key} ({need:g}s) so the window fits in it",
                           t.data.get("history", cfg.history))
     return cfg
+
+
+def _route_patterns(t: Table) -> list[str]:
+    from changeover.monitor.routes import Pattern
+
+    patterns: list[str] = t.str_list("routes", [])
+    for p in patterns:
+        try:
+            Pattern.parse(p)
+        except ValueError as e:
+            raise t.error("routes", f"route patterns like 'GET /shop/*' or '/static/**' ({e})", p) from None
+    return patterns
 
 
 def _load_webhook(t: Table) -> Webhook:

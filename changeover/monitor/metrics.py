@@ -18,17 +18,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from changeover.monitor.buckets import BOUNDS as BOUNDS
+from changeover.monitor.buckets import BUCKETS_PER_OCTAVE as BUCKETS_PER_OCTAVE
+from changeover.monitor.buckets import MIN_LATENCY as MIN_LATENCY
+from changeover.monitor.buckets import NBUCKETS as NBUCKETS
 from changeover.monitor.config import DEFAULT_HISTORY
+from changeover.monitor.routebook import FAILED, UPSTREAM_FAILED, LoadProfile, RouteBook, level_of
+from changeover.monitor.routes import RouteRules
 
 Clock = Callable[[], float]
 
-# Latency buckets: 4 per octave from 0.1 ms to ~62 s (78 upper bounds + one overflow bucket).
-# A 19 % bucket width keeps interpolated percentiles within a few % of the truth, far finer
-# than the 1.5x latency trigger, at a cost of ~80 ints per slot-second.
-BUCKETS_PER_OCTAVE = 4
-MIN_LATENCY = 1e-4
-BOUNDS: tuple[float, ...] = tuple(MIN_LATENCY * 2 ** (k / BUCKETS_PER_OCTAVE) for k in range(78))
-NBUCKETS = len(BOUNDS) + 1
 
 # Layout of one second's counters (and of a version's totals): stride C in a flat list.
 REQ, ERR, UPSTREAM = 0, 1, 2      # errors = 5xx or upstream failure (what the triggers count)
@@ -36,6 +35,7 @@ CLASS0 = 2                        # index of status class k (1..5) is CLASS0 + k
 C = 8
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 MAX_VERSIONS_PER_SLOT = 8         # cumulative series kept per slot for /metrics
+PARKED = 512                      # requests parked per slot before they are grouped by route
 
 
 def quantile(hist: list[int], total: int, q: float) -> float | None:
@@ -99,10 +99,10 @@ class _Totals:
 class SlotMetrics:
     """The ring of per-second buckets of one slot. Second t lives at index t % size."""
 
-    __slots__ = ("cbase", "counts", "first", "hbase", "hist", "name", "run", "sec", "size", "tcounts",
-                 "thist", "totals", "version")
+    __slots__ = ("book", "cbase", "codes", "counts", "first", "folded", "hbase", "hist", "name", "nparked",
+                 "parked", "profile", "run", "sec", "size", "tcounts", "thist", "totals", "version")
 
-    def __init__(self, name: str, size: int, now: float) -> None:
+    def __init__(self, name: str, size: int, now: float, rules: RouteRules) -> None:
         self.name = name
         self.size = size
         self.counts = [0] * (size * C)
@@ -116,12 +116,39 @@ class SlotMetrics:
         self.totals = _Totals()
         self.tcounts = self.totals.counts
         self.thist = self.totals.hist
+        # Requests parked by the hot path until they are grouped by route (see routebook.py).
+        self.parked: list[bytes | str | None] = [None] * PARKED
+        self.codes = [0] * PARKED
+        self.nparked = 0
+        self.book = RouteBook(rules)
+        self.profile = LoadProfile()
+        self.folded = self.sec - 1      # seconds up to this one are in the load profiles
+
+    def group(self) -> None:
+        """Group the parked requests by route, into the current second."""
+        if self.nparked:
+            self.book.add(self.parked, self.codes, self.nparked, self.sec)
+            self.nparked = 0
+
+    def fold(self, upto: int) -> None:
+        """Add the complete seconds up to `upto` to the load profiles (slot and routes)."""
+        # the release's first second is partial: its count says nothing about the load
+        first = max(self.folded + 1, self.sec - self.size + 1, int(self.first) + 1)
+        for t in range(first, min(upto, self.sec) + 1):
+            cb = (t % self.size) * C
+            n = self.counts[cb]
+            if n:
+                level = level_of(n)
+                self.profile.add(level, n, self.counts[cb + 1], self.hist, (t % self.size) * NBUCKETS)
+                self.book.fold(t, level)
+        self.folded = max(self.folded, upto)
 
     def advance(self, now: int) -> None:
         """Move to second `now`, zeroing the buckets of the seconds skipped (they had no traffic)."""
         gap = now - self.sec
         if gap <= 0:
             return  # a clock that went backwards keeps writing into the current bucket
+        self.group()  # parked requests belong to the second that is ending
         size = self.size
         if gap >= size:
             self.counts[:] = [0] * (size * C)
@@ -137,6 +164,10 @@ class SlotMetrics:
         self.cbase = (now % size) * C
 
     def clear(self, now: float) -> None:
+        self.nparked = 0
+        self.parked = [None] * PARKED
+        self.book = RouteBook(self.book.rules)
+        self.profile = LoadProfile()
         self.counts[:] = [0] * (self.size * C)
         self.hist[:] = [0] * (self.size * NBUCKETS)
         self.sec = int(now)
@@ -144,6 +175,7 @@ class SlotMetrics:
         self.cbase = (self.sec % self.size) * C
         self.first = now
         self.run = 0
+        self.folded = self.sec - 1
 
     def sums(self, first: int, last: int) -> tuple[list[int], list[int]]:
         """Counters and histogram summed over seconds first..last (inclusive, already advanced)."""
@@ -163,47 +195,69 @@ class SlotMetrics:
 class Recorder:
     """Implements changeover.proxy.base.RequestRecorder; one per daemon, shared by all slots."""
 
-    def __init__(self, history: float = DEFAULT_HISTORY, clock: Clock = time.monotonic) -> None:
+    def __init__(self, history: float = DEFAULT_HISTORY, clock: Clock = time.monotonic,
+                 routes: RouteRules | None = None) -> None:
         # Slack beyond `history`: a window of n seconds reads n+1 buckets, and chained disjoint
         # windows (latency confirmation) each add one.
         self.size = math.ceil(history) + 16
         self.clock = clock
+        self.rules = routes or RouteRules()
         self._slots: dict[str, SlotMetrics] = {}
         self._totals: dict[tuple[str, str], _Totals] = {}
 
     # -- hot path -----------------------------------------------------------------------------
-    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool) -> None:
+    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool,
+               request: bytes | str | None = None) -> None:
+        """request: the raw request head or line ("GET /cart/42 HTTP/1.1\r\n..."), only parked
+        here by reference; it is grouped by route when the second ends (routebook.py)."""
         s = self._slots.get(slot)
         if s is None:
             s = self._add(slot)
         now = int(self.clock())
         if now != s.sec:
-            s.advance(now)
+            self._roll(s, now)
         c, t, base = s.counts, s.tcounts, s.cbase
         # Literal offsets (REQ=0, ERR=1, UPSTREAM=2, class k at 2+k): no global lookups here.
         c[base] += 1
         t[0] += 1
+        b = bisect_left(BOUNDS, seconds)
+        code = b
         if upstream_failed or status >= 500:
             c[base + 1] += 1
             t[1] += 1
             s.run += 1
+            code = b + FAILED
             if upstream_failed:
                 c[base + 2] += 1
                 t[2] += 1
+                code = b + UPSTREAM_FAILED
         else:
             s.run = 0
         k = status // 100
         if 0 < k < 6:
             c[base + 2 + k] += 1
             t[2 + k] += 1
-        b = bisect_left(BOUNDS, seconds)
         s.hist[s.hbase + b] += 1
         s.thist[b] += 1
         s.totals.sum += seconds
+        if request is not None:
+            i = s.nparked
+            s.parked[i] = request
+            s.codes[i] = code
+            s.nparked = i + 1
+            if i + 1 == PARKED:
+                s.group()
+
+    def _roll(self, s: SlotMetrics, now: int) -> None:
+        """A new second on the hot path (once a second per slot): group, profile, move on."""
+        s.group()
+        s.fold(s.sec)
+        s.advance(now)
+        s.book.prune(now)
 
     # -- set by the daemon --------------------------------------------------------------------
     def _add(self, slot: str) -> SlotMetrics:
-        s = SlotMetrics(slot, self.size, self.clock())
+        s = SlotMetrics(slot, self.size, self.clock(), self.rules)
         s.totals = self._totals.setdefault((slot, ""), _Totals())
         s.tcounts, s.thist = s.totals.counts, s.totals.hist
         self._slots[slot] = s
@@ -266,6 +320,57 @@ class Recorder:
             first, start = int(floor), floor
         counts, hist = s.sums(first, last)
         return _stats(s, counts, hist, max(stop - start, 0.0)), hist
+
+
+RouteWindow = tuple[str, int, int, list[int]]   # (route, requests, errors, histogram)
+
+
+def _span(rec: Recorder, s: SlotMetrics, seconds: float, since: float | None, offset: int) -> tuple[int, int]:
+    now = int(rec.clock())
+    s.advance(now)
+    s.group()
+    last = now - offset
+    first = last - max(1, round(seconds))
+    floor = s.first if since is None else max(s.first, since)
+    return max(first, int(floor)), last
+
+
+def route_windows(rec: Recorder, slot: str, seconds: float, *, since: float | None = None,
+                  offset: int = 0, latency: bool = True) -> list[RouteWindow]:
+    """Every route of `slot` over a window (the same seconds as Recorder.window), busiest first;
+    without `latency` the histograms are left empty (the error-rate trigger needs counts only)."""
+    s = rec._slots.get(slot)
+    if s is None:
+        return []
+    first, last = _span(rec, s, seconds, since, offset)
+    out = []
+    for i, name in enumerate(s.book.names):
+        req, err, hist = s.book.window(i, first, last, latency)
+        if req:
+            out.append((name, req, err, hist))
+    return sorted(out, key=lambda r: -r[1])
+
+
+def route_runs(rec: Recorder, slot: str) -> dict[str, int]:
+    """Current run of consecutive failures per route of `slot` (only routes with a run)."""
+    s = rec._slots.get(slot)
+    if s is None:
+        return {}
+    s.group()
+    return {n: r for n, r in zip(s.book.names, s.book.runs, strict=True) if r}
+
+
+def load_profile(rec: Recorder, slot: str, route: str | None = None,
+                 ) -> list[tuple[int, int, int, int, list[int]]]:
+    """What `slot`'s release did per load level over its life: [(level, seconds, requests,
+    errors, histogram)], for the slot or one route."""
+    s = rec._slots.get(slot)
+    if s is None:
+        return []
+    if route is None:
+        return s.profile.snapshot()
+    i = s.book.index.get(route)
+    return [] if i is None else s.book.profiles[i].snapshot()
 
 
 def count_above(hist: list[int], limit: float) -> float:

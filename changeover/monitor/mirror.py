@@ -5,13 +5,29 @@ The proxy worker records every request (it sees them); the daemon judges (it run
 changed since the last pull and writes them into a Recorder of its own, bucket for bucket, so
 every window query, trigger and Prometheus total reads the same numbers the proxy counted.
 Both processes read CLOCK_MONOTONIC, which is shared system-wide, so bucket times line up.
+
+The export, as JSON (another data plane, e.g. an HAProxy log reader, may produce it too):
+
+    {"now": int second,
+     "slots": {slot: {"version", "first", "run", "sec",
+                      "rows": [[second, counts[8], [[bucket, n], ...]], ...],
+                      # optional, per route (routes.py keys, e.g. "GET /cart/{id}"):
+                      "routes": {key: {"run": consecutive failures now,
+                                       "rows": [[second, [requests, errors, upstream failures],
+                                                 [[bucket, n], ...]], ...]}}}},
+     "totals": [[slot, version, counts[8], [[bucket, n], ...], latency sum], ...]}
+
+A slot without "routes" simply has no route judgement. The daemon maps route keys through its
+own `[monitor] routes` patterns (two keys may land in one route: their rows are added) and folds
+every complete second into the release's load profile.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from changeover.monitor.metrics import NBUCKETS, C, Recorder, _Totals
+from changeover.monitor.metrics import NBUCKETS, C, Recorder, SlotMetrics, _Totals
+from changeover.monitor.routebook import R
 
 
 def export(rec: Recorder, since: int | None) -> dict[str, Any]:
@@ -29,7 +45,16 @@ def export(rec: Recorder, since: int | None) -> dict[str, Any]:
                 continue
             h = s.hist[i * NBUCKETS:(i + 1) * NBUCKETS]
             rows.append([t, counts, [[b, n] for b, n in enumerate(h) if n]])
-        slots[name] = {"version": s.version, "first": s.first, "run": s.run, "sec": s.sec, "rows": rows}
+        s.group()
+        routes: dict[str, Any] = {}
+        book = s.book
+        for i, key in enumerate(book.names):
+            rrows = [[t, r[:R], [[b, n] for b, n in enumerate(r[R:]) if n]]
+                     for t, r in sorted(book.rows[i].items()) if t >= first]
+            if rrows or book.runs[i]:
+                routes[key] = {"run": book.runs[i], "rows": rrows}
+        slots[name] = {"version": s.version, "first": s.first, "run": s.run, "sec": s.sec, "rows": rows,
+                       "routes": routes}
     totals = [[slot, ver, t.counts, [[b, n] for b, n in enumerate(t.hist) if n], t.sum]
               for (slot, ver), t in rec._totals.items()]
     return {"now": now, "slots": slots, "totals": totals}
@@ -52,6 +77,9 @@ def absorb(rec: Recorder, data: dict[str, Any]) -> int:
             for b, n in hist:
                 h[b] = n
             s.hist[i * NBUCKETS:(i + 1) * NBUCKETS] = h
+        _absorb_routes(s, d.get("routes") or {})
+        s.fold(int(d["sec"]) - 1)       # seconds before the worker's current one are complete
+        s.book.prune(int(d["sec"]))
     rec._totals.clear()
     for slot, ver, counts, hist, total in data["totals"]:
         t = _Totals()
@@ -65,3 +93,24 @@ def absorb(rec: Recorder, data: dict[str, Any]) -> int:
         if tot is not None:
             s.totals, s.tcounts, s.thist = tot, tot.counts, tot.hist
     return int(data["now"])
+
+
+def _absorb_routes(s: SlotMetrics, routes: dict[str, Any]) -> None:
+    """Overwrite the route rows sent (re-sent seconds are replaced, not added), after mapping
+    the worker's keys through this recorder's patterns."""
+    book = s.book
+    merged: dict[tuple[str, int], tuple[list[int], dict[int, int]]] = {}
+    runs: dict[str, int] = {}
+    for key, d in routes.items():
+        name = book.rules.rekey(str(key))
+        runs[name] = max(runs.get(name, 0), int(d.get("run", 0)))
+        for t, counts, hist in d.get("rows", []):
+            m = merged.setdefault((name, int(t)), ([0] * R, {}))
+            for k in range(R):
+                m[0][k] += int(counts[k])
+            for b, n in hist:
+                m[1][int(b)] = m[1].get(int(b), 0) + int(n)
+    for (name, t), (counts, hist) in merged.items():
+        book.put(name, t, counts, sorted(hist.items()))
+    for name, run in runs.items():
+        book.runs[book.route(name)] = run

@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from changeover.monitor.compare import RankTest, mann_whitney
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import Clock, Recorder, WindowStats
+from changeover.monitor.metrics import Clock, Recorder, WindowStats, route_runs, route_windows
 from changeover.monitor.triggers import (
     CANCELLED,
     CRITICAL,
@@ -35,10 +37,11 @@ from changeover.monitor.triggers import (
     check_consecutive,
     check_crash_loop,
     check_error_rate,
-    check_latency,
     check_probes,
-    latency_limit,
-    z_for,
+    check_route_consecutive,
+    check_route_error_rate,
+    judge_latency,
+    z_corrected,
 )
 
 log = logging.getLogger("changeover.monitor")
@@ -47,10 +50,13 @@ ProbeFn = Callable[[], Awaitable[tuple[bool, str]]]
 CriticalFn = Callable[[], Awaitable[list[tuple[str, bool, str]]]]
 CrashesFn = Callable[[float], Awaitable[int]]
 SyntheticFn = Callable[[], Awaitable[None]]
+PairedFn = Callable[[], Awaitable[tuple[float, float] | None]]
 
 MAX_SYNTHETIC_INFLIGHT = 4  # a slow app must not pile up smoke requests
 LONG_WINDOW_FACTOR = 6      # the error rate is also judged over 6 x window (capped by history) ...
 LONG_WINDOW_EVERY = 1.0     # ... once a second: it is a slow-fault path, not the fast one
+MIN_PAIRS = 20              # paired probes before the rank test is used
+MAX_PAIRS = 60              # the most recent pairs kept (30 s at 2 a second)
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Probes:
     critical() -> [(name, ok, detail)]: the [checks] critical services, re-run.
     crashes(since) -> int: instance crashes of the new slot since `since` (observer clock).
     synthetic() -> None: one smoke request through the proxy to the live slot.
+    paired() -> (new_seconds, old_seconds) | None: the same probe request sent to an instance of
+        each slot at the same moment; None when either failed (the error triggers judge those).
     """
 
     db_probe: ProbeFn | None = None
@@ -69,6 +77,7 @@ class Probes:
     critical: CriticalFn | None = None
     crashes: CrashesFn | None = None
     synthetic: SyntheticFn | None = None
+    paired: PairedFn | None = None
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,18 @@ class Observer:
         self.start = clock() - max(0.0, elapsed)
         self.verdict: Verdict | None = None
         self.last: dict[str, Any] = {}            # latest numbers, for `changeover status`
-        self._z = z_for(cfg.confidence)
         self._db = Streaks()
         self._critical = Streaks()
         self._synthetic_sent: deque[float] = deque()
         self._synthetic_tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[Verdict] | None = None
         self._next_long = self.start
+        # Each disjoint window of an observation is another chance for chance to fire: the
+        # error-rate bound is corrected for that many looks (and, per route, for the routes).
+        self._looks = max(1, math.ceil(cfg.observe / cfg.window))
+        self._z = z_corrected(cfg.confidence, self._looks)
+        self._route_zs: dict[int, float] = {}
+        self._pairs: deque[tuple[float, float]] = deque(maxlen=MAX_PAIRS)
 
     # -- control ------------------------------------------------------------------------------
     def cancel(self, reason: str = CANCELLED, evidence: dict[str, Any] | None = None) -> None:
@@ -141,26 +155,105 @@ class Observer:
         if fired:
             return fired
         w = m.window(self.slot, cfg.window, since=self.start)
-        self.last = {"requests": w.requests, "errors": w.errors, "error_rate": round(w.error_rate, 5),
-                     "rps": round(w.rps, 2), "p95": w.p95}
-        fired = check_error_rate(w, cfg, self._z)
+        self.last = {**self.last, "requests": w.requests, "errors": w.errors,
+                     "error_rate": round(w.error_rate, 5), "rps": round(w.rps, 2), "p95": w.p95}
+        fired = check_error_rate(w, cfg, self._z) or self._routes_fast()
         now = self.clock()
         if not fired and now >= self._next_long:
             # A steady moderate error rate (10 %) at low traffic needs more requests than one
             # window holds to be judged with confidence: also judge a longer one, once a second.
+            # Route latency and the long route windows are judged at the same pace.
             self._next_long = now + LONG_WINDOW_EVERY
             long = min(cfg.window * LONG_WINDOW_FACTOR, cfg.history)
-            fired = check_error_rate(m.window(self.slot, long, since=self.start), cfg, self._z)
-        if fired or self.baseline is None or latency_limit(self.baseline, cfg) is None:
+            fired = check_error_rate(m.window(self.slot, long, since=self.start), cfg, self._z) \
+                or self._routes_slow(long)
+        if fired or self.baseline is None:
             return fired
+        windows = self._latency_windows()
+        if windows is None:
+            return None
+        secs = sum(w.seconds for w, _ in windows)
+        rps = sum(w.requests for w, _ in windows) / max(secs, 1.0)
+        lw = [(lw.requests, h, lw.seconds) for lw, h in windows]
+        fired, info = judge_latency(lw, self.baseline, cfg, self._z, rps=rps, probes=self._rank())
+        self.last["latency"] = info
+        return fired
+
+    def _latency_windows(self) -> list[tuple[WindowStats, list[int]]] | None:
+        cfg = self.cfg
         n = max(1, round(cfg.latency_window))
         windows = []
         for k in range(cfg.latency_windows):
-            lw = m.window_hist(self.slot, n, since=self.start, offset=k * (n + 1))
+            lw = self.metrics.window_hist(self.slot, n, since=self.start, offset=k * (n + 1))
             if lw[0].requests < cfg.latency_min_samples:
                 return None  # not enough to judge: skip the remaining (older) windows
             windows.append(lw)
-        return check_latency(windows, self.baseline, cfg, self._z)
+        return windows
+
+    def _route_z(self, judged: int) -> float:
+        z = self._route_zs.get(judged)
+        if z is None:
+            z = self._route_zs[judged] = z_corrected(self.cfg.confidence, self._looks * max(1, judged))
+        return z
+
+    def _routes_fast(self) -> Fired | None:
+        """Per route, every interval: its run of failures, and its error rate over `window`."""
+        cfg = self.cfg
+        for route, run in route_runs(self.metrics, self.slot).items():
+            fired = check_route_consecutive(route, run, cfg)
+            if fired:
+                return fired
+        return self._route_errors(cfg.window)
+
+    def _route_errors(self, seconds: float) -> Fired | None:
+        rows = route_windows(self.metrics, self.slot, seconds, since=self.start, latency=False)
+        judged = [r for r in rows if r[1] >= self.cfg.min_requests]
+        if len(rows) < 2:
+            return None  # one route is the slot itself: the slot's own triggers judge it
+        z = self._route_z(len(judged))
+        span = min(seconds, self.clock() - self.start)
+        for route, req, err, _ in judged:
+            fired = check_route_error_rate(route, req, err, span, self.cfg, z)
+            if fired:
+                return fired
+        return None
+
+    def _routes_slow(self, long: float) -> Fired | None:
+        """Per route, once a second: the long error window, and latency against the route's
+        own baseline at the slot's load."""
+        fired = self._route_errors(long)
+        if fired or self.baseline is None or not self.baseline.routes:
+            return fired
+        cfg = self.cfg
+        n = max(1, round(cfg.latency_window))
+        per: dict[str, list[tuple[int, list[int], float]]] = {}
+        slot_req, slot_secs = 0, 0.0
+        for k in range(cfg.latency_windows):
+            off = k * (n + 1)
+            w = self.metrics.window(self.slot, n, since=self.start, offset=off)
+            slot_req, slot_secs = slot_req + w.requests, slot_secs + w.seconds
+            for route, req, _, hist in route_windows(self.metrics, self.slot, n, since=self.start, offset=off):
+                per.setdefault(route, []).append((req, hist, w.seconds))
+        rps = slot_req / max(slot_secs, 1.0)
+        judged = {r: ws for r, ws in per.items()
+                  if len(ws) == cfg.latency_windows and min(x[0] for x in ws) >= cfg.latency_min_samples}
+        if len(per) < 2:
+            return None
+        z = self._route_z(len(judged))
+        for route, ws in judged.items():
+            fired, _ = judge_latency(ws, self.baseline, cfg, z, rps=rps, route=route)
+            if fired:
+                return fired
+        return None
+
+    def _rank(self) -> RankTest | None:
+        """The paired probes so far: new slot vs old slot, sent at the same moments."""
+        if len(self._pairs) < MIN_PAIRS:
+            return None
+        t = mann_whitney([a for a, _ in self._pairs], [b for _, b in self._pairs])
+        if t is not None:
+            self.last["paired_probes"] = t.to_dict()
+        return t
 
     # -- the window ---------------------------------------------------------------------------
     async def run(self) -> Verdict:
@@ -179,6 +272,8 @@ class Observer:
             loops.append(self._crash_loop)
         if p.synthetic and self.cfg.synthetic_rate > 0:
             loops.append(self._synthetic_loop)
+        if p.paired and self.cfg.paired_probes > 0:
+            loops.append(self._paired_loop)
         tasks: list[asyncio.Task[None]] = [loop.create_task(fn()) for fn in loops]
         for t in tasks:
             t.add_done_callback(self._task_done)
@@ -291,6 +386,20 @@ class Observer:
                 self._synthetic_tasks.add(t)
                 t.add_done_callback(self._synthetic_tasks.discard)
             await asyncio.sleep(period)
+
+    async def _paired_loop(self) -> None:
+        fn = self.probes.paired
+        assert fn is not None
+        while self.verdict is None:
+            try:
+                async with asyncio.timeout(self.cfg.probe_timeout):
+                    pair = await fn()
+            except Exception as e:   # a probe that cannot run is no evidence either way
+                log.debug("paired probe failed: %s", e)
+                pair = None
+            if pair is not None:
+                self._pairs.append((float(pair[0]), float(pair[1])))
+            await asyncio.sleep(1.0 / self.cfg.paired_probes)
 
     async def _one_synthetic(self, fn: SyntheticFn) -> None:
         with contextlib.suppress(Exception):  # its outcome is judged through the recorder

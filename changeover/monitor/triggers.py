@@ -21,16 +21,19 @@ Choices that keep a healthy-but-noisy release alive:
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
 # Re-exported: callers import the baseline from here.
 from changeover.monitor.baseline import Baseline as Baseline
+from changeover.monitor.baseline import Level, Sparse
 from changeover.monitor.baseline import capture_baseline as capture_baseline
 from changeover.monitor.baseline import make_baseline as make_baseline
+from changeover.monitor.compare import RankTest, limit_for, reference, rps_level
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import WindowStats, count_above
+from changeover.monitor.metrics import BOUNDS, WindowStats, count_above, quantile
 
 ERROR_RATE = "error_rate"
 CONSECUTIVE_FAILURES = "consecutive_failures"
@@ -96,42 +99,128 @@ def check_error_rate(w: WindowStats, cfg: MonitorConfig, z: float) -> Fired | No
 
 
 def latency_limit(baseline: Baseline, cfg: MonitorConfig) -> float | None:
-    """The p95 above which the new release counts as slow, or None when the baseline is too thin."""
-    if baseline.p95 is None or baseline.requests < cfg.latency_min_samples or baseline.rejected:
+    """The p95 above which the new release counts as slow at the pre-switch load, or None when
+    the pre-switch window is no baseline (too few samples, or errors above `error_rate`)."""
+    if baseline.p95 is None or baseline.requests < cfg.latency_min_samples or baseline.rejected \
+            or _errors(baseline) > cfg.error_rate * baseline.requests:
         return None
-    return max(baseline.p95 * cfg.latency_ratio, baseline.p95 + cfg.latency_min_increase)
+    return limit_for(baseline.p95, cfg)
+
+
+def _errors(b: Baseline) -> int:
+    return b.errors or round(b.error_rate * b.requests)
+
+
+def _series(baseline: Baseline, route: str | None) -> tuple[tuple[Level, ...],
+                                                            tuple[int, int, Sparse, float] | None]:
+    """The load profile and pre-switch window of the slot or of one route."""
+    if route is not None:
+        rb = baseline.route(route)
+        if rb is None:
+            return (), None
+        return rb.levels, (rb.requests, rb.errors, rb.hist, baseline.seconds)
+    hist = baseline.hist
+    if not hist and baseline.p95 is not None:
+        # a baseline made from bare numbers (no histogram): its p95 as the only sample that counts
+        hist = ((bisect_left(BOUNDS, baseline.p95), baseline.requests),)
+    return baseline.levels, (baseline.requests, _errors(baseline), hist, baseline.seconds)
+
+
+LatencyWindow = tuple[int, list[int], float]     # requests, histogram, seconds
+
+
+def judge_latency(windows: list[LatencyWindow], baseline: Baseline, cfg: MonitorConfig, z: float, *,
+                  rps: float, route: str | None = None, probes: RankTest | None = None,
+                  ) -> tuple[Fired | None, dict[str, Any]]:
+    """`windows`: the latest `latency_windows` disjoint windows (newest first) of the slot or of
+    `route`, each with `latency_min_samples`; `rps`: the slot's load over them. Each window must
+    show with `confidence` that more than 5 % of its requests were slower than the limit (a
+    one-sided binomial test on the tail), the limit coming from the old release at a comparable
+    load (compare.reference). Returns (fired or None, what was compared, for `status`)."""
+    levels, window = _series(baseline, route)
+    ref, busiest = reference(levels, window, rps, cfg)
+    load = {"rps": round(rps, 2), "level": rps_level(rps)}
+    if ref is None and busiest is None:
+        return None, {"source": "none", "load": load}
+    use = ref or busiest
+    assert use is not None
+    limit = limit_for(use.p95, cfg)
+    info: dict[str, Any] = {"source": use.source if ref else "paired_probes", "load": load,
+                            "baseline": use.to_dict(), "limit_ms": _ms(limit)}
+    if len(windows) < cfg.latency_windows:
+        return None, info
+    tails = []
+    for req, hist, _ in windows:
+        if req < cfg.latency_min_samples:
+            return None, info
+        slow = count_above(hist, limit)
+        if wilson_lower(slow, req, z) <= TAIL:
+            return None, info
+        tails.append(slow / req)
+    if ref is None:
+        # busier than the old release ever was: only a slowdown the paired probes confirm counts
+        if probes is None:
+            info["source"] = "none (busier than any baseline, no paired probes)"
+            return None, info
+        info["probes"] = probes.to_dict()
+        if probes.p >= 1 - cfg.confidence or probes.median_new <= limit_for(probes.median_old, cfg):
+            return None, info
+    p95s = [quantile(h, n, 0.95) for n, h, _ in windows]
+    worst = min(p for p in p95s if p is not None)
+    where = f"route {route}: " if route else ""
+    return Fired(
+        LATENCY,
+        f"{where}p95 latency {_ms(worst)} ms over {len(windows)} windows at {rps:.0f} req/s, "
+        f"baseline {_ms(use.p95)} ms at {use.rps:.0f} req/s ({info['source']}; limit {_ms(limit)} ms "
+        f"= max({cfg.latency_ratio:g}x, +{_ms(cfg.latency_min_increase)} ms))",
+        {**({"route": route} if route else {}), **info,
+         "p95_ms": [_ms(p) for p in p95s], "p99_ms": [_ms(quantile(h, n, 0.99)) for n, h, _ in windows],
+         "requests": [n for n, _, _ in windows], "slower_than_limit": [round(t, 4) for t in tails],
+         "window_seconds": [round(sec, 3) for _, _, sec in windows],
+         "baseline_window": baseline.summary(), "ratio": cfg.latency_ratio,
+         "ratio_observed": round(worst / use.p95, 3) if use.p95 else None, "confidence": cfg.confidence},
+    ), info
 
 
 def check_latency(windows: list[tuple[WindowStats, list[int]]], baseline: Baseline, cfg: MonitorConfig,
-                  z: float) -> Fired | None:
-    """`windows`: the latest `latency_windows` disjoint windows with their histograms, newest
-    first. Each must show, with `confidence`, that more than 5 % of requests were slower than the
-    limit, i.e. that the true p95 is above it (a one-sided binomial test on the tail)."""
-    limit = latency_limit(baseline, cfg)
-    if limit is None or len(windows) < cfg.latency_windows:
+                  z: float, probes: RankTest | None = None) -> Fired | None:
+    """The slot's latency trigger over its WindowStats (see judge_latency)."""
+    lw = [(w.requests, h, w.seconds) for w, h in windows]
+    secs = sum(w.seconds for w, _ in windows)
+    rps = sum(w.requests for w, _ in windows) / max(secs, 1.0)
+    return judge_latency(lw, baseline, cfg, z, rps=rps, probes=probes)[0]
+
+
+def check_route_error_rate(route: str, requests: int, errors: int, seconds: float, cfg: MonitorConfig,
+                           z: float) -> Fired | None:
+    """The error-rate trigger for one route (z already corrected for the number of routes)."""
+    if requests < cfg.min_requests:
         return None
-    tails = []
-    for w, hist in windows:
-        if w.requests < cfg.latency_min_samples or w.p95 is None:
-            return None
-        slow = count_above(hist, limit)
-        if wilson_lower(slow, w.requests, z) <= TAIL:
-            return None
-        tails.append(slow / w.requests)
-    p95s = [w.p95 for w, _ in windows]
-    worst = min(p for p in p95s if p is not None)
-    base = baseline.p95 or 0.0
+    lower = wilson_lower(errors, requests, z)
+    if lower <= cfg.error_rate:
+        return None
     return Fired(
-        LATENCY,
-        f"p95 latency {_ms(worst)} ms over {len(windows)} windows, baseline {_ms(base)} ms "
-        f"(limit {_ms(limit)} ms = max({cfg.latency_ratio:g}x, +{_ms(cfg.latency_min_increase)} ms))",
-        {"p95_ms": [_ms(p) for p in p95s], "p99_ms": [_ms(w.p99) for w, _ in windows],
-         "requests": [w.requests for w, _ in windows],
-         "slower_than_limit": [round(t, 4) for t in tails],
-         "window_seconds": [round(w.seconds, 3) for w, _ in windows],
-         "baseline": baseline.summary(), "limit_ms": _ms(limit), "ratio": cfg.latency_ratio,
-         "ratio_observed": round(worst / base, 3) if base else None, "confidence": cfg.confidence},
+        ERROR_RATE,
+        f"route {route}: error rate {errors / requests:.1%} ({errors}/{requests} in {seconds:.1f}s) "
+        f"above {cfg.error_rate:.1%}",
+        {"route": route, "window_seconds": round(seconds, 3), "requests": requests, "errors": errors,
+         "error_rate": round(errors / requests, 5), "lower_bound": round(lower, 5),
+         "confidence": cfg.confidence, "z": round(z, 3), "threshold": cfg.error_rate},
     )
+
+
+def check_route_consecutive(route: str, run: int, cfg: MonitorConfig) -> Fired | None:
+    if run < cfg.consecutive_failures:
+        return None
+    return Fired(CONSECUTIVE_FAILURES,
+                 f"route {route}: {run} requests in a row failed (limit {cfg.consecutive_failures})",
+                 {"route": route, "consecutive_failures": run, "limit": cfg.consecutive_failures})
+
+
+def z_corrected(confidence: float, tests: int) -> float:
+    """z for `confidence` over `tests` simultaneous tests (Bonferroni): judging 30 routes, or 30
+    disjoint windows in one observation, must not be 30 times as likely to fire by chance."""
+    return z_for(1 - (1 - confidence) / max(1, tests))
 
 
 def check_crash_loop(crashes: int, within: float, cfg: MonitorConfig) -> Fired | None:

@@ -94,3 +94,18 @@ def test_through_the_real_config_file(tmp_path: Path) -> None:
     f.write_text('[app]\ncommand = ["./serve"]\n[monitor]\nerror_rate = "5%"\n')
     with pytest.raises(ConfigError, match=r"monitor.error_rate: expected a number"):
         load_config(f, {})
+
+
+def test_route_keys() -> None:
+    cfg = load({"routes": ["GET /shop/*", "/static/**"], "max_routes": 8, "route_metrics": True,
+                "paired_probes": 0})
+    assert cfg.routes == ("GET /shop/*", "/static/**") and cfg.max_routes == 8
+    assert cfg.route_metrics and cfg.paired_probes == 0
+    assert mc.MonitorConfig().max_routes == 32 and not mc.MonitorConfig().route_metrics
+
+
+@pytest.mark.parametrize("bad", ["shop/*", "GET /a/**/b", "G3T /x"])
+def test_bad_route_pattern_names_the_key(bad: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load({"routes": [bad]})
+    assert "routes" in str(e.value) and bad in str(e.value)

@@ -77,7 +77,7 @@ def test_added_200ms_latency_trips_latency_after_two_windows() -> None:
     # two disjoint windows of latency_window seconds (+1 s of bucket slack each)
     assert took <= CFG.latency_windows * (CFG.latency_window + 1) + 1
     assert all(p > ev["limit_ms"] for p in ev["p95_ms"])  # type: ignore[attr-defined, union-attr]
-    assert ev["baseline"]["p95"] < 30  # type: ignore[index]
+    assert ev["baseline"]["p95_ms"] < 30 and ev["source"] == "load_profile"  # type: ignore[index]
 
 
 def test_latency_needs_a_baseline_with_samples(clock: FakeClock) -> None:
