@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from changeover.errors import LintFailed, MigrationError
+from changeover.errors import LintFailed, MigrationError, UsageError
 from changeover.migrations.cli import app
+from changeover.state import State
 
 from .conftest import Project, add
 
@@ -59,28 +60,72 @@ def test_safe_status_contract_rollback(sqlite_project: Path) -> None:
     assert [s["version"] for s in json.loads(out)["rolled_back"]] == ["0003", "0002"]
 
 
-def write_state(root: Path, slots: list[tuple[str, str, int | None, str]]) -> None:
-    (root / ".changeover").mkdir(exist_ok=True)
-    db = sqlite3.connect(root / ".changeover" / "state.db")
-    db.execute("CREATE TABLE slots (name TEXT PRIMARY KEY, state TEXT NOT NULL, release_id INTEGER, "
-               "instances TEXT NOT NULL DEFAULT '[]', updated_at REAL NOT NULL DEFAULT 0)")
-    db.executemany("INSERT INTO slots (name, state, release_id, instances) VALUES (?, ?, ?, ?)", slots)
-    db.commit()
-    db.close()
+def start(st: State, slot: str, version: str) -> None:
+    """A release started in `slot` and switched to, through the state's own writers."""
+    rel = st.add_release(version, "/srv/app", ["true"], {})
+    if hasattr(st, "transition_slot"):
+        st.transition_slot(slot, "starting", release_id=rel.id, instances=[{"pid": 10}])
+    else:  # the state API before typed transitions
+        st.set_slot(slot, "starting", rel.id, [{"pid": 10}])  # type: ignore[attr-defined]
+    st.swap_live(slot)
+
+
+def retire(st: State, slot: str) -> None:
+    if hasattr(st, "transition_slot"):
+        st.transition_slot(slot, "stopping")
+        st.transition_slot(slot, "empty", instances=[])
+    else:
+        st.set_slot(slot, "empty", None, [])  # type: ignore[attr-defined]
 
 
 def test_contract_reads_daemon_state(sqlite_project: Path) -> None:
     root = sqlite_project.parent
     invoke("safe", "-c", str(sqlite_project))
-    write_state(root, [("blue", "standby", 1, '[{"pid": 10}]'), ("green", "live", 2, '[{"pid": 11}]')])
+    st = State(root / ".changeover" / "state.db")
+    start(st, "blue", "v1")
+    start(st, "green", "v2")
     _, _, exc = invoke("contract", "-c", str(sqlite_project))
     assert isinstance(exc, MigrationError) and "older release is still live" in str(exc)
-    db = sqlite3.connect(root / ".changeover" / "state.db")
-    db.execute("UPDATE slots SET state = 'empty', instances = '[]' WHERE name = 'blue'")
-    db.commit()
-    db.close()
+    retire(st, "blue")
+    st.close()
     code, out, _ = invoke("contract", "-c", str(sqlite_project))
     assert code == 0 and "0003_drop_email" in out
+
+
+def test_safe_says_where_it_stopped_once(sqlite_project: Path) -> None:
+    r = runner.invoke(app, ["safe", "-c", str(sqlite_project)])
+    assert r.exit_code == 0 and r.output.count("stopped before 0003_drop_email") == 1, r.output
+
+
+def test_status_shows_the_source_and_a_dirty_migration(project: Project, pg_url: str) -> None:
+    cfg = project(pg_url)
+    add(cfg, "0001_half", "-- changeover:transaction off\nCREATE TABLE a (id bigint PRIMARY KEY);\n"
+                          "CREATE INDEX CONCURRENTLY a_x ON a (x);\n")
+    _, _, exc = invoke("up", "-c", str(cfg.file))
+    assert isinstance(exc, MigrationError)
+    code, out, _ = invoke("status", "-c", str(cfg.file))
+    assert f"migrations: {cfg.root / 'migrations'} (the default [migrations] dir" in out
+    assert "dirty        0001_half" in out and "up: statement 2 (line 3) failed after statement 1 ran" in out
+    assert "0 pending, 1 dirty" in out
+    _, _, exc = invoke("repair", "-c", str(cfg.file))
+    assert isinstance(exc, UsageError)
+    code, out, _ = invoke("repair", "--dirty", "pending", "-c", str(cfg.file))
+    assert code == 0 and "repaired 0001_half (dirty, now pending)" in out
+
+
+def test_rollback_all_force_and_baseline(sqlite_project: Path) -> None:
+    db = sqlite3.connect(sqlite_project.parent / "app.db")  # a schema another tool made
+    db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, name TEXT)")
+    db.close()
+    code, out, _ = invoke("baseline", "2", "-c", str(sqlite_project))
+    assert code == 0 and "recorded 0001_users as applied (not run)" in out and "0002_name" in out
+    st = State(sqlite_project.parent / ".changeover" / "state.db")
+    start(st, "blue", "v1")
+    st.close()
+    _, _, exc = invoke("rollback", "--all", "-c", str(sqlite_project))
+    assert isinstance(exc, MigrationError) and "release v1 (live, slot blue) was deployed after" in str(exc)
+    code, out, _ = invoke("rollback", "--all", "--force", "--allow-data-loss", "--json", "-c", str(sqlite_project))
+    assert code == 0 and [s["version"] for s in json.loads(out)["rolled_back"]] == ["0002", "0001"]
 
 
 def test_lint_json_and_exit(tmp_path: Path) -> None:

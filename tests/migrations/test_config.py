@@ -42,3 +42,14 @@ def test_values_are_typed(tmp_path: Path) -> None:
 def test_errors_name_the_key(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(tmp_path, body + "\n")
+
+
+def test_dir_placeholder_and_explicitness(tmp_path: Path) -> None:
+    assert not load(tmp_path, "").dir_explicit
+    cfg = load(tmp_path, 'dir = "{release}/migrations"\n')
+    assert cfg.dir_explicit and cfg.per_release
+    with pytest.raises(ConfigError, match=re.escape("migrations.dir: expected a path where the only placeholder is "
+                                                    "{release}, got a string '{version}/migrations'")):
+        load(tmp_path, 'dir = "{version}/migrations"\n')
+    with pytest.raises(ConfigError, match=re.escape("migrations.dir: expected a directory")):
+        load(tmp_path, 'dir = ""\n')
