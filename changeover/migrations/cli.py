@@ -17,6 +17,7 @@ from changeover.errors import LintFailed
 from changeover.migrations import commands, releases
 from changeover.migrations.engine import StepResult
 from changeover.migrations.results import ApplyResult
+from changeover.migrations.rules import LOCK_BLOCKS
 
 app = typer.Typer(help="Safe, reversible database migrations (expand/contract).", no_args_is_help=True)
 
@@ -88,9 +89,11 @@ def status(config: str = CONFIG, release_dir: str | None = RELEASE_DIR, database
 
 
 @app.command()
-def plan(config: str = CONFIG, as_json: bool = JSON) -> None:
-    """Dry run: each pending statement with its lock, rewrite, phase and lint findings."""
-    res = commands.plan(config_mod.load(config))
+def plan(config: str = CONFIG, release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE,
+         as_json: bool = JSON) -> None:
+    """Dry run: each pending statement with its lock, rewrite, phase and lint findings, the locks each
+    migration holds until it commits, and the sizes of the tables it touches."""
+    res = commands.plan(config_mod.load(config), release_dir=release_dir, database_url=database)
     if as_json:
         _emit(res.to_json())
         return
@@ -102,6 +105,13 @@ def plan(config: str = CONFIG, as_json: bool = JSON) -> None:
         would = {"apply": "apply it", "stop": "stop here (contract)", "refuse": "stop here (unsafe)",
                  "after-stop": "not reach it (stops earlier)"}[p.action]
         typer.echo(f"{m.id}  [{a.phase}{tx}] -> `migrate safe` would {would}")
+        for size in a.sizes.values():
+            typer.echo(f"  table {size}")
+        for h in a.held:
+            span = (f"statements {h.since}-{h.until}, until the commit" if h.until > h.since else
+                    f"statement {h.since}" + (", until the commit" if a.transaction else ""))
+            typer.echo(f"  holds {h.lock} on {h.table} (blocks {LOCK_BLOCKS.get(h.lock, 'unknown')}) "
+                       f"from line {h.line}: {span}")
         for s in a.statements:
             first = " ".join(s.sql.split())[:72]
             rw = ", REWRITES the table" if s.rewrites else ""
@@ -175,12 +185,16 @@ def rollback(config: str = CONFIG, steps: int | None = typer.Option(None, "--ste
 def lint(paths: list[str] = typer.Argument(None, help="Files or directories (default: [migrations] dir)."),
          config: str = CONFIG, dialect: str | None = typer.Option(None, "--dialect",
                                                                   help="postgresql or sqlite."),
+         database: str | None = typer.Option(
+             None, "--database", help="Judge against this database's tables (sizes, row estimates); "
+             "`config` for [migrations] database."),
          as_json: bool = JSON) -> None:
-    """Lint migrations with PostgreSQL's own parser; exit 1 on errors."""
+    """Lint migrations (down scripts too) with PostgreSQL's own parser; exit 1 on errors."""
     cfg = config_mod.load(config) if (not paths or Path(config).is_file()) else None
     if dialect not in (None, "postgresql", "sqlite"):
         raise LintFailed(f"--dialect expects postgresql or sqlite, got {dialect!r}")
-    res = commands.lint(cfg, paths or None, dialect)
+    res = commands.lint(cfg, paths or None, dialect, use_database=database == "config",
+                        database_url=None if database == "config" else database)
     if as_json:
         _emit(res.to_json())
     else:

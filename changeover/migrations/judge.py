@@ -19,7 +19,6 @@ from dataclasses import replace
 from typing import Any
 
 from changeover.migrations.analysis import DEFAULT_BACKFILL_THRESHOLD, Finding, LintContext, ScriptAnalysis
-
 from changeover.migrations.db import Conn
 from changeover.migrations.formats import Migration, Script
 from changeover.migrations.lint import analyze

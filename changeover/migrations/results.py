@@ -95,6 +95,8 @@ class PlannedMigration:
                 "phase": a.phase, "transaction": a.transaction, "safe_action": self.action,
                 "backfills": [{"table": b.table, "batch": b.batch, "key": b.key} for b in m.up.directives.backfills],
                 "statements": [s.to_json() for s in a.statements],
+                "locks": [h.to_json() for h in a.held],
+                "tables": [t.to_json() for t in a.sizes.values()],
                 "findings": [f.to_json() for f in a.findings if f.statement == 0]}
 
 

@@ -246,7 +246,7 @@ def _refresh(a: Analyzer, node: Any, st: Statement, p: StatementPlan) -> None:
     if node.concurrent:
         p.lock, p.slow = "EXCLUSIVE", None
         return
-    p.lock, p.slow = AE, f"REFRESH MATERIALIZED VIEW {view}"
+    p.lock, p.rewrites, p.slow = AE, True, f"REFRESH MATERIALIZED VIEW {view}"
     a.f(p, "refresh-matview-not-concurrent", st, f"REFRESH MATERIALIZED VIEW {view} blocks reads of it under "
         "ACCESS EXCLUSIVE until the query finishes")
 
