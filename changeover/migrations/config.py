@@ -43,6 +43,7 @@ class MigrationsConfig:
     batch_pause: float = DEFAULT_BATCH_PAUSE
     dir_explicit: bool = False   # `dir` was set in the file: a missing directory is an error, not "none"
     file: str = ""               # the config file, for errors that name [migrations] dir
+    backfill_threshold: int = 10_000  # rows an unbatched UPDATE/DELETE may touch (analysis.DEFAULT_BACKFILL_THRESHOLD)
 
     @property
     def per_release(self) -> bool:
@@ -72,6 +73,7 @@ def load(t: Table, env: dict[str, str]) -> MigrationsConfig:
         batch_pause=t.duration("batch_pause", DEFAULT_BATCH_PAUSE),
         dir_explicit=t.has("dir"),
         file=t.file,
+        backfill_threshold=t.int("backfill_threshold", 10_000, min=0),
     )
     t.finish()
     return cfg

@@ -173,6 +173,17 @@ def test_unbatched_backfill_by_row_estimate(project: Project, pg_url: str) -> No
     assert every.phase == "unsafe" and "~20,000 rows by EXPLAIN" in every.errors[0].message
 
 
+def test_backfill_threshold_is_configurable(project: Project, pg_url: str) -> None:
+    cfg = project(pg_url, "backfill_threshold = 10\n")
+    assert cfg.migrations.backfill_threshold == 10
+    add(cfg, "0001_t", "CREATE TABLE t (id bigint PRIMARY KEY, a int);")
+    commands.up(cfg)
+    _seed(pg_url, "INSERT INTO t SELECT g, g FROM generate_series(1, 50) g; ANALYZE t;")
+    add(cfg, "0002_fix", "UPDATE t SET a = 0 WHERE a < 20;")
+    a = commands.plan(cfg).pending[0].analysis
+    assert a.phase == "unsafe" and " rows by EXPLAIN)" in a.errors[0].message
+
+
 def test_backfill_directive_deletes_in_batches(project: Project, pg_url: str) -> None:
     cfg = project(pg_url)
     add(cfg, "0001_t", "CREATE TABLE t (id bigint PRIMARY KEY, gone boolean);\n"
