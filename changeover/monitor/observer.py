@@ -128,6 +128,10 @@ class Observer:
         self._finish(Verdict(False, reason, f"observation stopped: {reason}", evidence or {},
                              self.clock() - self.start))
 
+    def add_pair(self, new: float, old: float) -> None:
+        """One paired probe: seconds taken by the new slot and by the old one, same moment."""
+        self._pairs.append((float(new), float(old)))
+
     def status(self) -> dict[str, Any]:
         elapsed = self.clock() - self.start
         return {"slot": self.slot, "elapsed": round(elapsed, 3),
@@ -398,7 +402,7 @@ class Observer:
                 log.debug("paired probe failed: %s", e)
                 pair = None
             if pair is not None:
-                self._pairs.append((float(pair[0]), float(pair[1])))
+                self.add_pair(*pair)
             await asyncio.sleep(1.0 / self.cfg.paired_probes)
 
     async def _one_synthetic(self, fn: SyntheticFn) -> None:

@@ -79,7 +79,8 @@ class RouteBook:
     def route(self, key: str) -> int:
         i = self.index.get(key)
         if i is None:
-            if len(self.names) >= self.rules.max_routes and key != OTHER:
+            named = len(self.names) - (OTHER in self.index)
+            if key != OTHER and named >= self.rules.max_routes - 1:   # "(other)" is one of them
                 return self.route(OTHER)
             i = self.index[key] = len(self.names)
             self.names.append(key)
