@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from changeover.proxy.embedded import EmbeddedProxy
@@ -126,6 +126,7 @@ SPECIAL = {"content-length", "transfer-encoding", "host", "connection", "upgrade
 @given(name=st.one_of(TOKEN, st.text(max_size=10)), value=st.one_of(FIELD_VALUE, st.text(max_size=10)))
 def test_random_headers(proxy: EmbeddedProxy, backends: tuple[Backend, Backend], name: str, value: str) -> None:
     """Any header is either passed on intact or refused with a 4xx that never reaches the app."""
+    assume(":" not in name)                # the name would end at that colon: another header
     before = backends[0].heads
     line = name.encode("utf-8", "surrogatepass") + b": " + value.encode("utf-8", "surrogatepass")
     with raw(proxy.port) as s:
