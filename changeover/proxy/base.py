@@ -54,9 +54,13 @@ class ProxySettings:
 class RequestRecorder(Protocol):
     """Told about every proxied request, on the hot path: implementations must be O(1) and cheap."""
 
-    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool) -> None:
+    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool,
+               request: bytes | str | None = None) -> None:
         """status: the status sent to the client (proxy-generated 502/503/504 included);
-        upstream_failed: connect refused/reset/timeout talking to the app."""
+        upstream_failed: connect refused/reset/timeout talking to the app; request: what the
+        request's route is read from, starting with its request line ("GET /cart/42 HTTP/1.1",
+        the whole head will do). Pass an object that already exists: the recorder only keeps a
+        reference and groups requests by route later, off the per-request path."""
 
 
 class DataPlane(Protocol):

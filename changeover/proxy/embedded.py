@@ -355,10 +355,11 @@ class EmbeddedProxy:
         return clean
 
     # -- used by the connections -----------------------------------------------------------------
-    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool) -> None:
+    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool,
+               request: bytes | None = None) -> None:
         if self.recorder is not None:
             try:
-                self.recorder.record(slot, status, seconds, upstream_failed)
+                self.recorder.record(slot, status, seconds, upstream_failed, request)
             except Exception:              # a monitor bug must never break traffic
                 log.exception("request recorder failed")
 

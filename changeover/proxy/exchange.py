@@ -211,7 +211,7 @@ class Exchange(asyncio.Protocol):
         self.state = S_TUNNEL
         self.dkind = D_NONE
         self.proxy.record(self.req_slot.name if self.req_slot else "", 101, perf() - self.req_t0,
-                          self.upstream_failed)
+                          self.upstream_failed, self.req_out)
         if self.buf:
             up.transport.write(bytes(self.buf))
             self.buf.clear()
@@ -221,7 +221,7 @@ class Exchange(asyncio.Protocol):
         slot, self.req_slot = self.req_slot, None
         if slot is not None:
             if self.state != S_TUNNEL and self.proxy.recorder is not None:
-                self.proxy.record(slot.name, status, perf() - self.req_t0, failed)
+                self.proxy.record(slot.name, status, perf() - self.req_t0, failed, self.req_out)
             slot.inflight -= 1
             if not slot.inflight and slot.waiters:
                 slot.done_one_wake()
