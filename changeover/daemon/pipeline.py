@@ -61,6 +61,7 @@ class Active:
     switch_ms: float = 0.0
     stop: dict[str, Any] | None = None        # abort / manual rollback / promote asked from outside
     observation: Observation | None = None
+    outcome: dict[str, Any] | None = None     # a rollback's result, for the `rollback`/`abort` caller
     task: asyncio.Task[Any] | None = None
     live_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future[dict[str, Any]] | None = None
@@ -260,6 +261,8 @@ class Pipeline:
         try:
             return await asyncio.shield(a.done)
         except DeployError as e:
+            if a.outcome is not None:
+                return a.outcome
             row = self.state.deployment(a.id)
             return a.result(row.state if row else "aborted", message=str(e), live_version=self.slots.version(
                 self.state.live_slot()))
@@ -406,6 +409,8 @@ class Pipeline:
 
     async def _rolled_back(self, a: Active, reason: str, evidence: Any, *, manual: bool,
                            switch_ms: float | None = None) -> dict[str, Any]:
+        """Record a rollback that has taken effect. Raises DeployError (the deploy failed); the
+        result for whoever asked for the rollback is `a.outcome`."""
         prev = a.previous
         self._transition(a, D.ROLLED_BACK, reason)
         self.state.add_checks(a.id, [{"name": "rollback trigger", "kind": "monitor", "ok": False,
@@ -419,9 +424,9 @@ class Pipeline:
         # The failed release gets no traffic; retire it in the background so it stops consuming.
         self.spawn(self._retire_quietly(a.target, f"rolled back: {reason}"))
         how = "manually" if manual else "automatically"
-        if manual:
-            return a.result("rolled_back", reason=reason, switch_ms=switch_ms, version=a.old_version,
-                            slot=prev, **{"from": a.version})
+        a.outcome = a.result("rolled_back", reason=reason, switch_ms=switch_ms, version=a.old_version, slot=prev,
+                             **{"from": a.version})
+        # The deploy did not reach its goal (its waiter fails); the rollback's caller gets a.outcome.
         raise DeployError(f"{a.version} was rolled back {how}: {reason}\n{a.old_version} is live again")
 
     async def _failed(self, a: Active, e: BaseException) -> dict[str, Any]:
@@ -446,7 +451,7 @@ class Pipeline:
             if aborted and a.stop is not None:
                 who = f" (by {a.stop['actor']})" if a.stop.get("actor") else ""
                 return await self._rolled_back(a, f"manual: {a.stop.get('reason')}{who}", None, manual=True)
-            return await self._rolled_back(a, reason, None, manual=False)  # raises: rolled back automatically
+            return await self._rolled_back(a, reason, None, manual=False)
         new = D.ABORTED if aborted and not switched else D.FAILED
         self._transition(a, new, reason + (f" (undo: {'; '.join(problems)})" if problems else ""))
         await self.telemetry.notify("failed", {"version": a.version, "reason": reason})
@@ -551,10 +556,7 @@ class Pipeline:
             self._transition(a, D.FAILED, f"{reason} (the standby was gone after a restart)")
             raise DeployError(f"could not finish rolling back {a.version}: no warm standby after the restart")
         a.steps.undos.clear()
-        try:
-            return await self._rolled_back(a, reason, None, manual=manual)
-        except DeployError as e:
-            return a.result("rolled_back", message=str(e))
+        return await self._rolled_back(a, reason, None, manual=manual)
 
     # -- standby expiry ----------------------------------------------------------------------------
     def schedule_standby_expiry(self, config: Config, slot: str | None) -> None:

@@ -363,7 +363,8 @@ class Daemon:
         log.info("`changeover down` requested")
         a = self.pipeline.active
         if a is not None and a.task is not None:
-            a.stop = {"kind": "abort", "reason": "stopped by `changeover down`"}
+            # Everything stops anyway: nothing is undone, the deployment is recorded as stopped.
+            self.pipeline.closing = True
             a.task.cancel()
             with contextlib.suppress(BaseException):
                 if a.done is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,20 @@ from changeover.state import State
 
 T = TypeVar("T")
 log = logging.getLogger("changeover.deploy")
+
+
+def _test_delays() -> dict[str, float]:
+    """CHANGEOVER_TEST_STEP_DELAY="switch:1.5,switch_back:1": hold a step that long after it acted and
+    before it is recorded done, so the fault-path tests can kill the daemon exactly there."""
+    out: dict[str, float] = {}
+    for part in os.environ.get("CHANGEOVER_TEST_STEP_DELAY", "").split(","):
+        kind, _, secs = part.partition(":")
+        if kind and secs:
+            out[kind.strip()] = float(secs)
+    return out
+
+
+DELAYS = _test_delays()
 
 
 async def _drop(event: dict[str, Any]) -> None:
@@ -69,6 +84,8 @@ class StepRunner:
         t0 = time.monotonic()
         try:
             result = await fn()
+            if DELAYS.get(str(kind)):
+                await asyncio.sleep(DELAYS[str(kind)])
         except ChangeoverError as e:
             msg = redact_text(str(e))
             self.state.end_step(step_id, "failed", msg)

@@ -7,11 +7,11 @@ checked against what the data plane was told, without a proxy worker or a daemon
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import sys
 import time
-import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,7 @@ async def test_prepare_then_switch_then_finalise(rig: Rig) -> None:
     assert rig.fake.switches == ["blue"], "prepare must not change what users see"
     assert rig.state.slot("green").state == SlotState.STARTING and rig.slots.warm("green")
     assert rig.pipeline.active is not None and rig.pipeline.active.phase == DeploymentState.PREPARED
-    with pytest.raises(DeployError, match="in progress|is prepared"):
+    with pytest.raises(DeployError, match=r"in progress|is prepared"):
         await rig.deploy("v3")
 
     done = await rig.pipeline.switch(rig.emit, wait=True)
