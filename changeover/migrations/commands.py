@@ -16,93 +16,52 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from changeover.errors import ChecksumMismatch, LintFailed, MigrationError, UsageError
-from changeover.migrations import engine, formats, history, judge, releases
-from changeover.migrations.config import RELEASE_PLACEHOLDER
+from changeover.errors import LintFailed, MigrationError, UsageError
+from changeover.migrations import engine, formats, history, judge
+from changeover.migrations import source as source_mod
 from changeover.migrations.db import Database, database
 from changeover.migrations.formats import Migration, Script, norm, version_key
 from changeover.migrations.lint import Finding, LintContext, ScriptAnalysis, analyze
 from changeover.migrations.lock import runner_lock
+from changeover.migrations.repair import DIRTY_CHOICES, baseline, repair
 from changeover.migrations.results import (
     ApplyResult,
     LintResult,
     MigrationStatus,
     PlannedMigration,
     PlanResult,
-    RollbackResult,
     StatusResult,
     Stop,
 )
+from changeover.migrations.rollback import rollback
+from changeover.migrations.source import Source, enabled, source
 from changeover.migrations.sqltext import POSTGRES
+
+__all__ = ["DIRTY_CHOICES", "Source", "baseline", "contract", "enabled", "lint", "new", "plan", "repair",
+           "rollback", "safe", "source", "status", "up"]
 
 if TYPE_CHECKING:
     from changeover.config import Config
 
 Progress = Callable[[str], None] | None
 OlderLive = bool | None | Callable[[], bool | None]
-T = TypeVar("T")
-DIRTY_CHOICES = ("applied", "pending")
 
 
 # -- shared plumbing ----------------------------------------------------------------------------
 def _db(config: Config, database_url: str | None = None) -> Database:
-    return database(database_url or config.migrations.database, config.root)
-
-
-@dataclass(frozen=True)
-class Source:
-    """The directory migrations are read from, and why that one (for errors and `status`)."""
-
-    dir: Path
-    origin: str
-
-
-def source(config: Config, release_dir: str | Path | None = None) -> Source:
-    cfg = config.migrations
-    origin = (f'[migrations] dir = "{cfg.dir}" in {config.file}' if cfg.dir_explicit
-              else f'the default [migrations] dir "{cfg.dir}" beside {config.file}')
-    raw = cfg.dir
-    if cfg.per_release:
-        if release_dir is None:
-            rel = releases.live(config)
-            if rel is None:
-                raise MigrationError(f"{origin} reads migrations from a release directory, and none was given: "
-                                     f"no release is live in {releases.state_path(config)}; pass --release-dir DIR")
-            release_dir = rel.path
-            origin += f", release {rel.version} (live in {rel.slot})"
-        else:
-            origin += f", release directory {release_dir}"
-        raw = raw.replace(RELEASE_PLACEHOLDER, str(release_dir))
-    d = Path(raw)
-    return Source((d if d.is_absolute() else config.root / d).resolve(), origin)
+    return source_mod.database_for(config, database_url)
 
 
 def _dir(config: Config, release_dir: str | Path | None = None) -> Path:
-    return source(config, release_dir).dir
+    return source_mod.source(config, release_dir).dir
 
 
-def _discover(config: Config, release_dir: str | Path | None) -> tuple[Source, list[Migration]]:
-    src = source(config, release_dir)
-    return src, formats.discover(src.dir, src.origin)
-
-
-def enabled(config: Config, release_dir: str | Path | None = None, database_url: str | None = None) -> bool:
-    """Does a deploy run migrations? It needs a database and a directory. A directory set in the
-    config that does not exist is an error (a typo must not skip the migrations silently); the
-    default `migrations/` may be absent."""
-    if not (database_url or config.migrations.database):
-        return False
-    src = source(config, release_dir)
-    if src.dir.is_dir():
-        return True
-    if config.migrations.dir_explicit:
-        raise MigrationError(f"migrations directory {src.dir} ({src.origin}) does not exist")
-    return False
+def _discover(config: Config, release_dir: str | Path | None = None) -> tuple[Source, list[Migration]]:
+    return source_mod.discover(config, release_dir)
 
 
 def _analyses(migrations: list[Migration], dialect: str) -> dict[str, ScriptAnalysis]:
@@ -115,47 +74,6 @@ def _key(version: str) -> str:
     return norm(version)
 
 
-def _verify(migrations: list[Migration], applied: dict[str, history.Applied]) -> None:
-    bad = [(m, applied[m.key]) for m in migrations
-           if m.key in applied and applied[m.key].checksum != m.checksum and applied[m.key].state != history.DIRTY]
-    if bad:
-        lines = [f"{m.up.path}: changed after it was applied (sha256 {h.checksum[:12]} recorded, "
-                 f"{m.checksum[:12]} now)" for m, h in bad]
-        raise ChecksumMismatch("; ".join(lines) + " — restore the file(s), or run `changeover migrate repair` "
-                               "to accept the change deliberately")
-
-
-def _refuse_dirty(applied: dict[str, history.Applied]) -> None:
-    dirty = [h for h in applied.values() if h.state == history.DIRTY]
-    if dirty:
-        raise MigrationError("; ".join(f"{h.id} is dirty ({h.failed})" for h in dirty) +
-                             " — nothing was run: finish or undo its statements by hand, then run `changeover "
-                             "migrate repair --dirty applied` (all its changes are in place) or `--dirty pending` "
-                             "(none are: the next run applies it again)")
-
-
-def _check_order(ms: list[Migration], applied: dict[str, history.Applied], src: Source, allow: bool) -> None:
-    """A new migration older than the newest applied one, and an applied one whose file is gone, are
-    mistakes more often than not (a merge, a wrong directory): say so unless accepted."""
-    if allow or not applied:
-        return
-    on_disk = {m.key for m in ms}
-    newest = max(applied.values(), key=lambda h: version_key(h.version))
-    problems = []
-    gone = [h for k, h in applied.items() if k not in on_disk]
-    if gone:
-        problems.append(f"applied but missing from {src.dir} ({src.origin}): " + ", ".join(
-            h.id + (f" (release {h.release})" if h.release else "") for h in gone) +
-            " — restore the files, or read the directory that has them (--release-dir)")
-    early = [m for m in ms if m.key not in applied and version_key(m.version) < version_key(newest.version)]
-    if early:
-        problems.append(f"pending but older than {newest.id}, the newest applied migration (out of order): "
-                        + ", ".join(m.id for m in early))
-    if problems:
-        raise MigrationError("; ".join(problems) + " — nothing was run; pass --allow-out-of-order to accept this "
-                             "deliberately")
-
-
 def _refuse_parse_errors(pending: list[Migration], analyses: dict[str, ScriptAnalysis]) -> None:
     errors = [analyses[m.version].parse_error for m in pending]
     found = [f for f in errors if f is not None]
@@ -165,16 +83,6 @@ def _refuse_parse_errors(pending: list[Migration], analyses: dict[str, ScriptAna
 
 def _older_live(value: OlderLive) -> bool | None:
     return value() if callable(value) else value
-
-
-def _named(m: Migration, fn: Callable[[], T]) -> T:
-    """Every error of a migration's run names the migration."""
-    try:
-        return fn()
-    except MigrationError as e:
-        if m.id in str(e):
-            raise
-        raise type(e)(f"{m.id}: {e}") from None
 
 
 # -- verbs ----------------------------------------------------------------------------------------
@@ -233,21 +141,23 @@ def _run(config: Config, mode: str, release: str | None, progress: Progress, all
     cfg = config.migrations
     db = _db(config, database_url)
     src, ms = _discover(config, release_dir)
-    analyses = _analyses(ms, db.dialect)
     result = ApplyResult(release=release, source=str(src.dir))
     with runner_lock(db, wait=wait, on_wait=progress):
         conn = db.connect("run", cfg.lock_timeout)
         try:
             history.ensure(conn, cfg.table)
             applied = history.load(conn, cfg.table)
-            _verify(ms, applied)
-            _refuse_dirty(applied)
-            _check_order(ms, applied, src, allow_out_of_order)
+            # judged as `plan` judges them: against this database's tables (an empty one is no risk)
+            analyses = judge.analyse_run(ms, db.dialect, conn, applied, judge.threshold(cfg))
+            history.verify(ms, applied)
+            history.refuse_dirty(applied)
+            history.check_order(ms, applied, f"{src.dir} ({src.origin})", allow_out_of_order)
             for m in ms:  # an interrupted backfill is finished before anything else runs
                 h = applied.get(m.key)
                 if h is not None and h.state == history.BACKFILLING:
                     a = analyses[m.version]
-                    result.applied.append(_named(m, partial(engine.apply, conn, cfg, m, a, release, progress, h)))
+                    result.applied.append(engine.named(m, partial(engine.apply, conn, cfg, m, a, release, progress,
+                                                                  h)))
             pending = [m for m in ms if m.key not in applied]
             _refuse_parse_errors(pending, analyses)
             if (mode == "up" and not allow_unsafe) or (mode == "safe" and refuse_unsafe):
@@ -266,7 +176,7 @@ def _run(config: Config, mode: str, release: str | None, progress: Progress, all
                     result.stopped_at = stop
                     result.pending = len(pending) - i
                     break
-                result.applied.append(_named(m, partial(engine.apply, conn, cfg, m, a, release, progress)))
+                result.applied.append(engine.named(m, partial(engine.apply, conn, cfg, m, a, release, progress)))
                 done += 1
             result.contract_pending = [m.id for m in pending[done:] if analyses[m.version].phase == "contract"]
         finally:
@@ -330,183 +240,6 @@ def up(config: Config, release: str | None = None, progress: Progress = None, *,
     """Apply everything pending; unsafe migrations only with allow_unsafe."""
     return _run(config, "up", release, progress, allow_unsafe, wait, release_dir=release_dir,
                 database_url=database_url, allow_out_of_order=allow_out_of_order)
-
-
-def _targets(applied: dict[str, history.Applied], steps: int | None, to: str | None, everything: bool) -> list[str]:
-    """Versions to undo, newest first. --to VERSION leaves VERSION applied; --all undoes everything."""
-    done = sorted(applied, key=version_key, reverse=True)
-    if everything:
-        return done
-    if to is not None:  # --to 0 with no version 0 applied: everything newer than 0, i.e. all
-        if norm(to) not in applied and norm(to) != "0":
-            raise UsageError(f"version {to} is not applied (applied: {', '.join(done) or 'none'}); --to VERSION "
-                             "undoes everything newer than VERSION and leaves it applied; --all undoes everything")
-        return [k for k in done if version_key(k) > version_key(to)]
-    return done[:steps or 1]
-
-
-def _refuse_needed(config: Config, targets: list[history.Applied], leaving: str | None) -> None:
-    """A running (live or standby) release needs what it applied and what was there at its deploy."""
-    gone = releases.leaving(config) | ({leaving} if leaving else set())
-    running = [r for r in releases.running(config) if r.version not in gone]
-    problems = []
-    for h in targets:
-        for r in releases.needed_by(h, running):
-            how = "applied it" if h.release == r.version else "was deployed after it was applied"
-            problems.append(f"{h.id}: release {r.version} ({r.role}, slot {r.slot}) {how}")
-    if problems:
-        raise MigrationError("refusing to roll back migrations that a running release needs (nothing was rolled "
-                             "back): " + "; ".join(problems) + " — roll the code back first (`changeover "
-                             "rollback`), or pass --force if you know that release does not use them")
-
-
-def rollback(config: Config, steps: int | None = None, to: str | None = None, *, everything: bool = False,
-             allow_data_loss: bool = False, force: bool = False, leaving: str | None = None,
-             progress: Progress = None, wait: bool = False, release_dir: str | Path | None = None,
-             database_url: str | None = None) -> RollbackResult:
-    """Run down scripts newest first, each in its own transaction with its history row.
-
-    Everything is checked before anything is undone: the running releases' needs (unless force;
-    `leaving` names a release being rolled back away from), and every down script (exists, parses,
-    would destroy data only with allow_data_loss)."""
-    if sum(x is not None for x in (steps, to)) + everything > 1:
-        raise UsageError("pass one of --steps, --to and --all")
-    if steps is not None and steps < 1:
-        raise UsageError("--steps must be at least 1")
-    if to is not None and not formats.VERSION.match(to):
-        raise UsageError(f"--to expects a version number, got {to!r}")
-    cfg = config.migrations
-    db = _db(config, database_url)
-    src, ms = _discover(config, release_dir)
-    by_key = {m.key: m for m in ms}
-    result = RollbackResult()
-    with runner_lock(db, wait=wait, on_wait=progress):
-        conn = db.connect("rollback", cfg.lock_timeout)
-        try:
-            history.ensure(conn, cfg.table)
-            applied = history.load(conn, cfg.table)
-            _verify(ms, applied)
-            _refuse_dirty(applied)
-            targets = _targets(applied, steps, to, everything)
-            if not targets:
-                return result
-            if not force:
-                _refuse_needed(config, [applied[k] for k in targets], leaving)
-            problems: list[str] = []
-            parse_errors = False
-            plans: list[tuple[Migration, ScriptAnalysis]] = []
-            for k in targets:
-                m = by_key.get(k)
-                if m is None:
-                    problems.append(f"{applied[k].id} is applied but its file is gone from {src.dir} "
-                                    f"({src.origin})")
-                    continue
-                if m.down is None:
-                    problems.append(f"{m.id} has no down script: it cannot be rolled back")
-                    continue
-                a = analyze(m.down, LintContext(db.dialect))
-                syntax = [(f.line, f.col, f.message) for f in [a.parse_error] if f is not None]
-                syntax += [(st.line, st.col, err) for st in a.statements if st.node is None
-                           for err in [conn.syntax_error(st.sql)] if err]   # SQLite pglast cannot read
-                if syntax:
-                    problems += [f"{m.down.path}:{line}:{col}: syntax error: {msg}" for line, col, msg in syntax]
-                    parse_errors = True
-                    continue
-                lost = engine.data_loss(conn, a)
-                if lost and not allow_data_loss:
-                    problems.append(f"rolling back {m.id} would destroy data ({', '.join(lost)} hold values); "
-                                    "pass --allow-data-loss to do it anyway")
-                plans.append((m, a))
-            if problems:
-                err = LintFailed if parse_errors else MigrationError
-                raise err("; ".join(problems) + f" — nothing was rolled back (checked {len(targets)} "
-                          "down scripts first)")
-            for m, a in plans:
-                result.rolled_back.append(_named(m, partial(engine.revert, conn, cfg, m, a, progress)))
-        finally:
-            conn.close()
-    return result
-
-
-def repair(config: Config, *, dirty: str | None = None, release_dir: str | Path | None = None,
-           database_url: str | None = None) -> list[str]:
-    """Accept changed files deliberately (record their current checksums), and resolve a dirty
-    migration: dirty="applied" (its changes are all in place) or "pending" (none are). -> what was fixed."""
-    if dirty is not None and dirty not in DIRTY_CHOICES:
-        raise UsageError(f"--dirty expects applied or pending, got {dirty!r}")
-    cfg = config.migrations
-    db = _db(config, database_url)
-    _, ms = _discover(config, release_dir)
-    fixed = []
-    with runner_lock(db):
-        conn = db.connect("repair")
-        try:
-            history.ensure(conn, cfg.table)
-            applied = history.load(conn, cfg.table)
-            stuck = [h for h in applied.values() if h.state == history.DIRTY]
-            if stuck and dirty is None:
-                raise UsageError("; ".join(f"{h.id} is dirty ({h.failed})" for h in stuck) + " — look at the "
-                                 "database, then choose: `changeover migrate repair --dirty applied` (its changes "
-                                 "are all in place) or `--dirty pending` (none are: the next run applies it again)")
-            if dirty is not None and not stuck:
-                raise UsageError("no migration is dirty: nothing for --dirty to resolve")
-            by_key = {m.key: m for m in ms}
-            for h in stuck:
-                conn.begin()
-                if dirty == "applied":
-                    history.set_state(conn, cfg.table, h.version, history.APPLIED, None)
-                    fixed_file = by_key.get(norm(h.version))
-                    if fixed_file is not None:  # the file may have been corrected since it failed
-                        history.set_checksum(conn, cfg.table, h.version, fixed_file.checksum)
-                else:
-                    history.revert(conn, cfg.table, h.version)
-                conn.commit()
-                fixed.append(f"{h.id} (dirty, now {dirty})")
-            for m in ms:
-                row = applied.get(m.key)
-                if row is not None and row.state != history.DIRTY and row.checksum != m.checksum:
-                    history.set_checksum(conn, cfg.table, row.version, m.checksum)
-                    fixed.append(m.id)
-        finally:
-            conn.close()
-    return fixed
-
-
-def baseline(config: Config, version: str, *, release: str | None = None, release_dir: str | Path | None = None,
-             database_url: str | None = None) -> list[str]:
-    """Adopt an existing database: record every migration up to VERSION as applied without running
-    it (Flyway's baseline). Only on a database with no changeover history. -> the ids recorded."""
-    if not formats.VERSION.match(version):
-        raise UsageError(f"baseline expects a version number, got {version!r}")
-    cfg = config.migrations
-    db = _db(config, database_url)
-    src, ms = _discover(config, release_dir)
-    upto = [m for m in ms if version_key(m.version) <= version_key(version)]
-    if not upto:
-        raise UsageError(f"no migration in {src.dir} ({src.origin}) is at or before version {version}")
-    analyses = _analyses(ms, db.dialect)
-    with runner_lock(db):
-        conn = db.connect("baseline")
-        try:
-            history.ensure(conn, cfg.table)
-            applied = history.load(conn, cfg.table)
-            if applied:
-                newest = max(applied.values(), key=lambda h: version_key(h.version))
-                raise MigrationError(f"{cfg.table} already records {len(applied)} applied migration(s) (newest "
-                                     f"{newest.id}): baseline only adopts a database without changeover history "
-                                     "— use `changeover migrate up`")
-            conn.begin()
-            try:
-                for m in upto:
-                    history.insert(conn, cfg.table, m.version, m.name, analyses[m.version].phase, m.checksum, 0,
-                                   release)
-                conn.commit()
-            except engine.DB_ERRORS as e:
-                conn.rollback()
-                raise MigrationError(f"baseline failed, nothing was recorded: {e}") from None
-        finally:
-            conn.close()
-    return [m.id for m in upto]
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")

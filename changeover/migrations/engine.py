@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -31,7 +31,7 @@ from changeover.migrations.formats import Migration
 from changeover.migrations.lint import ScriptAnalysis, StatementPlan
 from changeover.migrations.retry import Policy, with_retries
 
-__all__ = ["StepResult", "apply", "data_loss", "policy", "revert"]
+__all__ = ["StepResult", "apply", "data_loss", "named", "policy", "revert"]
 
 Progress = Callable[[str], None] | None
 DB_ERRORS = (psycopg.Error, sqlite3.Error)
@@ -54,6 +54,19 @@ class StepResult:
         return {"version": self.version, "name": self.name, "phase": self.phase, "duration_ms": self.duration_ms,
                 "attempts": self.attempts, "transaction": self.transaction,
                 "backfilled_rows": self.backfilled_rows, "direction": self.direction, "notes": self.notes}
+
+
+T = TypeVar("T")
+
+
+def named(m: Migration, fn: Callable[[], T]) -> T:
+    """Every error of a migration's run names the migration."""
+    try:
+        return fn()
+    except MigrationError as e:
+        if m.id in str(e):
+            raise
+        raise type(e)(f"{m.id}: {e}") from None
 
 
 def policy(cfg: MigrationsConfig) -> Policy:

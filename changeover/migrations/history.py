@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from changeover.errors import ChecksumMismatch, MigrationError
 from changeover.migrations.db import Conn
-from changeover.migrations.formats import norm
+from changeover.migrations.formats import Migration, norm, version_key
 
 APPLIED, BACKFILLING, DIRTY, REVERTED = "applied", "backfilling", "dirty", "reverted"
 _COLUMNS = "version, name, phase, checksum, applied_at, duration_ms, release, state, backfill_position"
@@ -129,3 +130,47 @@ def delete(conn: Conn, table: str, version: str) -> None:
 
 def set_checksum(conn: Conn, table: str, version: str, checksum: str) -> None:
     conn.query(f"UPDATE {table} SET checksum = ? WHERE version = ?", (checksum, version))
+
+
+# -- the history against the files ----------------------------------------------------------------
+def verify(migrations: list[Migration], applied: dict[str, Applied]) -> None:
+    """Applied files must not have changed (a dirty one may: its fix is accepted by repair)."""
+    bad = [(m, applied[m.key]) for m in migrations
+           if m.key in applied and applied[m.key].checksum != m.checksum and applied[m.key].state != DIRTY]
+    if bad:
+        lines = [f"{m.up.path}: changed after it was applied (sha256 {h.checksum[:12]} recorded, "
+                 f"{m.checksum[:12]} now)" for m, h in bad]
+        raise ChecksumMismatch("; ".join(lines) + " — restore the file(s), or run `changeover migrate repair` "
+                               "to accept the change deliberately")
+
+
+def refuse_dirty(applied: dict[str, Applied]) -> None:
+    dirty = [h for h in applied.values() if h.state == DIRTY]
+    if dirty:
+        raise MigrationError("; ".join(f"{h.id} is dirty ({h.failed})" for h in dirty) +
+                             " — nothing was run: finish or undo its statements by hand, then run `changeover "
+                             "migrate repair --dirty applied` (all its changes are in place) or `--dirty pending` "
+                             "(none are: the next run applies it again)")
+
+
+def check_order(ms: list[Migration], applied: dict[str, Applied], where: str, allow: bool) -> None:
+    """A new migration older than the newest applied one, and an applied one whose file is gone, are
+    mistakes more often than not (a merge, the wrong directory): refuse unless accepted.
+    where: the directory read, and why that one."""
+    if allow or not applied:
+        return
+    on_disk = {m.key for m in ms}
+    newest = max(applied.values(), key=lambda h: version_key(h.version))
+    problems = []
+    gone = [h for k, h in applied.items() if k not in on_disk]
+    if gone:
+        problems.append(f"applied but missing from {where}: " + ", ".join(
+            h.id + (f" (release {h.release})" if h.release else "") for h in gone) +
+            " — restore the files, or read the directory that has them (--release-dir)")
+    early = [m for m in ms if m.key not in applied and version_key(m.version) < version_key(newest.version)]
+    if early:
+        problems.append(f"pending but older than {newest.id}, the newest applied migration (out of order): "
+                        + ", ".join(m.id for m in early))
+    if problems:
+        raise MigrationError("; ".join(problems) + " — nothing was run; pass --allow-out-of-order to accept this "
+                             "deliberately")

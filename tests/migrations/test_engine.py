@@ -111,7 +111,8 @@ def test_safe_stops_before_contract_and_contract_needs_old_release_gone(project:
 
 def test_up_refuses_unsafe_before_applying_anything(project: Project, pg_url: str) -> None:
     cfg = project(pg_url)
-    add(cfg, "0001_a", "CREATE TABLE a (id bigint PRIMARY KEY, n text);\nCREATE INDEX a_n ON a (n);")
+    add(cfg, "0001_a", "CREATE TABLE a (id bigint PRIMARY KEY, n text);\nCREATE INDEX a_n ON a (n);\n"
+                       "INSERT INTO a VALUES (1, 'x');")   # not empty: an index build blocks writers
     commands.up(cfg)
     add(cfg, "0003_ok", "ALTER TABLE a ADD COLUMN m text;")
     add(cfg, "0004_idx", "CREATE INDEX a_m ON a (m);")

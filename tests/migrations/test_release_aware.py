@@ -131,7 +131,7 @@ def test_an_explicit_directory_that_does_not_exist_is_an_error(project: Project,
 # -- the deploy's entry point ----------------------------------------------------------------------
 def test_safe_for_a_deploy_refuses_unsafe_and_reports_contract(project: Project, pg_url: str) -> None:
     cfg = project(pg_url)
-    add(cfg, "0001_a", "CREATE TABLE a (id bigint PRIMARY KEY, old text);")
+    add(cfg, "0001_a", "CREATE TABLE a (id bigint PRIMARY KEY, old text);\nINSERT INTO a VALUES (1, 'x');")
     commands.up(cfg)
     add(cfg, "0002_add", "ALTER TABLE a ADD COLUMN new text;")
     add(cfg, "0003_idx", "CREATE INDEX a_new ON a (new);")
