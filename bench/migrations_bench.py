@@ -1,6 +1,11 @@
 """Migrations benchmark: adding and filling a column on a big table while a writer keeps writing.
 
     .venv/bin/python bench/migrations_bench.py [--rows 5000000] [--batch 1000] [--json out.json]
+    .venv/bin/python bench/migrations_bench.py --lint DIR [DIR ...] [--rounds 5] [--json out.json]
+
+`--lint` compares the linter with squawk (`pip install squawk-cli`) on directories of real projects'
+migrations (docs/migrations.md says how to extract them) and measures lint speed side by side;
+see bench/lint_compare.py. It needs no database.
 
 A separate process inserts a row and updates a random row, back to back, on its own connection,
 and records the latency of every write. Three ways to add a `uuid` column filled for every row:
@@ -98,7 +103,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--lint", type=Path, nargs="+", help="compare with squawk on these migration directories")
+    ap.add_argument("--rounds", type=int, default=5, help="in-process lint rounds for --lint")
     args = ap.parse_args()
+    if args.lint:
+        import lint_compare
+        lint_compare.main(args.lint, args.rounds, args.json)
+        return
     results: dict[str, Any] = {"rows": args.rows, "batch": args.batch, "lint": lint_throughput()}
 
     name = f"co_bench_{secrets.token_hex(4)}"

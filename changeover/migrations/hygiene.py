@@ -3,6 +3,7 @@ PostgreSQL would truncate. They never change a migration's phase."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from pglast.parser import ParseError, scan
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 SERIALS = frozenset({"serial", "serial4", "bigserial", "serial8", "smallserial", "serial2"})
 SMALL_INTS = frozenset({"int2", "int4", "serial", "serial4", "smallserial", "serial2", "integer", "int"})
 NAMEDATALEN = 63   # bytes; longer identifiers are truncated with only a NOTICE
+_WORDS = re.compile(r'"(?:[^"]|"")*"|[\w$]+')
 
 
 def type_of(tn: Any) -> tuple[str, int]:
@@ -55,6 +57,8 @@ def type_warnings(a: Analyzer, what: str, tname: str, mod: int, st: Statement, p
 
 def identifiers(a: Analyzer, st: Statement, p: StatementPlan) -> None:
     """Names over 63 bytes, read from the text: the parser has already truncated them in the tree."""
+    if not any(len(w.encode()) > NAMEDATALEN for w in _WORDS.findall(st.text)):
+        return  # the usual case, without tokenizing the statement again
     seen: set[str] = set()
     try:
         tokens = scan(st.text)

@@ -120,7 +120,9 @@ def dml(a: Analyzer, table: str, node: Any, st: Statement, p: StatementPlan, ver
         p.findings.append(replace(f, severity="notice", phase="expand"))
         return
     p.slow = f"{verb} of {table}{est}"
-    a.f(p, "unbatched-backfill", st, msg)
+    unknown = "; its size is unknown here: `migrate plan` or `lint --database` estimate it" \
+        if rows is None and a.ctx.sizes is None else ""
+    a.f(p, "unbatched-backfill", st, msg + unknown)
 
 
 def _index(a: Analyzer, node: Any, st: Statement, p: StatementPlan) -> None:

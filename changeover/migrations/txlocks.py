@@ -26,16 +26,19 @@ def analyse(a: Analyzer, plans: list[StatementPlan], split: list[Statement], tra
     from changeover.migrations.lint import set_phase
     held: dict[str, HeldLock] = {}
     for p in plans:
-        if transaction and p.slow:
-            for h in held.values():
-                own = p.lock if h.table in p.tables else "none"
-                if LOCK_RANK.get(h.lock, 0) > LOCK_RANK.get(own, 0) and blocks_writes(h.lock):
-                    p.findings.append(a.finding(
-                        "slow-under-held-lock", split[p.index - 1], p.index,
-                        f"{p.slow} while {h.lock} on {h.table}, taken by statement {h.since} (line {h.line}), "
-                        f"is held until the migration commits: {LOCK_BLOCKS[h.lock]} of {h.table} wait "
-                        "for all of it"))
-                    set_phase(p)
+        # a slow statement that is an error on its own is fixed first (and CONCURRENTLY ends the transaction)
+        if transaction and p.slow and not any(f.severity == "error" and not f.ignored for f in p.findings):
+            over = [h for h in held.values()
+                    if LOCK_RANK.get(h.lock, 0) > LOCK_RANK.get(p.lock if h.table in p.tables else "none", 0)
+                    and blocks_writes(h.lock)]
+            if over:
+                h = max(over, key=lambda h: LOCK_RANK.get(h.lock, 0))
+                others = f" (and {len(over) - 1} more tables)" if len(over) > 1 else ""
+                p.findings.append(a.finding(
+                    "slow-under-held-lock", split[p.index - 1], p.index,
+                    f"{p.slow} while {h.lock} on {h.table}{others}, taken by statement {h.since} (line {h.line}), "
+                    f"is held until the migration commits: {LOCK_BLOCKS[h.lock]} of {h.table} wait for all of it"))
+                set_phase(p)
         if p.lock in _NOT_HELD:
             continue
         for t in p.tables:

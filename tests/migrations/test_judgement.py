@@ -136,9 +136,12 @@ def test_validate_alone_or_without_a_transaction_is_fine(tmp_path: Path) -> None
 
 
 def test_a_slow_statement_on_another_table_is_flagged_too(tmp_path: Path) -> None:
-    a = run(tmp_path, "ALTER TABLE parent ADD COLUMN x int;\nUPDATE t1 SET note = 'x' WHERE note IS NULL;\n")
+    a = run(tmp_path, "ALTER TABLE parent ADD COLUMN x int;\nALTER TABLE t1 VALIDATE CONSTRAINT c;\n")
     f = next(f for f in a.findings if f.rule == "slow-under-held-lock")
     assert "ACCESS EXCLUSIVE on parent" in f.message
+    # a slow statement that is an error of its own gets that finding only (one thing to fix)
+    own = run(tmp_path, "ALTER TABLE parent ADD COLUMN x int;\nUPDATE t1 SET note = 'x' WHERE note IS NULL;\n")
+    assert [f.rule for f in own.findings] == ["unbatched-backfill"]
 
 
 # -- 5. phases -------------------------------------------------------------------------------------
