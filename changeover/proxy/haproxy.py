@@ -1,318 +1,355 @@
-"""The HAProxy data plane: the same `DataPlane` driven through a generated config and the runtime API.
+"""HAProxy as changeover's data plane: the generated config, the runtime API and the request log.
 
-One HAProxy (master-worker, `-W`) runs one backend `app`. Each slot named at construction gets
-`max_upstreams` servers pre-declared in the config (`server-template blue- 1-16 ... disabled`);
-`set_slot()` points them at the app with `set server ... addr ... port` (servers added at run time
-with `add server` proxied at well under half the speed in HAProxy 2.6, so they are only the
-fallback for slot names or upstream counts beyond that). A switch puts the new slot's servers
-in `ready` first and only then the old slot's in `drain` (drain keeps established connections
-but takes no new load-balanced traffic), so no request ever meets an empty backend. `drain()`
-polls the servers' current sessions and, at the timeout, shuts down what is left.
+This module knows HAProxy's formats; `haproxy_engine.HAProxyControl` uses it to implement the
+daemon's `ProxyControl`. Routing lives in HAProxy itself, never in a cache of ours: one backend
+`changeover` holds a fixed pool of servers per slot (`blue-1`..`blue-16`, `green-1`..), each
+either pointing at one of the slot's upstreams or parked at 127.0.0.1:1 in maintenance. A slot's
+routing state is its servers' admin state: `ready` (live: new requests go there), `drain` (just
+switched away from: keeps what is in flight, takes nothing new) or `maint` (standby or unused).
+So `show servers state` alone says which slot is live and where every slot points, which is what
+lets a restarted daemon adopt a running HAProxy without a word of its own state.
 
-Per-request records come from HAProxy's own log: a UDP syslog target on loopback, one short
-`log-format` line per request, turned into `recorder.record()` calls.
+Pool servers are declared in the config and re-pointed with `set server ... addr`: dynamic
+servers (`add server`) proxied at well under half the speed in HAProxy 2.6, so they are only the
+fallback beyond the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import shutil
-import socket
-import tempfile
-from collections.abc import Sequence
+import ipaddress
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from changeover.errors import ChangeoverError
-from changeover.proxy.base import ProxySettings, RequestRecorder
+from changeover.errors import ChangeoverError, ConfigError
+from changeover.proxy.base import ProxySettings
 
-log = logging.getLogger("changeover.proxy.haproxy")
-START_TIMEOUT = 10.0
+BACKEND = "changeover"
+POOL = 16                 # servers declared per slot; `[app] instances` beyond this use `add server`
+PARKED_HOST, PARKED_PORT = "127.0.0.1", 1   # where an unused pool server points (nothing listens on 1)
+SLOTS = ("blue", "green")
+LOG_TAG = "co"            # first field of our per-request log lines; anything else on the socket is ignored
+MAX_UNIX_PATH = 107       # sun_path, minus the terminating NUL
+CLI_TIMEOUT = 5.0
 
-CONFIG = """\
+# Admin state bits of `show servers state` (HAProxy's SRV_ADMF_*): forced/inherited/resolver/
+# hostname maintenance, and forced/inherited drain. 0x04 only records "disabled in the config".
+_MAINT_BITS = 0x01 | 0x02 | 0x20 | 0x40
+_DRAIN_BITS = 0x08 | 0x10
+
+SETTINGS_MARK = "# changeover settings: "
+ROUTING_MARK = f"backend {BACKEND}\n"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Everything changeover keeps for its HAProxy, under `<state dir>/haproxy/`."""
+
+    dir: Path
+    config: Path
+    admin: Path       # stats socket, level admin, expose-fd listeners (served by the worker)
+    master: Path      # master CLI (-S): reload, show proc
+    pidfile: Path     # the master's pid (-p)
+    log_socket: Path  # unix datagram socket the daemon reads per-request log lines from
+    output: Path      # HAProxy's own stderr (alerts, "Loading success")
+
+    @classmethod
+    def under(cls, directory: Path) -> Paths:
+        p = cls(directory, directory / "haproxy.cfg", directory / "admin.sock", directory / "master.sock",
+                directory / "haproxy.pid", directory / "log.sock", directory.parent / "logs" / "haproxy.log")
+        for sock in (p.admin, p.master, p.log_socket):
+            if len(str(sock).encode()) > MAX_UNIX_PATH:
+                raise ConfigError(f"the state directory {directory.parent} is too deep for HAProxy's unix "
+                                  f"sockets ({sock} is over {MAX_UNIX_PATH} bytes)", key="proxy.engine")
+        return p
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    slot: str
+    host: str
+    port: int
+    state: str        # "ready" | "drain" | "maint"
+
+    @property
+    def parked(self) -> bool:
+        return self.port == PARKED_PORT
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+def render(settings: ProxySettings, paths: Paths, port: int, routing: Mapping[str, Any] | None) -> str:
+    """The whole config: a part that depends on the settings only, then the backend (routing)."""
+    return settings_part(settings, paths, port) + routing_part(routing)
+
+
+def settings_part(settings: ProxySettings, paths: Paths, port: int) -> str:
+    s = settings
+    host = s.host or "0.0.0.0"
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    trusted = " ".join(s.trusted_proxies) or "255.255.255.255/32"   # an empty list trusts nobody
+    limit = (f"    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {s.max_body_bytes} }}\n"
+             if s.max_body_bytes else "")
+    return f"""{SETTINGS_MARK}{json.dumps(asdict(s), sort_keys=True)}
 global
     master-worker
-    nbthread 1
-    stats socket {sock} level admin expose-fd listeners
-{log_target}    tune.bufsize {bufsize}
+    stats socket {paths.admin} mode 600 level admin expose-fd listeners
+    stats timeout 30s
+    log {paths.log_socket} len 1024 format raw local0 info
+    tune.bufsize {max(16384, min(s.max_header_bytes + 1024, 1 << 20))}
+    # a reload hands the listeners over; the old worker finishes what it has, up to drain_timeout
+    hard-stop-after {_ms(s.drain_timeout)}
 defaults
     mode http
-{log_defaults}    option http-keep-alive
+    log global
+    option dontlognull
+    option http-keep-alive
+    # at a reload, idle keep-alive clients get their next answer with Connection: close instead of
+    # a connection closed under them (HAProxy's default, which fails requests sent at that instant)
+    option idle-close-on-response
     option redispatch 1
-    retries {retries}
-    retry-on conn-failure empty-response
-    timeout http-request {header_ms}ms
-    timeout http-keep-alive {idle_ms}ms
-    timeout client {body_ms}ms
-    timeout connect {connect_ms}ms
-    timeout server {response_ms}ms
+    retries {s.retries}
+    retry-on conn-failure
+    timeout http-request {_ms(s.header_timeout)}
+    timeout http-keep-alive {_ms(s.idle_timeout)}
+    timeout client {_ms(s.body_timeout)}
+    timeout connect {_ms(s.connect_timeout)}
+    timeout server {_ms(s.response_timeout)}
     timeout tunnel 1h
+    log-format "{LOG_TAG}|%s|%ST|%[date(0,us),sub(txn.t0)]|%Ta|%Tr|%ts"
 frontend changeover
-    bind {listen}
-    option forwardfor
-    http-request set-header X-Forwarded-Proto http
-    http-request set-header X-Forwarded-Host %[req.hdr(host)]
-    http-request set-header Via "1.1 changeover"
-{body_limit}    default_backend app
-backend app
-    balance roundrobin
-    http-reuse safe
-{templates}"""
+    bind {bind}
+    http-request set-var(txn.t0) date(0,us)
+{limit}    acl trusted src {trusted}
+    # X-Forwarded-*: kept from a trusted peer (a TLS terminator in front), replaced otherwise
+    http-request del-header X-Forwarded-For unless trusted
+    http-request del-header X-Forwarded-Proto unless trusted
+    http-request del-header X-Forwarded-Host
+    http-request del-header X_Forwarded_For
+    http-request del-header X_Forwarded_Proto
+    http-request del-header X_Forwarded_Host
+    acl one_xff req.fhdr_cnt(x-forwarded-for) eq 1
+    http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)], %[src]" if one_xff
+    http-request add-header X-Forwarded-For %[src] unless one_xff
+    http-request set-header X-Forwarded-Proto http unless {{ req.hdr(x-forwarded-proto) -m found }}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)] if {{ req.hdr(host) -m found }}
+    http-request add-header Via "1.1 changeover"
+    default_backend {BACKEND}
+"""
 
 
-class HAProxyDataPlane:
-    """`DataPlane` backed by an HAProxy process (see the module docstring)."""
+def _ms(seconds: float) -> str:
+    return f"{max(1, int(seconds * 1000))}ms"
 
-    def __init__(self, settings: ProxySettings, recorder: RequestRecorder | None = None, *,
-                 slots: Sequence[str] = ("blue", "green"), max_upstreams: int = 16,
-                 binary: str = "haproxy", state_dir: Path | None = None) -> None:
-        for name in slots:
-            _check_slot_name(name)
-        self.settings = settings
-        self.recorder = recorder
-        self.binary = binary
-        self._own_dir = state_dir is None
-        self.dir = state_dir or Path(tempfile.mkdtemp(prefix="changeover-haproxy-"))
-        self.sock = str(self.dir / "haproxy-admin.sock")
-        self._proc: asyncio.subprocess.Process | None = None
-        self._servers: dict[str, dict[tuple[str, int], str]] = {}   # slot -> (host, port) -> server
-        self._owner: dict[str, str] = {}                             # server -> slot
-        self._live: str | None = None
-        self._seq = 0
-        # pre-declared servers not pointing at any upstream yet, per slot
-        self._free: dict[str, list[str]] = {n: [f"{n}-{i}" for i in range(1, max_upstreams + 1)] for n in slots}
-        self._templated = {name for names in self._free.values() for name in names}
-        self._templates = "".join(f"    server-template {n}- 1-{max_upstreams} 127.0.0.1:1 disabled\n"
-                                  for n in slots if max_upstreams > 0)
-        self._log: asyncio.DatagramTransport | None = None
-        self._port = 0
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._proc is not None:
-            return
-        if shutil.which(self.binary) is None:
-            raise ChangeoverError(f"haproxy data plane: {self.binary!r} not found on PATH")
-        loop = asyncio.get_running_loop()
-        log_target = log_defaults = ""
-        if self.recorder is not None:       # per-request log lines cost HAProxy throughput: only on demand
-            self._log, _ = await loop.create_datagram_endpoint(
-                lambda: _LogReceiver(self), local_addr=("127.0.0.1", 0))
-            log_port = self._log.get_extra_info("sockname")[1]
-            log_target = f"    log 127.0.0.1:{log_port} len 1024 local0 info\n"
-            log_defaults = '    log global\n    option dontlognull\n    log-format "%b|%s|%ST|%Ta|%ts"\n'
-        host, port = self.settings.host, self.settings.port
-        if port == 0:                       # HAProxy cannot report a kernel-chosen port: pick one
-            with socket.socket() as probe:
-                probe.bind((host or "0.0.0.0", 0))
-                port = probe.getsockname()[1]
-        self._port = port
-        s = self.settings
-        limit = (f"    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {s.max_body_bytes} }}\n"
-                 if s.max_body_bytes else "")
-        cfg = CONFIG.format(
-            sock=self.sock, log_target=log_target, log_defaults=log_defaults, retries=s.retries,
-            listen=f"{host or '0.0.0.0'}:{port}",
-            header_ms=int(s.header_timeout * 1000), idle_ms=int(s.idle_timeout * 1000),
-            body_ms=int(s.body_timeout * 1000), connect_ms=int(s.connect_timeout * 1000),
-            response_ms=int(s.response_timeout * 1000), body_limit=limit, templates=self._templates,
-            bufsize=max(16384, min(s.max_header_bytes + 1024, 1 << 20)))  # headers fit: bufsize - maxrewrite
-        path = self.dir / "haproxy.cfg"
-        path.write_text(cfg)
-        self._proc = await asyncio.create_subprocess_exec(
-            self.binary, "-W", "-db", "-f", str(path), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        deadline = loop.time() + START_TIMEOUT
-        while True:
-            if self._proc.returncode is not None:
-                err = b""
-                if self._proc.stderr is not None:
-                    err = await self._proc.stderr.read()
-                raise ChangeoverError(f"haproxy did not start: {err.decode(errors='replace').strip()[-800:]}")
-            try:
-                await self._cmd("show info")
-                break
-            except OSError:
-                if loop.time() > deadline:
-                    await self.close()
-                    raise ChangeoverError("haproxy did not open its admin socket in time") from None
-                await asyncio.sleep(0.05)
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    async def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    # -- runtime API -------------------------------------------------------------------------
-    def _cmd_sync(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(self.sock)
-            s.sendall(command.encode() + b"\n")
-            out = bytearray()
-            while chunk := s.recv(65536):
-                out += chunk
-        return out.decode(errors="replace")
-
-    async def _cmd(self, command: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(None, self._cmd_sync, command)
-
-    def _run(self, command: str) -> None:
-        """Commands whose failure is a bug or a dead HAProxy: raise with HAProxy's words."""
-        if self._proc is None:
-            raise ChangeoverError("the haproxy data plane is not started")
-        try:
-            out = self._cmd_sync(command)
-        except OSError as e:
-            raise ChangeoverError(f"haproxy admin socket {self.sock}: {e.strerror or e}") from None
-        bad = [line for line in out.splitlines() if line.strip() and _is_error(line)]
-        if bad:
-            raise ChangeoverError(f"haproxy refused {command!r}: {'; '.join(bad)}")
-
-    # -- DataPlane -----------------------------------------------------------------------------
-    def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
-        _check_slot_name(slot)
-        wanted: list[tuple[str, int]] = []
-        for item in upstreams:
-            try:
-                host, port = item
-            except (TypeError, ValueError):
-                raise ChangeoverError(f"slot {slot}: upstream {item!r} is not (host, port)") from None
-            if not isinstance(host, str) or not host or not isinstance(port, int) or not 0 < port < 65536:
-                raise ChangeoverError(f"slot {slot}: upstream {item!r} is not (host, port 1-65535)")
-            wanted.append((host, port))
-        current = self._servers.setdefault(slot, {})
-        free = self._free.setdefault(slot, [])
-        state = "ready" if slot == self._live else "maint"
-        for addr in [a for a in current if a not in wanted]:
-            self._retire(current.pop(addr))
-        for addr in wanted:
-            if addr in current:
-                continue
-            if free:
-                name = free.pop(0)
-                self._run(f"set server app/{name} addr {addr[0]} port {addr[1]}; "
-                          f"set server app/{name} state {state}")
+def routing_part(routing: Mapping[str, Any] | None) -> str:
+    """The backend with every slot's pool: upstreams of `routing` in place, the live slot ready."""
+    routing = routing or {}
+    slots: dict[str, list[tuple[str, int]]] = {name: [] for name in SLOTS}
+    for name, upstreams in (routing.get("slots") or {}).items():
+        check_slot_name(name)
+        slots[name] = [check_upstream(name, u) for u in upstreams]
+    live = routing.get("live")
+    lines = [ROUTING_MARK, "    balance roundrobin\n", "    http-reuse safe\n"]
+    for name, upstreams in slots.items():
+        for i in range(1, max(POOL, len(upstreams)) + 1):
+            if i <= len(upstreams):
+                host, port = upstreams[i - 1]
+                off = "" if name == live else " disabled"
             else:
-                self._seq += 1
-                name = f"{slot}-x{self._seq}"
-                self._run(f"add server app/{name} {addr[0]}:{addr[1]}")
-                if state == "ready":
-                    self._run(f"set server app/{name} state ready")
-            current[addr] = name
-            self._owner[name] = slot
-
-    def _retire(self, name: str) -> None:
-        """Take a server out of service; pre-declared ones go back to their slot's free list."""
-        self._run(f"set server app/{name} state maint; shutdown sessions server app/{name}")
-        slot = self._owner.pop(name, "")
-        if name in self._templated:
-            self._free.setdefault(slot, []).append(name)
-        else:
-            self._run(f"del server app/{name}")
-
-    def remove_slot(self, slot: str) -> None:
-        if slot == self._live:
-            raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
-        for name in self._servers.pop(slot, {}).values():
-            self._retire(name)
-
-    def switch(self, slot: str | None) -> None:
-        if slot is not None and slot not in self._servers:
-            raise ChangeoverError(f"unknown slot {slot!r} (known: {', '.join(sorted(self._servers)) or 'none'})")
-        new = list(self._servers.get(slot, {}).values()) if slot else []
-        old = [n for s, servers in self._servers.items() if s != slot for n in servers.values()]
-        # one command line, run in order by HAProxy: new servers up first, then the rest to drain
-        cmds = [f"set server app/{n} state ready" for n in new]
-        cmds += [f"set server app/{n} state drain" for n in old]
-        if cmds:
-            self._run("; ".join(cmds))
-        self._live = slot
-
-    @property
-    def live(self) -> str | None:
-        return self._live
-
-    def _sessions(self) -> dict[str, int]:
-        out = self._cmd_sync("show stat")
-        lines = out.splitlines()
-        if not lines or not lines[0].startswith("# "):
-            return {}
-        cols = lines[0][2:].split(",")
-        px, sv, scur = cols.index("pxname"), cols.index("svname"), cols.index("scur")
-        result: dict[str, int] = {}
-        for line in lines[1:]:
-            f = line.split(",")
-            if len(f) > scur and f[px] == "app" and f[sv] in self._owner:
-                result[f[sv]] = int(f[scur] or 0)
-        return result
-
-    def inflight(self, slot: str) -> int:
-        names = set(self._servers.get(slot, {}).values())
-        if not names or self._proc is None:
-            return 0
-        try:
-            return sum(n for name, n in self._sessions().items() if name in names)
-        except OSError:
-            return 0
-
-    async def drain(self, slot: str, timeout: float) -> bool:
-        names = list(self._servers.get(slot, {}).values())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.inflight(slot):
-            if loop.time() >= deadline:
-                if names:                # note: HAProxy 2.6 may not cut a stream waiting on its server
-                    self._run("; ".join(f"shutdown sessions server app/{n}" for n in names))
-                log.warning("drain of slot %s timed out after %.1fs; closed what was left", slot, timeout)
-                return False
-            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
-        return True
-
-    # -- logs -> recorder ----------------------------------------------------------------------
-    def _on_log(self, line: str) -> None:
-        if self.recorder is None:
-            return
-        try:
-            payload = line.rsplit(": ", 1)[1].strip()
-            _backend, server, status, total_ms, term = payload.split("|")
-            slot = self._owner.get(server, "")
-            failed = term[:1] == "S" or (term[:1] == "s" and int(status) >= 500)
-            self.recorder.record(slot, int(status), max(0, int(total_ms)) / 1000, failed)
-        except (IndexError, ValueError):
-            return
+                host, port, off = PARKED_HOST, PARKED_PORT, " disabled"
+            lines.append(f"    server {name}-{i} {_hostport(host, port)}{off}\n")
+    return "".join(lines)
 
 
-def _check_slot_name(name: str) -> None:
+def split_config(text: str) -> tuple[str, str]:
+    """(settings part, routing part) of a config written by `render`."""
+    head, mark, tail = text.partition("\n" + ROUTING_MARK)   # not `default_backend changeover`
+    return head + "\n" if mark else head, mark[1:] + tail
+
+
+def written_settings(text: str) -> dict[str, Any] | None:
+    first = text.split("\n", 1)[0]
+    if not first.startswith(SETTINGS_MARK):
+        return None
+    try:
+        return dict(json.loads(first[len(SETTINGS_MARK):]))
+    except ValueError:
+        return None
+
+
+def written_port(text: str) -> int | None:
+    for line in split_config(text)[0].splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "bind":
+            with contextlib.suppress(ValueError):
+                return int(words[1].rsplit(":", 1)[1])
+    return None
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_slot_name(name: object) -> str:
     if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
         raise ChangeoverError(f"slot name must be letters, digits or _, got {name!r}")
+    return name
 
 
-def _is_error(line: str) -> bool:
-    low = line.lower()
-    return any(w in low for w in ("unknown", "no such", "not found", "error", "invalid", "require",
-                                  "cannot", "can't", "failed", "refused", "already exists"))
+def check_upstream(slot: str, item: object) -> tuple[str, int]:
+    """HAProxy's runtime API takes addresses, not names: resolve `localhost`, refuse the rest."""
+    raw_host: object
+    raw_port: object
+    try:
+        raw_host, raw_port = item  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ChangeoverError(f"slot {slot}: upstream {item!r} is not (host, port)") from None
+    host = "127.0.0.1" if raw_host == "localhost" else str(raw_host)
+    try:
+        ipaddress.ip_address(host)
+        port = int(raw_port)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ChangeoverError(f"slot {slot}: upstream {item!r} is not (IP address, port)") from None
+    if not 0 < port < 65536 or port == PARKED_PORT:
+        raise ChangeoverError(f"slot {slot}: upstream {item!r}: port must be 2-65535")
+    return str(host), port
 
 
-class _LogReceiver(asyncio.DatagramProtocol):
-    def __init__(self, plane: HAProxyDataPlane) -> None:
-        self.plane = plane
+# -- runtime API ----------------------------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        with contextlib.suppress(Exception):
-            self.plane._on_log(data.decode(errors="replace"))
+async def cli(path: Path | str, command: str, timeout: float = CLI_TIMEOUT) -> str:
+    """One command line on a stats or master socket; the answer is everything until it closes.
+    The write side is shut after the command: the master CLI waits for that before answering."""
+    async def go() -> str:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            writer.write(command.encode() + b"\n")
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            return (await reader.read()).decode(errors="replace")
+        finally:
+            writer.close()
+    try:
+        return await asyncio.wait_for(go(), timeout)
+    except TimeoutError:
+        raise OSError(f"no answer within {timeout:g}s") from None
+
+
+_ERRORS = ("unknown", "no such", "not found", "error", "invalid", "require", "cannot", "can't",
+           "failed", "refused", "already exists", "expects", "permission denied")
+
+
+def cli_errors(out: str) -> list[str]:
+    """The lines of a CLI answer that report a failure (HAProxy answers in prose)."""
+    return [line.strip() for line in out.splitlines() if line.strip() and any(w in line.lower() for w in _ERRORS)]
+
+
+def parse_servers_state(out: str) -> list[Server]:
+    """`show servers state <backend>`: one Server per line of our backend."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    header = next((line for line in lines if line.startswith("# be_id")), None)
+    if header is None:
+        return []
+    cols = header[2:].split()
+    ix = {name: cols.index(name) for name in ("be_name", "srv_name", "srv_addr", "srv_admin_state", "srv_port")}
+    servers = []
+    for line in lines:
+        f = line.split()
+        if line.startswith("#") or len(f) < len(cols) or f[ix["be_name"]] != BACKEND:
+            continue
+        name = f[ix["srv_name"]]
+        admin = int(f[ix["srv_admin_state"]])
+        state = "maint" if admin & _MAINT_BITS else "drain" if admin & _DRAIN_BITS else "ready"
+        servers.append(Server(name, slot_of(name), f[ix["srv_addr"]], int(f[ix["srv_port"]]), state))
+    return servers
+
+
+def slot_of(server: str) -> str:
+    return server.rsplit("-", 1)[0]
+
+
+def parse_stat(out: str) -> dict[str, dict[str, int]]:
+    """`show stat`: per server of our backend, the counters changeover reads."""
+    lines = out.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    cols = lines[0][2:].split(",")
+    wanted = ("scur", "stot", "hrsp_5xx", "econ", "eresp")
+    ix = {name: cols.index(name) for name in ("pxname", "svname", *wanted)}
+    result: dict[str, dict[str, int]] = {}
+    for line in lines[1:]:
+        f = line.split(",")
+        if len(f) < len(cols) or f[ix["pxname"]] != BACKEND or f[ix["svname"]] in ("BACKEND", "FRONTEND"):
+            continue
+        result[f[ix["svname"]]] = {name: int(f[ix[name]] or 0) for name in wanted}
+    return result
+
+
+def parse_conns(out: str) -> dict[str, int]:
+    """`show servers conn <backend>`: connections in use per server."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("#"):
+        return {}
+    cols = lines[0][1:].split()
+    used = cols.index("used_cur")
+    result = {}
+    for line in lines[1:]:
+        f = line.split()
+        if len(f) > used and "/" in f[0]:
+            backend, server = f[0].split("/", 1)
+            if backend == BACKEND:
+                result[server] = int(f[used])
+    return result
+
+
+def parse_info(out: str) -> dict[str, str]:
+    info = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def commands(*lines: Sequence[str]) -> str:
+    """One `;`-joined command line: HAProxy runs it in order, in one go."""
+    return "; ".join(c for group in lines for c in group)
+
+
+# -- per-request log ------------------------------------------------------------------------------
+
+def parse_log(line: str) -> tuple[str, int, float, bool] | None:
+    """A line of our log-format -> (slot, status, seconds, upstream failed), None for other lines.
+
+    Latency is measured by HAProxy in microseconds from the request head to the log (end of the
+    response); a tunnel (101) counts until its upgrade answer (%Tr), as the embedded proxy does.
+    `upstream failed` is a session the server side ended: refused, reset or timed out (S/s).
+    """
+    f = line.rstrip("\n\x00").split("|")
+    if len(f) != 7 or f[0] != LOG_TAG:
+        return None
+    _, server, status_s, us, ta, tr, term = f
+    try:
+        status = int(status_s)
+        if status == 101:
+            seconds = max(0, int(tr)) / 1000
+        elif us and us != "-":
+            seconds = max(0, int(us)) / 1e6
+        else:
+            seconds = max(0, int(ta)) / 1000
+    except ValueError:
+        return None
+    slot = "" if server.startswith("<") else slot_of(server)     # <NOSRV>: no slot could take it
+    failed = term[:1] in ("S", "s")
+    return slot, max(status, 0), seconds, failed

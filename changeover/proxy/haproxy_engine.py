@@ -1,0 +1,510 @@
+"""`ProxyControl` on HAProxy: `[proxy] engine = "haproxy"`.
+
+changeover writes the config under `<state dir>/haproxy/` and runs HAProxy in master-worker mode
+(`-W`, master CLI `-S`, stats socket `level admin` with `expose-fd listeners`) in a session of
+its own, so it outlives the daemon like the embedded worker does; or, with `[proxy]
+haproxy_socket`, it drives an HAProxy someone else runs (then it never starts, reloads or stops
+it). Routing is read back from HAProxy on every call (`show servers state`), never cached, so a
+new daemon (or a new engine object) adopts a running HAProxy and `live()` is what HAProxy does.
+
+Metrics: HAProxy sends one short log line per request to a unix datagram socket the engine
+reads, into a `Recorder` kept here, in the daemon process. That is fine because nothing is lost
+that the daemon could use: the Recorder restarts with the daemon, and so does the daemon's mirror
+of it and its `/metrics` (a counter reset, which Prometheus handles); requests made while no
+daemon runs are not seen (HAProxy counts the undelivered lines as DroppedLogs), which only means
+a resumed observation window starts from fresh buckets. HAProxy's own counters (`show stat`)
+survive a daemon restart, so they are never added in; they only cross-check the log (`lost()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from changeover.errors import ChangeoverError, ConfigError, DaemonError
+from changeover.monitor import mirror
+from changeover.monitor.metrics import Recorder
+from changeover.proxy import haproxy as hx
+from changeover.proxy.base import ProxySettings
+from changeover.proxy.control import PROXY_PROTOCOL
+
+log = logging.getLogger("changeover.proxy.haproxy")
+START_TIMEOUT = 10.0
+POLL = 0.05                 # drain and start-up polling interval
+LOG_BUFFER = 4 << 20        # receive buffer of the log socket: bursts wait here, not in HAProxy's drops
+
+
+class HAProxyControl:
+    def __init__(self, settings: ProxySettings, state_dir: Path, binary: str = "haproxy") -> None:
+        self.settings = settings
+        self.binary = binary
+        self.paths = hx.Paths.under(state_dir / "haproxy")
+        self.attached = settings.haproxy_socket is not None
+        self.admin = Path(settings.haproxy_socket) if settings.haproxy_socket else self.paths.admin
+        self.recorder = Recorder()
+        self.pid: int | None = None
+        self.port: int | None = None
+        self._logs: asyncio.DatagramTransport | None = None
+        self._baseline: tuple[int, int] | None = None   # (HAProxy requests, log lines) when counting began
+        self._lines = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def ensure(self, initial: dict[str, Any] | None = None) -> str:
+        await self._listen_logs()
+        if await self._answers():
+            await self._adopt()
+            return "adopted"
+        if self.attached:
+            raise ConfigError(f"HAProxy does not answer on {self.admin}", key="proxy.haproxy_socket")
+        master = self._our_master()
+        if master is not None:              # started but not answering yet (or stuck): give it time
+            if await self._wait_answers(master):
+                await self._adopt()
+                return "adopted"
+            log.warning("HAProxy master %d does not answer; stopping it and starting a new one", master)
+            await self._stop(master)
+        await self._start(initial)
+        return "started"
+
+    async def _adopt(self) -> None:
+        info = hx.parse_info(await self._cli("show info"))
+        worker = int(info.get("Pid", "0") or 0)
+        self.pid = self._master_of(worker) if worker else None
+        self.port = self.settings.port or None
+        text = self._written()
+        if text is not None:
+            self.port = hx.written_port(text) or self.port
+        log.info("adopted HAProxy (master %s, worker %d) on port %s", self.pid, worker, self.port)
+
+    async def _start(self, initial: dict[str, Any] | None) -> None:
+        if shutil.which(self.binary) is None:
+            raise ConfigError(f'engine = "haproxy", but {self.binary!r} is not on PATH (install HAProxy 2.6+)',
+                              key="proxy.engine")
+        port = self._pick_port()
+        self.paths.dir.mkdir(parents=True, exist_ok=True)
+        self.paths.output.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (self.paths.admin, self.paths.master, self.paths.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        self._write(hx.render(self.settings, self.paths, port, initial))
+        out = open(self.paths.output, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            proc = subprocess.Popen(
+                [self.binary, "-W", "-S", f"{self.paths.master},mode,600", "-p", str(self.paths.pidfile),
+                 "-f", str(self.paths.config)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+        finally:
+            out.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while not await self._answers():
+            if proc.poll() is not None:
+                raise self._start_error(f"HAProxy exited with {proc.returncode}")
+            if loop.time() > deadline:
+                proc.kill()
+                proc.wait()
+                raise DaemonError(f"HAProxy did not start within {START_TIMEOUT:g}s (see {self.paths.output})")
+            await asyncio.sleep(POLL)
+        # HAProxy is in its own session and outlives us; a daemon thread reaps it if it exits
+        # while we run (an executor thread would hold up the daemon's exit until it does).
+        threading.Thread(target=proc.wait, name="reap-haproxy", daemon=True).start()
+        self.pid, self.port = proc.pid, port
+        for slot, version in ((initial or {}).get("versions") or {}).items():
+            self.recorder.set_version(slot, str(version))
+        self._baseline = None
+        log.info("HAProxy started (master %d, port %d)", proc.pid, port)
+
+    def _start_error(self, what: str) -> ChangeoverError:
+        try:
+            tail = self.paths.output.read_text(errors="replace").strip().splitlines()[-6:]
+        except OSError:
+            tail = []
+        alerts = "; ".join(line for line in tail if "ALERT" in line) or "; ".join(tail)
+        if "cannot bind" in alerts or "Address already in use" in alerts:
+            return ConfigError(f"cannot listen on {self.settings.listen}: {alerts}", key="proxy.listen")
+        return DaemonError(f"{what}: {alerts or 'no output'} (see {self.paths.output})")
+
+    def _pick_port(self) -> int:
+        """HAProxy cannot bind port 0: choose one (the one already written, for a restart), and
+        make sure nobody listens on a configured one before starting from scratch."""
+        port = self.settings.port
+        host = self.settings.host or "0.0.0.0"
+        if port == 0:
+            text = self._written()
+            port = (hx.written_port(text) if text else None) or 0
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if self.settings.port == 0:
+                    return self._pick_port_fresh(family, host)
+                raise ConfigError(f"cannot listen on {self.settings.listen}: {e.strerror or e} "
+                                  "(another process uses it)", key="proxy.listen") from None
+            return int(s.getsockname()[1])
+
+    @staticmethod
+    def _pick_port_fresh(family: socket.AddressFamily, host: str) -> int:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return int(s.getsockname()[1])
+
+    async def shutdown(self) -> None:
+        """Stop HAProxy if changeover runs it (the daemon drained the slots before) and remove
+        its sockets; an attached HAProxy is left alone."""
+        if not self.attached:
+            master = self._our_master()
+            if master is not None:
+                await self._stop(master)
+            for path in (self.paths.admin, self.paths.master, self.paths.pidfile):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop reading the log, leaving HAProxy running (the daemon exits, a successor adopts)."""
+        if self._logs is not None:
+            self._logs.close()
+            self._logs = None
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.log_socket.unlink()
+
+    async def _stop(self, master: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(master, signal.SIGTERM)     # hard stop: the daemon has drained what mattered
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while _alive(master) and loop.time() < deadline:
+            await asyncio.sleep(POLL)
+        if _alive(master):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(master, signal.SIGKILL)
+        self.pid = None
+
+    # -- which HAProxy is ours ------------------------------------------------------------------
+    def _our_master(self) -> int | None:
+        """The master named by the pid file, if it is alive and runs our config."""
+        try:
+            pid = int(self.paths.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if str(self.paths.config) in _cmdline(pid) else None
+
+    @staticmethod
+    def _master_of(worker: int) -> int:
+        try:
+            ppid = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return worker
+        return ppid if "haproxy" in _cmdline(ppid) else worker
+
+    async def _answers(self) -> bool:
+        try:
+            return "Pid:" in await self._cli("show info", timeout=2)
+        except (OSError, ChangeoverError):
+            return False
+
+    async def _wait_answers(self, master: int) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while _alive(master) and loop.time() < deadline:
+            if await self._answers():
+                return True
+            await asyncio.sleep(POLL)
+        return False
+
+    # -- ProxyControl: routing ------------------------------------------------------------------
+    async def ping(self) -> dict[str, Any] | None:
+        if not await self._answers():
+            return None
+        servers = await self._servers()
+        return {"pid": self.pid, "port": self.port, "live": _live(servers),
+                "settings": self._running_settings(), "protocol": PROXY_PROTOCOL}
+
+    async def live(self) -> str | None:
+        try:
+            servers = await self._servers()
+        except ChangeoverError as e:
+            log.warning("asking HAProxy which slot is live failed: %s", e)
+            return None
+        return _live(servers)
+
+    @property
+    def settings_differ(self) -> bool:
+        """The config HAProxy runs (as written) differs from what the settings now produce."""
+        text = self._written()
+        if text is None:
+            return False            # attached, or nothing written: nothing of ours to compare
+        port = self.settings.port or hx.written_port(text) or 0
+        return hx.split_config(text)[0] != hx.settings_part(self.settings, self.paths, port)
+
+    def _running_settings(self) -> dict[str, Any]:
+        text = self._written()
+        return (hx.written_settings(text) if text else None) or dataclasses.asdict(self.settings)
+
+    async def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
+        hx.check_slot_name(slot)
+        wanted = list(dict.fromkeys(hx.check_upstream(slot, u) for u in upstreams))
+        servers = await self._servers()
+        live = _live(servers)
+        mine = [s for s in servers if s.slot == slot]
+        current = {s.addr: s for s in mine if not s.parked}
+        parked = [s for s in mine if s.parked]
+        state = "ready" if slot == live else "maint"
+        add: list[str] = []
+        taken = {s.name for s in mine}
+        for host, port in wanted:
+            if (host, port) in current:
+                continue
+            if parked:
+                name = parked.pop(0).name
+            else:                   # beyond the pool: a dynamic server (starts in maintenance)
+                name = _next_name(slot, taken)
+                taken.add(name)
+                add.append(f"add server {hx.BACKEND}/{name} {_hostport(host, port)}")
+            add += [f"set server {hx.BACKEND}/{name} addr {host} port {port}",
+                    f"set server {hx.BACKEND}/{name} state {state}"]
+        retire = [c for s in current.values() if s.addr not in wanted for c in _park(s.name)]
+        if add or retire:           # new upstreams up before old ones go: a live slot never empties
+            await self._run(hx.commands(add, retire))
+
+    async def remove_slot(self, slot: str) -> None:
+        servers = await self._servers()
+        if _live(servers) == slot:
+            raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
+        # maintenance closes the servers' idle connections, so the app's graceful stop can finish
+        cmds = [c for s in servers if s.slot == slot and not s.parked for c in _park(s.name)]
+        if cmds:
+            await self._run(hx.commands(cmds))
+
+    async def switch(self, slot: str | None) -> dict[str, Any]:
+        servers = await self._servers()
+        was = _live(servers)
+        assigned = [s for s in servers if not s.parked]
+        new = [s for s in assigned if s.slot == slot]
+        if slot is not None and not new:
+            known = sorted({s.slot for s in assigned})
+            raise ChangeoverError(f"unknown slot {slot!r} (slots with upstreams: {', '.join(known) or 'none'})")
+        # one command line, run by HAProxy in order: the new slot up first, then the rest to drain
+        # (drain keeps what is in flight and takes nothing new), so no request meets an empty backend
+        up = [f"set server {hx.BACKEND}/{s.name} state ready" for s in new if s.state != "ready"]
+        down = [f"set server {hx.BACKEND}/{s.name} state drain" for s in assigned
+                if s.slot != slot and s.state == "ready"]
+        if up or down:
+            await self._run(hx.commands(up, down))
+        now = _live(await self._servers())
+        if now != slot:
+            raise ChangeoverError(f"HAProxy did not switch to {slot!r}: it routes to {now!r}")
+        log.info("switch state=%s was=%s", slot, was)
+        return {"live": slot, "was": was}
+
+    async def inflight(self, slot: str) -> int:
+        """Streams (requests and tunnels) and server connections in use of the slot."""
+        names = {s.name for s in await self._servers() if s.slot == slot and not s.parked}
+        if not names:
+            return 0
+        stat = hx.parse_stat(await self._cli("show stat"))
+        conns = hx.parse_conns(await self._cli(f"show servers conn {hx.BACKEND}"))
+        return sum(max(stat.get(n, {}).get("scur", 0), conns.get(n, 0)) for n in names)
+
+    async def drain(self, slot: str, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        clean = True
+        while await self.inflight(slot):
+            if loop.time() >= deadline:
+                names = [s.name for s in await self._servers() if s.slot == slot and not s.parked]
+                await self._run(hx.commands([f"shutdown sessions server {hx.BACKEND}/{n}" for n in names]))
+                log.warning("drain of slot %s timed out after %.1fs; closed what was left", slot, timeout)
+                clean = False
+                break
+            await asyncio.sleep(min(POLL, max(0.0, deadline - loop.time())))
+        servers = await self._servers()
+        if _live(servers) != slot:      # drained and not live: maintenance closes idle connections
+            cmds = [f"set server {hx.BACKEND}/{s.name} state maint" for s in servers
+                    if s.slot == slot and not s.parked and s.state != "maint"]
+            if cmds:
+                await self._run(hx.commands(cmds))
+        return clean
+
+    async def set_version(self, slot: str, version: str | None) -> None:
+        self.recorder.set_version(slot, version)
+
+    # -- ProxyControl: metrics -----------------------------------------------------------------
+    async def metrics(self, since: Any = None) -> dict[str, Any]:
+        return mirror.export(self.recorder, int(since) if since is not None else None)
+
+    async def lost(self) -> dict[str, int]:
+        """Cross-check of the log against HAProxy's own counters since counting began (first
+        call, or after a reload reset them): requests HAProxy served, lines received, and the
+        lines HAProxy could not send (DroppedLogs)."""
+        stat = hx.parse_stat(await self._cli("show stat"))
+        info = hx.parse_info(await self._cli("show info"))
+        served = sum(s["stot"] for s in stat.values())
+        if self._baseline is None or served < self._baseline[0]:
+            self._baseline = (served, self._lines)
+        return {"served": served - self._baseline[0], "logged": self._lines - self._baseline[1],
+                "dropped_logs": int(info.get("DroppedLogs", "0") or 0)}
+
+    async def _listen_logs(self) -> None:
+        if self._logs is not None:
+            return
+        self.paths.dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.log_socket.unlink()      # a previous daemon's: HAProxy sends to the path, not to it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LOG_BUFFER)
+        sock.bind(str(self.paths.log_socket))
+        os.chmod(self.paths.log_socket, 0o600)
+        loop = asyncio.get_running_loop()
+        self._logs, _ = await loop.create_datagram_endpoint(lambda: _LogReceiver(self), sock=sock)
+
+    def _on_line(self, line: str) -> None:
+        rec = hx.parse_log(line)
+        if rec is not None:
+            self._lines += 1
+            self.recorder.record(*rec)
+
+    # -- ProxyControl: hitless reload ------------------------------------------------------------
+    async def handover(self, initial: dict[str, Any],
+                       configure: Callable[[Any], Awaitable[None]]) -> None:
+        """Reload through the master CLI: the master starts a new worker on the new config, which
+        takes the listening sockets from the old one (-x, expose-fd listeners); the old worker
+        stops accepting, finishes what it has (idle keep-alive clients get Connection: close on
+        their next answer) and exits, at the latest after drain_timeout (hard-stop-after)."""
+        if self.attached:
+            raise ChangeoverError(f"HAProxy is attached through [proxy] haproxy_socket ({self.admin}): "
+                                  "reload it the way it is run (systemctl reload haproxy)")
+        before = self._written()
+        old_worker = int(hx.parse_info(await self._cli("show info")).get("Pid", "0") or 0)
+        port = self.settings.port or (hx.written_port(before) if before else None) or self._pick_port()
+        self._write(hx.render(self.settings, self.paths, port, initial))
+        try:
+            await hx.cli(self.paths.master, "reload")
+            await self._wait_new_worker(old_worker)
+        except (OSError, ChangeoverError) as e:
+            if before is not None:
+                self._write(before)     # what runs is still the old config: say so on disk too
+            raise self._start_error(f"HAProxy reload failed ({e})") from None
+        self.port = port
+        self._baseline = None
+        await configure(self)
+        log.info("HAProxy reloaded: worker %d -> new worker", old_worker)
+
+    async def _wait_new_worker(self, old: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while loop.time() < deadline:
+            with contextlib.suppress(OSError):
+                pid = int(hx.parse_info(await self._cli("show info", timeout=2)).get("Pid", "0") or 0)
+                if pid and pid != old:
+                    return
+            await asyncio.sleep(POLL)
+        raise ChangeoverError(f"no new worker within {START_TIMEOUT:g}s")
+
+    # -- helpers --------------------------------------------------------------------------------
+    async def _cli(self, command: str, timeout: float = hx.CLI_TIMEOUT) -> str:
+        return await hx.cli(self.admin, command, timeout)
+
+    async def _run(self, command: str) -> None:
+        """A command line whose failure is a bug or a dead HAProxy: raise with HAProxy's words."""
+        try:
+            out = await self._cli(command)
+        except OSError as e:
+            raise ChangeoverError(f"HAProxy admin socket {self.admin}: {e.strerror or e}") from None
+        bad = hx.cli_errors(out)
+        if bad:
+            raise ChangeoverError(f"HAProxy refused {command!r}: {'; '.join(bad)}")
+
+    async def _servers(self) -> list[hx.Server]:
+        try:
+            out = await self._cli(f"show servers state {hx.BACKEND}")
+        except OSError as e:
+            raise ChangeoverError(f"HAProxy admin socket {self.admin}: {e.strerror or e}") from None
+        servers = hx.parse_servers_state(out)
+        if not servers:
+            raise ChangeoverError(f"HAProxy on {self.admin} has no backend {hx.BACKEND!r} with servers "
+                                  f"(see docs/operations.md, HAProxy engine): {out.strip()[:200]}")
+        return servers
+
+    def _written(self) -> str | None:
+        if self.attached:
+            return None
+        try:
+            return self.paths.config.read_text()
+        except OSError:
+            return None
+
+    def _write(self, text: str) -> None:
+        tmp = self.paths.config.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.paths.config)
+
+
+def _live(servers: Sequence[hx.Server]) -> str | None:
+    """The slot whose servers take new requests. Only one can: switch() readies one and drains
+    the others in a single command line."""
+    ready = sorted({s.slot for s in servers if s.state == "ready" and not s.parked})
+    if len(ready) > 1:
+        log.warning("HAProxy routes new requests to several slots: %s", ", ".join(ready))
+    return ready[0] if ready else None
+
+
+def _park(name: str) -> list[str]:
+    return [f"set server {hx.BACKEND}/{name} state maint",
+            f"set server {hx.BACKEND}/{name} addr {hx.PARKED_HOST} port {hx.PARKED_PORT}"]
+
+
+def _next_name(slot: str, taken: set[str]) -> str:
+    i = 1
+    while f"{slot}-{i}" in taken:
+        i += 1
+    return f"{slot}-{i}"
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class _LogReceiver(asyncio.DatagramProtocol):
+    def __init__(self, control: HAProxyControl) -> None:
+        self.control = control
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            self.control._on_line(data.decode(errors="replace"))
+        except Exception:           # a monitor bug must never stop the log
+            log.exception("reading an HAProxy log line failed")
+
+    def error_received(self, exc: Exception) -> None:
+        log.warning("HAProxy log socket: %s", exc)
