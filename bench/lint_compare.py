@@ -102,9 +102,9 @@ def compare(d: Path) -> dict[str, Any]:
         for i, st in enumerate(sts, 1):
             texts[(str(p.resolve()), i)] = " ".join(st.text.split())[:160]
         starts = [st.line for st in sts]
-        for f in run_squawk_cached(p):
-            key = (str(p.resolve()), _statement_of(starts, int(f["line"]) + 1))
-            theirs.setdefault(key, set()).add(str(f["rule_name"]))
+        for sq in run_squawk_cached(p):
+            key = (str(p.resolve()), _statement_of(starts, int(sq["line"]) + 1))
+            theirs.setdefault(key, set()).add(str(sq["rule_name"]))
     agree, squawk_only, ours_only = Counter[str](), Counter[str](), Counter[str]()
     examples: dict[str, list[str]] = {}
     for key in sorted(set(ours) | set(theirs)):
@@ -174,8 +174,9 @@ def speed(dirs: list[Path], rounds: int) -> dict[str, Any]:
 
 def main(dirs: list[Path], rounds: int, out: Path | None) -> None:
     prime(dirs)
-    results = {"compare": [compare(d) for d in dirs], "speed": speed(dirs, rounds)}
-    for c in results["compare"]:
+    compared = [compare(d) for d in dirs]
+    results: dict[str, Any] = {"compare": compared, "speed": speed(dirs, rounds)}
+    for c in compared:
         print(f"== {c['dir']}: {c['files']} files, {c['statements']} statements")
         for side in ("agree", "squawk_only", "changeover_only"):
             print(f"  {side}: {sum(c[side].values())} {dict(sorted(c[side].items(), key=lambda kv: -kv[1]))}")
