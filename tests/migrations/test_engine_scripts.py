@@ -14,6 +14,7 @@ import pytest
 
 from changeover.errors import MigrationError, UsageError
 from changeover.migrations import commands
+from changeover.migrations.formats import discover
 
 from .conftest import PG_ADMIN, Project, add
 from .test_engine import tables
@@ -186,3 +187,25 @@ def test_an_applied_migration_whose_file_is_gone_is_refused(project: Project, an
         commands.up(cfg)
     assert commands.status(cfg).migrations[1].state == "missing"
     assert [s.name for s in commands.up(cfg, allow_out_of_order=True).applied] == ["c"]
+
+
+def test_a_history_table_from_before_dirty_states_is_upgraded(project: Project, pg_url: str) -> None:
+    with psycopg.connect(pg_url) as c:  # the table as earlier versions created it, with one row
+        c.execute("CREATE TABLE changeover_migrations (version text PRIMARY KEY, name text NOT NULL, phase text "
+                  "NOT NULL, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), duration_ms "
+                  "bigint NOT NULL DEFAULT 0, release text, state text NOT NULL DEFAULT 'applied', "
+                  "backfill_position text)")
+    cfg = project(pg_url)
+    add(cfg, "0001_a", "CREATE TABLE a (id bigint PRIMARY KEY);")
+    commands.up(cfg)
+    checksum = discover(cfg.root / "migrations")[0].checksum
+    with psycopg.connect(pg_url) as c:
+        c.execute("DELETE FROM changeover_migrations")
+        c.execute("ALTER TABLE changeover_migrations DROP COLUMN failed")
+        c.execute("INSERT INTO changeover_migrations (version, name, phase, checksum) VALUES ('0001', 'a', "
+                  "'expand', %s)", (checksum,))
+    assert commands.status(cfg).migrations[0].state == "applied"   # read without the new column
+    add(cfg, "0002_half", HALF.replace("TABLE a", "TABLE a2").replace("ON a", "ON a2"))
+    with pytest.raises(MigrationError, match="recorded as dirty"):
+        commands.up(cfg)                                          # the column is added, then used
+    assert commands.status(cfg).migrations[1].state == "dirty"
