@@ -2,7 +2,8 @@
 
 Each answers "is this still healthy?" for one trigger: the release's database, what the app's
 health endpoint says of its database, the critical services, the slot's crashes, and a synthetic
-request through the proxy when real traffic is too thin to judge.
+request through the proxy when real traffic is too thin to judge, and paired probes to both
+slots' instances at the same moment (the latency trigger's concurrent baseline).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import httpx
 from changeover.checks import db as check_db
 from changeover.checks.pre import run_critical
 from changeover.config import Config
-from changeover.daemon.slots import SlotManager
+from changeover.daemon.slots import SlotManager, other
 from changeover.monitor.observer import Probes
+from changeover.monitor.pairs import paired_probe
 from changeover.state import Release
 
 
@@ -68,7 +70,16 @@ def make_probes(config: Config, slots: SlotManager, release: Release, target: st
         except httpx.HTTPError:
             pass  # the proxy recorded it; that is the point
 
+    async def paired() -> tuple[float, float] | None:
+        # the smoke request (a GET the config already runs against every release) or health
+        new, old = slots.supervisor.upstreams(target), slots.supervisor.upstreams(other(target))
+        if not new or not old:
+            return None
+        path = smoke.path if smoke is not None else health_path
+        return await paired_probe(new[0], old[0], path, timeout)
+
     has_critical = any(s.critical for s in config.checks.pre.services)
     return Probes(db_probe=db_probe if db_url else None, health_probe=health_probe,
-                  critical=critical if has_critical else None, crashes=crashes, synthetic=synthetic)
+                  critical=critical if has_critical else None, crashes=crashes, synthetic=synthetic,
+                  paired=paired)
 

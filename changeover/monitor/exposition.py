@@ -25,7 +25,17 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from changeover.errors import ChangeoverError
-from changeover.monitor.metrics import BOUNDS, BUCKETS_PER_OCTAVE, CLASS0, CLASSES, ERR, UPSTREAM, Recorder
+from changeover.monitor.metrics import (
+    BOUNDS,
+    BUCKETS_PER_OCTAVE,
+    CLASS0,
+    CLASSES,
+    ERR,
+    UPSTREAM,
+    Recorder,
+    route_totals,
+)
+from changeover.monitor.routebook import R
 
 log = logging.getLogger("changeover.metrics")
 
@@ -43,8 +53,11 @@ def _le(v: float) -> str:
 class ChangeoverCollector(Collector):
     """Request metrics from the recorder plus deploy facts the daemon sets with small setters."""
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, routes: bool = False) -> None:
+        """routes: also export per-route series ([monitor] route_metrics; at most max_routes
+        per slot and release, complete seconds only)."""
         self.recorder = recorder
+        self.routes = routes
         self.live: str | None = None
         self.state = "idle"
         self._states: set[str] = {"idle"}
@@ -80,15 +93,10 @@ class ChangeoverCollector(Collector):
                 req.add_metric([slot, version, name], counts[CLASS0 + k])
             err.add_metric([slot, version], counts[ERR])
             up.add_metric([slot, version], counts[UPSTREAM])
-            cum, i, buckets = 0, 0, []
-            for b in EXPORTED:
-                while i <= b:
-                    cum += hist[i]
-                    i += 1
-                buckets.append((_le(BOUNDS[b]), float(cum)))
-            buckets.append(("+Inf", float(sum(hist))))
-            lat.add_metric([slot, version], buckets, total_sum)
+            lat.add_metric([slot, version], _buckets(hist), total_sum)
         yield from (req, err, up, lat)
+        if self.routes:
+            yield from self._routes()
 
         live = GaugeMetricFamily("changeover_live_slot", "1 for the slot receiving traffic.",
                                  labels=["slot", "version"])
@@ -104,6 +112,31 @@ class ChangeoverCollector(Collector):
         for reason, n in sorted(self.rollbacks.items()):
             rb.add_metric([reason], n)
         yield rb
+
+
+    def _routes(self) -> Iterator[Metric]:
+        labels = ["slot", "version", "route"]
+        req = CounterMetricFamily("changeover_route_requests", "Proxied requests per route.", labels=labels)
+        err = CounterMetricFamily("changeover_route_errors", "Failed requests per route (5xx or upstream).",
+                                  labels=labels)
+        lat = HistogramMetricFamily("changeover_route_duration_seconds", "Time to response head per route.",
+                                    labels=labels)
+        for slot, version, route, row in route_totals(self.recorder):
+            req.add_metric([slot, version, route], row[0])
+            err.add_metric([slot, version, route], row[1])
+            lat.add_metric([slot, version, route], _buckets(row[R:]), None)
+        yield from (req, err, lat)
+
+
+def _buckets(hist: list[int]) -> list[tuple[str, float]]:
+    cum, i, out = 0, 0, []
+    for b in EXPORTED:
+        while i <= b:
+            cum += hist[i]
+            i += 1
+        out.append((_le(BOUNDS[b]), float(cum)))
+    out.append(("+Inf", float(sum(hist))))
+    return out
 
 
 def make_registry(collector: Collector, *, process: bool = True) -> CollectorRegistry:

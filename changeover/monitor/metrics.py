@@ -132,15 +132,18 @@ class SlotMetrics:
 
     def fold(self, upto: int) -> None:
         """Add the complete seconds up to `upto` to the load profiles (slot and routes)."""
-        # the release's first second is partial: its count says nothing about the load
-        first = max(self.folded + 1, self.sec - self.size + 1, int(self.first) + 1)
+        first = max(self.folded + 1, self.sec - self.size + 1)
         for t in range(first, min(upto, self.sec) + 1):
             cb = (t % self.size) * C
             n = self.counts[cb]
-            if n:
-                level = level_of(n)
-                self.profile.add(level, n, self.counts[cb + 1], self.hist, (t % self.size) * NBUCKETS)
-                self.book.fold(t, level)
+            if not n:
+                continue
+            if t <= int(self.first):
+                self.book.fold(t, None)  # the release's first second is partial: not a load sample
+                continue
+            level = level_of(n)
+            self.profile.add(level, n, self.counts[cb + 1], self.hist, (t % self.size) * NBUCKETS)
+            self.book.fold(t, level)
         self.folded = max(self.folded, upto)
 
     def advance(self, now: int) -> None:
@@ -358,6 +361,14 @@ def route_runs(rec: Recorder, slot: str) -> dict[str, int]:
         return {}
     s.group()
     return {n: r for n, r in zip(s.book.names, s.book.runs, strict=True) if r}
+
+
+def route_totals(rec: Recorder) -> list[tuple[str, str, str, list[int]]]:
+    """(slot, version, route, [requests, errors, upstream failures, histogram...]) of every
+    route's complete seconds, for the opt-in per-route Prometheus series."""
+    return [(name, s.version, route, list(s.book.totals[i]))
+            for name, s in sorted(rec._slots.items()) for i, route in enumerate(s.book.names)
+            if s.book.totals[i][0]]
 
 
 def load_profile(rec: Recorder, slot: str, route: str | None = None,

@@ -17,7 +17,7 @@ PROFILE_SECONDS seconds, its counts are halved, so the profile leans to the rece
 from __future__ import annotations
 
 from changeover.monitor.buckets import NBUCKETS
-from changeover.monitor.routes import OTHER, RouteRules
+from changeover.monitor.routes import CACHE, OTHER, RouteRules
 
 ROUTE_HISTORY = 120           # seconds of per-route rows kept
 PROFILE_SECONDS = 600         # seconds per load level before its counts are halved
@@ -64,7 +64,7 @@ class LoadProfile:
 class RouteBook:
     """The routes of one slot's current release."""
 
-    __slots__ = ("cur", "cur_sec", "index", "names", "profiles", "rows", "rules", "runs")
+    __slots__ = ("cur", "cur_sec", "index", "lines", "names", "profiles", "rows", "rules", "runs", "totals")
 
     def __init__(self, rules: RouteRules) -> None:
         self.rules = rules
@@ -73,8 +73,10 @@ class RouteBook:
         self.rows: list[dict[int, list[int]]] = []
         self.runs: list[int] = []
         self.profiles: list[LoadProfile] = []
+        self.totals: list[list[int]] = []          # cumulative rows of complete seconds (/metrics)
         self.cur: list[list[int] | None] = []      # each route's row of cur_sec, once touched
         self.cur_sec = -1
+        self.lines: dict[bytes, int] = {}          # b"GET /a/1" -> route index, bounded
 
     def route(self, key: str) -> int:
         i = self.index.get(key)
@@ -87,6 +89,7 @@ class RouteBook:
             self.rows.append({})
             self.runs.append(0)
             self.profiles.append(LoadProfile())
+            self.totals.append([0] * (R + NBUCKETS))
             self.cur.append(None)
         return i
 
@@ -105,27 +108,42 @@ class RouteBook:
     def add(self, reqs: list[bytes | str | None], codes: list[int], n: int, sec: int) -> None:
         """Group n parked requests into second `sec`. codes: latency bucket, +FAILED when the
         request failed, +UPSTREAM_FAILED when the upstream did (all below 257: CPython's
-        cached small ints, so computing one allocates nothing)."""
-        key = self.rules.key
+        cached small ints, so computing one allocates nothing). ~0.5 us a request."""
+        lines = self.lines
+        runs = self.runs
         for j in range(n):
             req = reqs[j]
             reqs[j] = None
             if req is None:
                 continue
-            i = self.route(key(line_of(req)))
+            if type(req) is not bytes:
+                req = str(req).encode("latin-1")
+            # "GET /a/1?x=2 HTTP/1.1\r\n..." -> b"GET /a/1": what the route depends on
+            sp = req.find(b" ")
+            end = req.find(b" ", sp + 1)
+            if end < 0:
+                end = len(req)
+            q = req.find(b"?", sp, end)
+            line = req[:end if q < 0 else q]
+            i = lines.get(line)
+            if i is None:
+                i = self.route(self.rules.key(line))
+                if len(lines) >= CACHE:
+                    lines.clear()       # a path scan: start over rather than grow
+                lines[line] = i
             r = self.row(i, sec)
             code = codes[j]
             r[0] += 1
             if code >= FAILED:
                 r[1] += 1
-                self.runs[i] += 1
+                runs[i] += 1
                 if code >= UPSTREAM_FAILED:
                     r[2] += 1
                     code -= UPSTREAM_FAILED
                 else:
                     code -= FAILED
             else:
-                self.runs[i] = 0
+                runs[i] = 0
             r[R + code] += 1
 
     def put(self, name: str, sec: int, counts: list[int], hist: list[tuple[int, int]]) -> None:
@@ -138,11 +156,18 @@ class RouteBook:
         self.rows[i][sec] = r
         self.cur_sec = -1
 
-    def fold(self, sec: int, level: int) -> None:
+    def fold(self, sec: int, level: int | None) -> None:
+        """Second `sec` is complete: into the totals, and into the profiles at `level` (None:
+        not a load sample, e.g. the release's partial first second)."""
         for i, rows in enumerate(self.rows):
             r = rows.get(sec)
             if r is not None and r[0]:
-                self.profiles[i].add(level, r[0], r[1], r, R)
+                if level is not None:
+                    self.profiles[i].add(level, r[0], r[1], r, R)
+                tot = self.totals[i]
+                for k, n in enumerate(r):
+                    if n:
+                        tot[k] += n
 
     def prune(self, now: int) -> None:
         cut = now - ROUTE_HISTORY
@@ -166,17 +191,3 @@ class RouteBook:
                         if n:
                             hist[b] += n
         return req, err, hist
-
-
-def line_of(req: bytes | str) -> bytes | str:
-    """'GET /a/1?x=2 HTTP/1.1\\r\\n...' -> 'GET /a/1': the part a route key depends on."""
-    sp = req.find(" ") if isinstance(req, str) else req.find(b" ")
-    if isinstance(req, str):
-        end = req.find(" ", sp + 1)
-        end = len(req) if end < 0 else end
-        q = req.find("?", sp + 1, end)
-    else:
-        end = req.find(b" ", sp + 1)
-        end = len(req) if end < 0 else end
-        q = req.find(b"?", sp + 1, end)
-    return req[:q if q > 0 else end]

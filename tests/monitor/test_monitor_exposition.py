@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from changeover.errors import ChangeoverError
 from changeover.monitor.exposition import ChangeoverCollector, make_registry, serve_metrics
 from changeover.monitor.metrics import Recorder
+from changeover.monitor.routes import RouteRules
+from tests.monitor.sim import FakeClock
 
 
 def filled() -> tuple[Recorder, ChangeoverCollector]:
@@ -128,3 +130,23 @@ def test_address_in_use_is_a_clear_error() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(ChangeoverError, match=r"cannot serve /metrics on 127.0.0.1:\d+: .*metrics_listen"):
             asyncio.run(serve_metrics("127.0.0.1", port, filled()[1]))
+
+
+def test_per_route_series_are_opt_in_and_bounded(clock: FakeClock) -> None:
+    rec = Recorder(clock=clock, routes=RouteRules(max_routes=4))
+    rec.set_version("green", "v2")
+    for i in range(60):
+        rec.record("green", 500 if i % 3 == 0 else 200, 0.01, False, f"GET /cart/{i} HTTP/1.1\r\n".encode())
+        rec.record("green", 200, 0.01, False, f"GET /scan-{i} HTTP/1.1\r\n".encode())
+    clock.advance(1.5)
+    rec.record("green", 200, 0.01, False, b"GET / HTTP/1.1\r\n")   # the second above is complete
+    off = asyncio.run(scrape(ChangeoverCollector(rec))).text
+    assert "changeover_route_" not in off
+    got = samples(asyncio.run(scrape(ChangeoverCollector(rec, routes=True))).text)
+    labels = frozenset({"slot": "green", "version": "v2", "route": "GET /cart/{id}"}.items())
+    assert got[("changeover_route_requests_total", labels)] == 60
+    assert got[("changeover_route_errors_total", labels)] == 20
+    inf = frozenset({*labels, ("le", "+Inf")})
+    assert got[("changeover_route_duration_seconds_bucket", inf)] == 60   # buckets only: no _sum
+    routes = {dict(k[1])["route"] for k in got if k[0] == "changeover_route_requests_total"}
+    assert len(routes) == 4 and "(other)" in routes
