@@ -103,7 +103,7 @@ class Release:
 
 
 @dataclass(frozen=True)
-class Slot:
+class SlotRecord:
     name: str
     state: str
     release_id: int | None
@@ -201,11 +201,11 @@ class State:
         return _release(row) if row else None
 
     # -- slots --------------------------------------------------------------------------------
-    def slot(self, name: str) -> Slot:
+    def slot(self, name: str) -> SlotRecord:
         row = self.db.execute("SELECT * FROM slots WHERE name = ?", (name,)).fetchone()
-        return Slot(row["name"], row["state"], row["release_id"], json.loads(row["instances"]), row["updated_at"])
+        return SlotRecord(row["name"], row["state"], row["release_id"], json.loads(row["instances"]), row["updated_at"])
 
-    def slots(self) -> dict[str, Slot]:
+    def slots(self) -> dict[str, SlotRecord]:
         return {n: self.slot(n) for n in SLOTS}
 
     def transition_slot(self, name: str, new: SlotState | str, *, release_id: int | None = -1,

@@ -84,11 +84,6 @@ class StepKind(StrEnum):
     NOTE = "note"                      # considered and skipped
 
 
-class SlotRole(StrEnum):
-    LIVE = "live"
-    STANDBY = "standby"
-
-
 # Trigger reasons of an automatic rollback, as the observer names them (monitor.triggers).
 class TriggerReason(StrEnum):
     CONSECUTIVE = "consecutive_failures"

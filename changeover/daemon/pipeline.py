@@ -18,9 +18,10 @@ not stop it) and records its steps before they act; every state change goes thro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,14 @@ class Pipeline:
         old_version = self.slots.version(previous)
         dep = self.state.begin_deployment(str(kind), release.version, release.id, old_version, target,
                                           actor=actor, reason=reason)
-        self._apply(config)
+        self.apply(config)
         a = Active(dep, kind, release.version, time.time(), config, release, target, previous, old_version,
                    StepRunner(self.state, dep))
         a.steps.emit = a.emit
         self.active = a
         return a
 
-    def _apply(self, config: Config) -> None:
+    def apply(self, config: Config) -> None:
         """The settings a deployment read become the daemon's for what it starts and watches."""
         self.slots.config = config
         self.slots.supervisor.app = require_app(config)
@@ -147,6 +148,7 @@ class Pipeline:
         """Run a phase as a task of its own; its outcome lands in `a.done`. With final=False the
         deployment stays active after the phase succeeds (prepare of `deploy --no-switch`)."""
         loop = asyncio.get_running_loop()
+        a.live_event.clear()
         a.done = loop.create_future()
         # Without --wait nobody may await the outcome; it is in the history, not an asyncio warning.
         a.done.add_done_callback(lambda f: None if f.cancelled() else f.exception())
@@ -339,7 +341,8 @@ class Pipeline:
                 await self.verify.verify_public(a.steps, a.config, a.session)
         except (ChangeoverError, asyncio.CancelledError) as e:
             return await self._failed(a, e)
-        a.live_event.set()  # `deploy` without --wait returns here: live and verified through the proxy
+        if a.config.monitor.observe > 0 and a.previous is not None and self.slots.warm(a.previous):
+            a.live_event.set()  # `deploy` without --wait returns here: live, verified, being observed
         return await self._observe_and_finalise(a)
 
     async def _switch(self, a: Active) -> None:
@@ -437,6 +440,7 @@ class Pipeline:
             # the deployment from its state and the proxy, exactly as after a crash.
             raise e
         aborted = a.stop is not None and a.stop.get("kind") == "abort"
+        where = e.step if isinstance(e, StepFailed) else a.steps.current   # before the undo steps run
         if isinstance(e, StepFailed):
             reason = f"{e.step}: {e.cause}"
         elif isinstance(e, asyncio.CancelledError):
@@ -458,7 +462,7 @@ class Pipeline:
         live = self.slots.version(self.state.live_slot())
         still = f"{live} is still live" if live else "nothing was live before and nothing is now"
         verb = "aborted" if new == D.ABORTED else "failed"
-        raise DeployError(f"{a.kind} of {a.version} {verb} at step '{a.steps.current}': "
+        raise DeployError(f"{a.kind} of {a.version} {verb} at step '{where}': "
                           f"{getattr(e, 'cause', None) or reason}\n{still}")
 
     async def _aborted(self, a: Active) -> dict[str, Any]:
@@ -530,7 +534,7 @@ class Pipeline:
                    previous if self.state.slot(previous).state != "empty" else None, dep.from_version,
                    StepRunner(self.state, dep.id), phase=DeploymentState(dep.state))
         a.steps.emit = a.emit
-        self._apply(config)
+        self.apply(config)
         self.active = a
         if a.previous is not None:
             a.steps.undos.append(Undo(StepKind.SWITCH_BACK, f"switch back to {a.previous}",
@@ -565,13 +569,13 @@ class Pipeline:
         keep = config.monitor.keep_standby
         if slot is None or keep <= 0:
             self.state.clear_timer("standby_expiry")
-            self._arm_expiry()
+            self.arm_expiry()
             return
         self.state.set_timer("standby_expiry", time.time() + keep, slot=slot,
                              release_id=self.state.slot(slot).release_id, keep=keep)
-        self._arm_expiry()
+        self.arm_expiry()
 
-    def _arm_expiry(self) -> None:
+    def arm_expiry(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -592,6 +596,14 @@ class Pipeline:
         if s.state == "standby" and s.release_id == data.get("release_id"):
             log.info("slot=%s standby kept %.0fs: retiring it", slot, float(data.get("keep", 0)))
             self.spawn(self._retire_quietly(slot, f"standby kept for {float(data.get('keep', 0)):g}s"))
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold off deployments while the daemon does something of its own (a proxy handover)."""
+        if self.active is not None:
+            raise self.busy_error()
+        async with self._lock:
+            yield
 
     async def _retire_quietly(self, slot: str, why: str) -> None:
         try:

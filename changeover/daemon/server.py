@@ -94,7 +94,7 @@ class Daemon:
             # [proxy] changed since the worker started: apply it without a gap.
             await self.reload_proxy("the [proxy] settings changed")
         await self.telemetry.start(self.state.live_slot())
-        self.pipeline._arm_expiry()
+        self.pipeline.arm_expiry()
         for r in resumes:
             await self.pipeline.resume(r.deployment, r.at, self.config)
         handlers: dict[str, Callable[[dict[str, Any], rpc.Emit], Awaitable[Any]]] = {
@@ -216,7 +216,7 @@ class Daemon:
     async def h_reload(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         config = await self.fresh_config()
         if self.pipeline.active is None:
-            self.pipeline._apply(config)
+            self.pipeline.apply(config)
         self.state.event("daemon.reload", file=str(config.file))
         log.info("config re-read from %s", config.file)
         return {"file": str(config.file), "applied": self.pipeline.active is None}
@@ -233,9 +233,7 @@ class Daemon:
     async def reload_proxy(self, why: str) -> dict[str, Any]:
         """Replace the proxy worker (new code after an upgrade, or new [proxy] settings) without
         dropping a request: the successor shares the port, the old one finishes and exits."""
-        if self.pipeline.active is not None:
-            raise self.pipeline.busy_error()
-        async with self.pipeline._lock:
+        async with self.pipeline.exclusive():
             self._handover = True
             old = self.proxy.pid
             try:

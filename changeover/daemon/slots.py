@@ -6,12 +6,13 @@ Every state transition of a slot happens in `SlotManager.transition`, which logs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from changeover.config import Config, require_app
+from changeover.config import AppConfig, Config, require_app
 from changeover.daemon.model import SlotState, other
 from changeover.daemon.supervisor import InstanceRecord, ReleaseSpec, Supervisor, SupervisorEvent
 from changeover.errors import DeployError
@@ -20,6 +21,14 @@ from changeover.state import SLOTS, Release, State
 
 log = logging.getLogger("changeover.slots")
 __all__ = ["SlotManager", "other", "spec_of"]
+
+
+def app_of(app: AppConfig, release: Release) -> AppConfig:
+    """The [app] settings a release runs with: those recorded when it was deployed (health path,
+    instances, timeouts), so a rollback restores them with its code and env."""
+    known = {f.name for f in dataclasses.fields(AppConfig)}
+    recorded = {k: v for k, v in release.config.items() if k in known and k != "command"}
+    return dataclasses.replace(app, **recorded) if recorded else app
 
 
 def spec_of(release: Release) -> ReleaseSpec:
@@ -53,6 +62,7 @@ class SlotManager:
     # -- actions ----------------------------------------------------------------------------------
     async def start(self, slot: str, release: Release) -> list[InstanceRecord]:
         """Start `release` in an empty slot and wait until ready; the proxy learns its upstreams."""
+        self.supervisor.app = app_of(require_app(self.config), release)
         self.transition(slot, SlotState.STARTING, release_id=release.id, instances=[],
                         why=f"starting {release.version}")
         records = await self.supervisor.start_slot(slot, spec_of(release))

@@ -113,7 +113,7 @@ class _Instance:
 
 
 @dataclass
-class _Slot:
+class _SlotProcesses:
     release: ReleaseSpec
     instances: list[_Instance]
 
@@ -126,7 +126,7 @@ class Supervisor:
         # Tags this supervisor's instances (see procs.INSTANCE_TAG): the state directory.
         self.owner = str(self.logs_dir.resolve().parent)
         self.on_event = on_event
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, _SlotProcesses] = {}
         self._ports: set[int] = set()    # reserved by any instance, also while it restarts
         self._closed = False
         self.log_max_bytes = LOG_MAX_BYTES
@@ -169,7 +169,7 @@ class Supervisor:
             port = procs.free_port(self._ports)
             self._ports.add(port)
             instances.append(_Instance(index, port, self._log_path(slot, release.version, index)))
-        s = _Slot(release, instances)
+        s = _SlotProcesses(release, instances)
         self._slots[slot] = s
         try:
             for inst in instances:
@@ -421,7 +421,7 @@ class Supervisor:
                 port = procs.free_port(self._ports)
                 self._ports.add(port)
                 lost.append(_Instance(index, port, self._log_path(slot, release.version, index)))
-        self._slots[slot] = _Slot(release, sorted(alive + lost, key=lambda i: i.index))
+        self._slots[slot] = _SlotProcesses(release, sorted(alive + lost, key=lambda i: i.index))
         for inst in alive + lost:
             inst.task = loop.create_task(self._keep(slot, inst, restart_first=inst in lost),
                                          name=f"keeper-{slot}-{inst.index}")
@@ -438,7 +438,7 @@ class Supervisor:
         self._slots.clear()
         self._ports.clear()
 
-    async def _cancel_keepers(self, s: _Slot) -> None:
+    async def _cancel_keepers(self, s: _SlotProcesses) -> None:
         tasks = [i.task for i in s.instances if i.task is not None and not i.task.done()]
         for t in tasks:
             t.cancel()

@@ -310,7 +310,7 @@ async def test_standby_expiry_survives_a_restart(tmp_path: Path) -> None:
     await r.close()
     r2, _ = await _live_after_recovery(tmp_path, r.fake)
     try:
-        r2.pipeline._arm_expiry()
+        r2.pipeline.arm_expiry()
         t0 = time.monotonic()
         while r2.state.slot("blue").state != SlotState.EMPTY and time.monotonic() - t0 < 20:
             await asyncio.sleep(0.1)

@@ -1,0 +1,214 @@
+"""The phase verbs and the config read at every deploy, through the CLI of a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from changeover import api, rpc
+from changeover.errors import DaemonError
+from changeover.loadgen import get
+from tests.daemon.harness import Project
+from tests.daemon.test_restart_faults import background, serving, wait_for_kind
+
+
+def js(p: Any) -> Any:
+    return json.loads(p.stdout)
+
+
+def history(project: Project) -> list[dict[str, Any]]:
+    return list(js(project.cli("history", "--json")))
+
+
+def test_prepare_everywhere_then_switch(project: Project) -> None:
+    project.start_daemon()
+    project.deploy("v1")
+    out = js(project.deploy("v2", "--no-switch", "--json"))
+    assert out["state"] == "prepared" and out["slot"] == "green"
+    st = project.status()
+    assert st["live"]["version"] == "v1" and st["deployment"]["phase"] == "prepared"
+    assert asyncio.run(serving(project)) == "v1", "a prepared release gets no traffic"
+    refused = project.deploy("v3", check=False)
+    assert refused.returncode == 1 and "prepared" in refused.stderr
+    done = js(project.cli("switch", "--json"))
+    assert done["state"] == "succeeded" and done["version"] == "v2"
+    assert asyncio.run(serving(project)) == "v2"
+
+
+def test_abort_a_prepared_release(project: Project) -> None:
+    project.start_daemon()
+    project.deploy("v1")
+    project.deploy("v2", "--no-switch")
+    out = js(project.cli("abort", "--reason", "not today", "--json"))
+    assert out["state"] == "aborted"
+    st = project.status()
+    assert st["live"]["version"] == "v1" and st["standby"] is None and not st["deploying"]
+    assert history(project)[0]["state"] == "aborted"
+
+
+def test_promote_ends_the_window_now(project: Project) -> None:
+    project.write('[monitor]\nobserve = "5m"\nmetrics_listen = ""\n')
+    project.start_daemon()
+    project.deploy("v1")
+    project.deploy("v2")
+    assert project.status()["deployment"]["phase"] == "observing"
+    out = js(project.cli("promote", "--json"))
+    assert out["state"] == "succeeded" and out["promoted"] is True
+    h = history(project)[0]
+    assert h["state"] == "succeeded" and "promoted" in (h["reason"] or "")
+    project.deploy("v3")  # the hotfix right after: no waiting for the window
+
+
+def test_rollback_during_verification_through_the_proxy_aborts_and_switches_back(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    project.write('[[checks.smoke]]\nname = "home"\npath = "/"\n')
+    monkeypatch.setenv("CHANGEOVER_TEST_STEP_DELAY", "verify_public:5")
+    project.start_daemon()
+    project.deploy("v1")
+    proc = background(project, "deploy", "v2", "--path", str(project.release("v2")))
+    wait_for_kind(project, "verify_public")
+    out = js(project.cli("rollback", "--reason", "wrong build", "--json"))
+    proc.wait(timeout=60)
+    assert out["version"] == "v1"
+    assert asyncio.run(serving(project)) == "v1"
+    h = history(project)[0]
+    assert h["version"] == "v2" and h["state"] == "rolled_back" and "wrong build" in h["reason"]
+
+
+def test_every_deploy_reads_the_file_as_it_is_now(project: Project, tmp_path: Path) -> None:
+    project.start_daemon()
+    project.deploy("v1")
+    # A new [env] value and a smoke test that fails: both taken by the next deploy.
+    project.write('[env]\nGREETING = "new"\n\n[[checks.smoke]]\nname = "missing"\npath = "/nope"\n')
+    bad = project.deploy("v2", check=False)
+    assert bad.returncode == 1 and "missing" in bad.stderr
+    project.write('[env]\nGREETING = "new"\n')
+    project.deploy("v2")
+    assert history(project)[0]["state"] == "succeeded"
+    # An invalid file refuses the deploy with file and key, and changes nothing.
+    text = project.config.read_text()
+    project.config.write_text(text + '\n[app2]\nx = 1\n')
+    refused = project.deploy("v3", check=False)
+    assert refused.returncode == 2 and "changeover.toml" in refused.stderr and "app2" in refused.stderr
+    assert "Traceback" not in refused.stderr and history(project)[0]["version"] == "v2"
+    # ...while the controls of the running daemon still work.
+    broken = project.config.read_text().replace("[proxy]", "[proxy")
+    project.config.write_text(broken)
+    st = js(project.cli("status", "--json"))
+    assert st["live"]["version"] == "v2"
+    assert history(project)[0]["version"] == "v2"
+    back = js(project.cli("rollback", "--json"))
+    assert back["version"] == "v1"
+    project.config.write_text(text)
+
+
+def test_check_pre_and_deploy_agree_on_the_database(project: Project) -> None:
+    project.write('[env]\nDATABASE_URL = "postgresql://postgres@127.0.0.1:1/nowhere"\n')
+    project.start_daemon()
+    check = project.cli("check", "pre", check=False)
+    deploy = project.deploy("v1", check=False)
+    assert check.returncode == 1 and deploy.returncode == 1
+    assert "database" in deploy.stderr and "pre-deploy checks" in deploy.stderr
+
+
+def test_reload_and_sighup_apply_a_changed_proxy_section(project: Project) -> None:
+    project.start_daemon()
+    project.deploy("v1")
+    pid0 = project.status()["proxy"]["pid"]
+    text = project.config.read_text()
+    project.config.write_text(text.replace('drain_timeout = "5s"', 'drain_timeout = "6s"'))
+    project.cli("reload")
+    pid1 = project.status()["proxy"]["pid"]
+    assert pid1 != pid0
+    project.config.write_text(text)
+    assert project.daemon is not None
+    project.daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while project.status()["proxy"]["pid"] == pid1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert project.status()["proxy"]["pid"] != pid1
+    assert asyncio.run(serving(project)) == "v1"
+
+
+def test_a_client_of_another_protocol_version_gets_a_clear_error(project: Project) -> None:
+    project.start_daemon()
+    sock = project.root / ".changeover" / "control.sock"
+    with pytest.raises(DaemonError, match="protocol"):
+        asyncio.run(rpc.call(sock, "status", {}, protocol=api.PROTOCOL - 1))
+    with pytest.raises(DaemonError, match="protocol"):
+        asyncio.run(rpc.call(sock, "status", {}))
+
+
+def test_down_drains_in_flight_requests_before_stopping(project: Project) -> None:
+    project.start_daemon()
+    project.deploy("v1")
+
+    async def scenario() -> tuple[int, float, float]:
+        slow = asyncio.create_task(get("127.0.0.1", project.port, "/slow?ms=1500", timeout=10))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        await asyncio.to_thread(project.cli, "down")
+        took = time.monotonic() - t0
+        status, _, _, rw = await slow
+        if rw is not None:
+            rw[1].close()
+        return status, took, time.monotonic() - t0
+
+    status, took, _ = asyncio.run(scenario())
+    assert status == 200, "the in-flight request was cut"
+    assert took >= 1.0, "down returned before the drain was done"
+    assert project.daemon is not None
+    project.daemon.wait(timeout=30)
+    project.daemon = None
+    assert not (project.root / ".changeover" / "control.sock").exists()
+
+
+def test_cold_rollback_is_verified_before_the_switch_and_observed(project: Project) -> None:
+    project.write('[[checks.smoke]]\nname = "home"\npath = "/"\n\n[monitor]\nobserve = "1s"\nmetrics_listen = ""\n')
+    project.start_daemon()
+    project.deploy("v1")
+    project.deploy("v2", "--wait")
+    project.cli("stop-standby")
+    # v1's code is broken now (think: it reads a column a contract migration dropped).
+    (project.root / "releases" / "v1" / "server.py").write_text(
+        (project.root / "releases" / "v1" / "server.py").read_text().replace(
+            'return self.send(200, f"hello from {VERSION}\\n"', 'return self.send(500, "broken\\n"'))
+    bad = project.cli("rollback", "--json", check=False)
+    assert bad.returncode == 1 and "verify" in bad.stderr
+    assert asyncio.run(serving(project)) == "v2"
+    h = history(project)[0]
+    assert h["kind"] == "rollback" and h["state"] == "failed"
+    # Repaired: the cold rollback passes verification, switches, and is observed.
+    (project.root / "releases" / "v1" / "server.py").write_text(
+        (project.root / "releases" / "v1" / "server.py").read_text().replace(
+            'return self.send(500, "broken\\n"', 'return self.send(200, f"hello from {VERSION}\\n"'))
+    out = js(project.cli("rollback", "--json"))
+    assert out["version"] == "v1"
+    h = history(project)[0]
+    kinds = [s["kind"] for s in h["steps"]]
+    assert kinds.index("verify_private") < kinds.index("switch") < kinds.index("observe"), kinds
+
+
+def test_piped_output_is_not_wrapped_and_top_prints(project: Project) -> None:
+    project.start_daemon()
+    project.deploy("v1")
+    project.deploy("v2")
+    project.cli("rollback", "--reason", "a reason long enough to need more than eighty columns " * 2)
+    wide = project.cli("history")
+    assert all(len(line) <= 400 for line in wide.stdout.splitlines())
+    assert any(len(line) > 80 for line in wide.stdout.splitlines()), "piped history wraps at 80 columns"
+    import subprocess
+    import sys
+
+    top = subprocess.Popen([sys.executable, "-m", "changeover", "top", "--interval", "0.2", "-c", str(project.config)],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    top.send_signal(signal.SIGINT)
+    out, _ = top.communicate(timeout=10)
+    assert "live" in out and "v1" in out
