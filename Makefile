@@ -30,8 +30,11 @@ unit: setup services
 
 test: lint typecheck unit
 
+# Each benchmark prints its table and the command that produced it (see docs/benchmarks.md).
+BENCHES := proxy_bench rollback_bench migrations_bench
+
 bench: setup services
-	$(BIN)/python bench/run.py
+	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

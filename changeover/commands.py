@@ -115,7 +115,7 @@ def history(config: Daemon, limit: int = 20) -> list[dict[str, Any]]:
     db = config.state_dir / "state.db"
     if not db.exists():
         return []
-    state = State(db)
+    state = State(db, readonly=True)
     try:
         return state.history(limit)
     finally:
@@ -154,7 +154,7 @@ def log_files(config: Daemon, slot: str | None = None) -> list[Path]:
     db = config.state_dir / "state.db"
     out: list[Path] = []
     if db.exists():
-        state = State(db)
+        state = State(db, readonly=True)
         try:
             live = state.live_slot()
             if slot is None and live is not None:

@@ -145,7 +145,15 @@ class Step:
 
 
 class State:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """readonly: for readers beside a running daemon (the CLI without a daemon, tests, the
+        migrations' release checks); nothing is created or upgraded."""
+        if readonly:
+            self.path = path
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10,
+                                      check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.exists()
         self.path = path
@@ -319,6 +327,14 @@ class State:
     def end_step(self, step_id: int, state: str, detail: str | None = None) -> None:
         self.db.execute("UPDATE steps SET state = ?, detail = COALESCE(?, detail), finished_at = ? WHERE id = ?",
                         (state, detail, time.time(), step_id))
+
+    def running_step(self, deployment_kind: str | None = None) -> Step | None:
+        """The step running now (of the newest deployment of that kind), if any."""
+        sql = ("SELECT s.* FROM steps s JOIN deployments d ON d.id = s.deployment_id WHERE s.state = 'running'"
+               + (" AND d.kind = ?" if deployment_kind else "") + " ORDER BY s.id DESC LIMIT 1")
+        r = self.db.execute(sql, (deployment_kind,) if deployment_kind else ()).fetchone()
+        return None if r is None else Step(r["id"], r["deployment_id"], r["name"], StepKind(r["kind"]), r["state"],
+                                           r["detail"], r["started_at"], r["finished_at"])
 
     def steps(self, dep_id: int) -> list[Step]:
         rows = self.db.execute("SELECT * FROM steps WHERE deployment_id = ? ORDER BY id", (dep_id,))

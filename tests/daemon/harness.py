@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 from changeover.daemon.procs import free_port
 from changeover.loadgen import Load, get
+from changeover.state import State, Step
 
 __all__ = ["EXAMPLE", "Load", "Project", "free_port", "get"]
 
@@ -94,15 +94,22 @@ drain_timeout = "5s"
         """Block until a step whose name starts with `prefix` is running, read from the state file."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            db = sqlite3.connect(f"file:{self.root / '.changeover' / 'state.db'}?mode=ro", uri=True, timeout=5)
-            try:
-                rows = db.execute("SELECT name FROM steps WHERE state = 'running'").fetchall()
-            finally:
-                db.close()
-            if any(str(r[0]).startswith(prefix) for r in rows):
+            step = self.running_step()
+            if step is not None and step.name.startswith(prefix):
                 return
             time.sleep(0.05)
         raise AssertionError(f"no step '{prefix}…' started within {timeout} s")
+
+    def running_step(self, deployment_kind: str | None = None) -> Step | None:
+        """The step running now, read from the state file (as the next daemon would)."""
+        path = self.root / ".changeover" / "state.db"
+        if not path.exists():
+            return None
+        st = State(path, readonly=True)
+        try:
+            return st.running_step(deployment_kind)
+        finally:
+            st.close()
 
     def kill_daemon(self, sig: int = signal.SIGKILL) -> None:
         assert self.daemon is not None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -52,16 +51,9 @@ def setup(project: Project, observe: str = "25s") -> Path:
 def wait_for_kind(project: Project, kind: str, deployment_kind: str = "deploy", timeout: float = 60) -> None:
     """Block until a step of `kind` is running in the newest deployment of `deployment_kind`."""
     deadline = time.monotonic() + timeout
-    db_path = project.root / ".changeover" / "state.db"
     while time.monotonic() < deadline:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            row = db.execute("SELECT s.state FROM steps s JOIN deployments d ON d.id = s.deployment_id "
-                             "WHERE s.kind = ? AND d.kind = ? ORDER BY s.id DESC LIMIT 1",
-                             (kind, deployment_kind)).fetchone()
-        finally:
-            db.close()
-        if row and row[0] == "running":
+        step = project.running_step(deployment_kind)
+        if step is not None and step.kind == kind:
             return
         time.sleep(0.02)
     raise AssertionError(f"no {kind} step running within {timeout}s")
