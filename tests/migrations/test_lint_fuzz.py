@@ -12,7 +12,9 @@ from changeover.migrations.lint import LintContext, analyze
 
 WORDS = ["ALTER", "TABLE", "t", "ADD", "COLUMN", "c", "int", "DEFAULT", "gen_random_uuid()", "NOT", "NULL",
          "CREATE", "INDEX", "CONCURRENTLY", "ON", "(", ")", ";", "DROP", "RENAME", "TO", "UPDATE", "SET", "=",
-         "1", "WHERE", "IS", "'x;y'", "$$", "--", "\n", "/*", "*/", "BEGIN", "COMMIT", "CHECK", "é"]
+         "1", "WHERE", "IS", "'x;y'", "$$", "--", "\n", "/*", "*/", "BEGIN", "COMMIT", "CHECK", "é",
+         "DO", "$$ BEGIN", "END $$", "EXECUTE", "TRUNCATE", "LOCK", "VACUUM", "FULL", "IF NOT EXISTS", "AS", "SELECT",
+         "INTO", "REFERENCES", "UNIQUE", "LANGUAGE", "plpgsql"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
