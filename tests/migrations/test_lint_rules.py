@@ -70,7 +70,8 @@ CASES: dict[str, tuple[str, str]] = {
                                        "REFRESH MATERIALIZED VIEW CONCURRENTLY order_totals;"),
     "transaction-incompatible": ("VACUUM orders;", "-- changeover:transaction off\nVACUUM orders;"),
     "slow-under-held-lock": (
-        "ALTER TABLE orders ADD CONSTRAINT pos CHECK (total > 0) NOT VALID;\nALTER TABLE orders VALIDATE CONSTRAINT pos;",
+        "ALTER TABLE orders ADD CONSTRAINT pos CHECK (total > 0) NOT VALID;\n"
+        "ALTER TABLE orders VALIDATE CONSTRAINT pos;",
         "ALTER TABLE orders VALIDATE CONSTRAINT pos;"),
     "dropping-constraint": ("ALTER TABLE orders DROP CONSTRAINT orders_pkey;",
                             "ALTER TABLE orders ADD CONSTRAINT pos CHECK (total > 0) NOT VALID;"),
