@@ -33,6 +33,9 @@ POOL = 16                 # servers declared per slot; `[app] instances` beyond 
 PARKED_HOST, PARKED_PORT = "127.0.0.1", 1   # where an unused pool server points (nothing listens on 1)
 SLOTS = ("blue", "green")
 LOG_TAG = "co"            # first field of our per-request log lines; anything else on the socket is ignored
+RING = "changeover_log"
+RING_SIZE = 4 << 20       # lines kept while nobody reads them (a daemon restarting): ~50k
+STALE = 5.0               # lines older than this (seconds) when read are dropped: they belong to no window
 MAX_UNIX_PATH = 107       # sun_path, minus the terminating NUL
 CLI_TIMEOUT = 5.0
 
@@ -54,7 +57,7 @@ class Paths:
     admin: Path       # stats socket, level admin, expose-fd listeners (served by the worker)
     master: Path      # master CLI (-S): reload, show proc
     pidfile: Path     # the master's pid (-p)
-    log_socket: Path  # unix datagram socket the daemon reads per-request log lines from
+    log_socket: Path  # unix stream socket the daemon listens on; HAProxy forwards its log ring there
     output: Path      # HAProxy's own stderr (alerts, "Loading success")
 
     @classmethod
@@ -102,12 +105,24 @@ def settings_part(settings: ProxySettings, paths: Paths, port: int) -> str:
     return f"""{SETTINGS_MARK}{json.dumps(asdict(s), sort_keys=True)}
 global
     master-worker
+    # one thread: with two, requests sent after a switch was acknowledged still reached the old
+    # slot now and then (HAProxy 2.6, 50 keep-alive clients); one thread carries ~50k req/s
+    nbthread 1
     stats socket {paths.admin} mode 600 level admin expose-fd listeners
     stats timeout 30s
-    log {paths.log_socket} len 1024 format raw local0 info
+    log ring@{RING} len 1024 format raw local0 info
     tune.bufsize {max(16384, min(s.max_header_bytes + 1024, 1 << 20))}
     # a reload hands the listeners over; the old worker finishes what it has, up to drain_timeout
     hard-stop-after {_ms(s.drain_timeout)}
+# per-request log lines: written to a ring in memory, forwarded in bulk to the daemon's socket
+# (a unix datagram socket holds 10 lines by default: HAProxy drops the rest under load)
+ring {RING}
+    format raw
+    maxlen 1024
+    size {RING_SIZE}
+    timeout connect 1s
+    timeout server 1d
+    server daemon unix@{paths.log_socket}
 defaults
     mode http
     log global
@@ -125,7 +140,7 @@ defaults
     timeout connect {_ms(s.connect_timeout)}
     timeout server {_ms(s.response_timeout)}
     timeout tunnel 1h
-    log-format "{LOG_TAG}|%s|%ST|%[date(0,us),sub(txn.t0)]|%Ta|%Tr|%ts"
+    log-format "{LOG_TAG}|%[date]|%s|%ST|%[date(0,us),sub(txn.t0)]|%Ta|%Tr|%ts"
 frontend changeover
     bind {bind}
     http-request set-var(txn.t0) date(0,us)
@@ -329,18 +344,21 @@ def commands(*lines: Sequence[str]) -> str:
 
 # -- per-request log ------------------------------------------------------------------------------
 
-def parse_log(line: str) -> tuple[str, int, float, bool] | None:
-    """A line of our log-format -> (slot, status, seconds, upstream failed), None for other lines.
+def parse_log(line: str, now: float) -> tuple[str, int, float, bool] | None:
+    """A line of our log-format -> (slot, status, seconds, upstream failed), None for other lines
+    and for stale ones (logged while no daemon read the ring: `now` is time.time()).
 
     Latency is measured by HAProxy in microseconds from the request head to the log (end of the
     response); a tunnel (101) counts until its upgrade answer (%Tr), as the embedded proxy does.
     `upstream failed` is a session the server side ended: refused, reset or timed out (S/s).
     """
-    f = line.rstrip("\n\x00").split("|")
-    if len(f) != 7 or f[0] != LOG_TAG:
+    f = line.split("|")
+    if len(f) != 8 or f[0] != LOG_TAG:
         return None
-    _, server, status_s, us, ta, tr, term = f
+    _, when, server, status_s, us, ta, tr, term = f
     try:
+        if now - int(when) > STALE:
+            return None
         status = int(status_s)
         if status == 101:
             seconds = max(0, int(tr)) / 1000

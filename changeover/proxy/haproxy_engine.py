@@ -7,12 +7,13 @@ haproxy_socket`, it drives an HAProxy someone else runs (then it never starts, r
 it). Routing is read back from HAProxy on every call (`show servers state`), never cached, so a
 new daemon (or a new engine object) adopts a running HAProxy and `live()` is what HAProxy does.
 
-Metrics: HAProxy sends one short log line per request to a unix datagram socket the engine
-reads, into a `Recorder` kept here, in the daemon process. That is fine because nothing is lost
+Metrics: HAProxy writes one short log line per request into a ring in memory and forwards the
+ring over a unix stream socket the engine listens on; the lines go into a `Recorder` kept here,
+in the daemon process. That is fine because nothing is lost
 that the daemon could use: the Recorder restarts with the daemon, and so does the daemon's mirror
 of it and its `/metrics` (a counter reset, which Prometheus handles); requests made while no
-daemon runs are not seen (HAProxy counts the undelivered lines as DroppedLogs), which only means
-a resumed observation window starts from fresh buckets. HAProxy's own counters (`show stat`)
+daemon runs are not counted (the ring keeps their lines, but they arrive late and are dropped as
+stale), which only means a resumed observation window starts from fresh buckets. HAProxy's own counters (`show stat`)
 survive a daemon restart, so they are never added in; they only cross-check the log (`lost()`).
 """
 
@@ -28,9 +29,10 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.monitor import mirror
@@ -42,7 +44,6 @@ from changeover.proxy.control import PROXY_PROTOCOL
 log = logging.getLogger("changeover.proxy.haproxy")
 START_TIMEOUT = 10.0
 POLL = 0.05                 # drain and start-up polling interval
-LOG_BUFFER = 4 << 20        # receive buffer of the log socket: bursts wait here, not in HAProxy's drops
 
 
 class HAProxyControl:
@@ -55,7 +56,8 @@ class HAProxyControl:
         self.recorder = Recorder()
         self.pid: int | None = None
         self.port: int | None = None
-        self._logs: asyncio.DatagramTransport | None = None
+        self._logs: asyncio.AbstractServer | None = None
+        self._feeds: set[asyncio.Transport] = set()      # connections from HAProxy workers' log rings
         self._baseline: tuple[int, int] | None = None   # (HAProxy requests, log lines) when counting began
         self._lines = 0
 
@@ -178,6 +180,8 @@ class HAProxyControl:
         if self._logs is not None:
             self._logs.close()
             self._logs = None
+            for feed in list(self._feeds):
+                feed.close()
             with contextlib.suppress(FileNotFoundError):
                 self.paths.log_socket.unlink()
 
@@ -363,20 +367,19 @@ class HAProxyControl:
             return
         self.paths.dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            self.paths.log_socket.unlink()      # a previous daemon's: HAProxy sends to the path, not to it
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LOG_BUFFER)
-        sock.bind(str(self.paths.log_socket))
-        os.chmod(self.paths.log_socket, 0o600)
+            self.paths.log_socket.unlink()      # a previous daemon's: HAProxy reconnects to the path
         loop = asyncio.get_running_loop()
-        self._logs, _ = await loop.create_datagram_endpoint(lambda: _LogReceiver(self), sock=sock)
+        self._logs = await loop.create_unix_server(lambda: _LogReceiver(self), str(self.paths.log_socket))
+        os.chmod(self.paths.log_socket, 0o600)
 
-    def _on_line(self, line: str) -> None:
-        rec = hx.parse_log(line)
-        if rec is not None:
-            self._lines += 1
-            self.recorder.record(*rec)
+    def _on_lines(self, lines: list[bytes]) -> None:
+        now = time.time()
+        record = self.recorder.record
+        for raw in lines:
+            rec = hx.parse_log(raw.decode(errors="replace"), now)
+            if rec is not None:
+                self._lines += 1
+                record(*rec)
 
     # -- ProxyControl: hitless reload ------------------------------------------------------------
     async def handover(self, initial: dict[str, Any],
@@ -496,15 +499,28 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-class _LogReceiver(asyncio.DatagramProtocol):
+class _LogReceiver(asyncio.Protocol):
+    """One connection from an HAProxy worker's log ring: newline-separated lines, in bulk."""
+
     def __init__(self, control: HAProxyControl) -> None:
         self.control = control
+        self.rest = b""
+        self.transport: asyncio.Transport | None = None
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.control._feeds.add(self.transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.control._feeds.discard(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.rest + data).split(b"\n")
+        self.rest = lines.pop()
+        if len(self.rest) > 4096:           # not our format: never let it grow
+            self.rest = b""
         try:
-            self.control._on_line(data.decode(errors="replace"))
-        except Exception:           # a monitor bug must never stop the log
-            log.exception("reading an HAProxy log line failed")
-
-    def error_received(self, exc: Exception) -> None:
-        log.warning("HAProxy log socket: %s", exc)
+            self.control._on_lines(lines)
+        except Exception:                   # a monitor bug must never stop the log
+            log.exception("reading HAProxy's log failed")
