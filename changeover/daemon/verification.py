@@ -9,10 +9,9 @@ environment, so checks, probes and migrations talk to the same database.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 from changeover.checks.flows import SessionProbe, run_flows
@@ -29,27 +28,17 @@ from changeover.state import Release
 log = logging.getLogger("changeover.verify")
 
 
-def release_config(config: Config, release: Release) -> Config:
-    """The config as this release's steps see it: the migrations' database is the release's own
-    DATABASE_URL (`deploy --env DATABASE_URL=…` migrates the database it checks)."""
-    url = release.env.get(config.checks.pre.database_var)
-    if url and url != config.migrations.database:
-        return dataclasses.replace(config, migrations=dataclasses.replace(config.migrations, database=url))
-    return config
+def database_url(config: Config, release: Release) -> str | None:
+    """The database a release's migrations run on: its own DATABASE_URL (`deploy --env
+    DATABASE_URL=…` migrates the database it checks), else [migrations] database."""
+    return release.env.get(config.checks.pre.database_var) or config.migrations.database
 
 
-def migrations_dir(config: Config, release: Release | None = None) -> Path:
-    raw = config.migrations.dir
-    if "{release}" in raw:
-        if release is None:
-            return Path(raw.replace("{release}", ""))
-        raw = raw.replace("{release}", release.path)
-    d = Path(raw)
-    return d if d.is_absolute() else config.root / d
+def migrations_enabled(config: Config, release: Release) -> bool:
+    """A configured migrations directory that does not exist is an error, not "skip"."""
+    from changeover.migrations import commands as migrate
 
-
-def migrations_enabled(config: Config, release: Release | None = None) -> bool:
-    return config.migrations.database is not None and migrations_dir(config, release).is_dir()
+    return migrate.enabled(config, release.path, database_url(config, release))
 
 
 class Verification:
@@ -92,13 +81,18 @@ class Verification:
                          lambda: run_pre(config.checks, release.env, live_url))
 
     async def migrate_expand(self, steps: StepRunner, config: Config, release: Release) -> bool:
-        config = release_config(config, release)
-        if not migrations_enabled(config, release):
-            why = "no database configured" if config.migrations.database is None else \
-                f"no migrations directory ({migrations_dir(config, release)})"
+        from changeover.migrations import commands as migrate
+
+        url = database_url(config, release)
+        try:
+            enabled = migrations_enabled(config, release)
+        except ChangeoverError as e:
+            await steps.run(StepKind.MIGRATE, "migrations (expand)", _raise(MigrationError(str(e))))
+            return False
+        if not enabled:
+            why = "no database configured" if url is None else "no migrations directory"
             await steps.note("migrations (expand)", why)
             return False
-        from changeover.migrations import commands as migrate
 
         loop = asyncio.get_running_loop()
 
@@ -109,11 +103,10 @@ class Verification:
             asyncio.run_coroutine_threadsafe(show(msg), loop)
 
         def run() -> Any:
-            kwargs: dict[str, Any] = {"release": release.version, "progress": progress}
-            try:
-                return migrate.safe(config, **kwargs, release_dir=Path(release.path), refuse_unsafe=True)
-            except TypeError:  # an engine without release directories or the refusal (older API)
-                return migrate.safe(config, **kwargs)
+            # An unsafe pending migration fails the deploy here, with its finding and recipe; a
+            # contract one lets it go on (it runs once the old code is gone).
+            return migrate.safe(config, release=release.version, progress=progress, release_dir=release.path,
+                                database_url=url, refuse_unsafe=True)
 
         async def go() -> Any:
             try:
@@ -125,7 +118,9 @@ class Verification:
 
         def detail(result: Any) -> str:
             text = f"{len(result.applied)} applied"
-            if result.stopped_at is not None:
+            if result.contract_pending:
+                text += f"; contract pending: {', '.join(result.contract_pending)}"
+            elif result.stopped_at is not None:
                 text += f"; {result.pending} left for later: {result.stopped_at.reason}"
             return text
 
@@ -190,14 +185,14 @@ class Verification:
         """Undo the migrations `release` applied (the newest ones, all tagged with it), newest first.
         Runs after code is switched back: the old code works on the expanded schema, and works on
         the original one again once this is done."""
-        config = release_config(config, release)
         version = release.version
+        url = database_url(config, release)
         if not migrations_enabled(config, release):
             await steps.note("schema rollback", "no migrations configured")
             return
         from changeover.migrations import commands as migrate
 
-        st = await asyncio.to_thread(migrate.status, config)
+        st = await asyncio.to_thread(partial(migrate.status, config, release_dir=release.path, database_url=url))
         applied = [m for m in st.migrations if m.state in ("applied", "backfilling")]
         mine = 0
         for m in reversed(applied):
@@ -209,10 +204,10 @@ class Verification:
             return
 
         def run() -> Any:
-            try:
-                return migrate.rollback(config, steps=mine, allow_data_loss=allow_data_loss, force=True)
-            except TypeError:  # an engine without release protection (older API)
-                return migrate.rollback(config, steps=mine, allow_data_loss=allow_data_loss)
+            # `leaving`: this release is being rolled back away from, so its own migrations are not
+            # "needed by a running release" even while it is still the standby.
+            return migrate.rollback(config, steps=mine, allow_data_loss=allow_data_loss, leaving=version,
+                                    release_dir=release.path, database_url=url)
 
         await steps.run(StepKind.SCHEMA_ROLLBACK,
                         f"schema rollback ({mine} migration{'s' if mine > 1 else ''} of {version})",
@@ -222,13 +217,12 @@ class Verification:
     def incompatible_migrations(self, config: Config, release: Release) -> str | None:
         """Auto-rollback switches code only; refuse it when this release changed the schema in a way
         the old code cannot use (contract/unsafe migrations applied under this release)."""
-        config = release_config(config, release)
-        if not migrations_enabled(config, release):
-            return None
         from changeover.migrations import commands as migrate
 
         try:
-            st = migrate.status(config)
+            if not migrations_enabled(config, release):
+                return None
+            st = migrate.status(config, release_dir=release.path, database_url=database_url(config, release))
         except ChangeoverError as e:
             log.warning("cannot read migration history: %s", e)
             return None
@@ -241,3 +235,10 @@ class Verification:
 
 async def _one(coro: Awaitable[CheckResult]) -> list[CheckResult]:
     return [await coro]
+
+
+def _raise(e: ChangeoverError) -> Callable[[], Awaitable[None]]:
+    async def go() -> None:
+        raise e
+
+    return go

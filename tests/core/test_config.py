@@ -113,3 +113,27 @@ def test_cli_config_check_redacts_and_errors_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr and "app.command" in bad.stderr and "expected a list" in bad.stderr
     missing = run_cli("status", "-c", "nope.toml", cwd=tmp_path)
     assert missing.returncode == 2 and "nope.toml" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_file_with_only_migrations_serves_the_migrate_commands(tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "0001_t.up.sql").write_text("CREATE TABLE t (id INTEGER PRIMARY KEY);\n")
+    (tmp_path / "migrations" / "0001_t.down.sql").write_text("DROP TABLE t;\n")
+    cfg = tmp_path / "changeover.toml"
+    cfg.write_text(f'[migrations]\ndatabase = "sqlite:///{db}"\ndir = "migrations"\n')
+    c = config.load(cfg)
+    assert c.app is None
+    with pytest.raises(ConfigError, match="app"):
+        config.require_app(c)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "changeover", *args, "-c", str(cfg)], capture_output=True,
+                              text=True, timeout=60)
+
+    for args in (("migrate", "status"), ("migrate", "plan"), ("migrate", "lint"), ("migrate", "up")):
+        p = run(*args)
+        assert p.returncode == 0, (args, p.stderr)
+    # What runs the app still needs [app], and says so without a traceback.
+    serve = run("serve")
+    assert serve.returncode == 2 and "app" in serve.stderr and "Traceback" not in serve.stderr

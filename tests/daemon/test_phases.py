@@ -212,3 +212,33 @@ def test_piped_output_is_not_wrapped_and_top_prints(project: Project) -> None:
     top.send_signal(signal.SIGINT)
     out, _ = top.communicate(timeout=10)
     assert "live" in out and "v1" in out
+
+
+def test_migrations_run_on_the_database_the_release_checks(project: Project, pg_url: str) -> None:
+    """`deploy --env DATABASE_URL=…` migrates the database it checks, not the daemon's."""
+    import uuid
+
+    import psycopg
+
+    other = f"co_other_{uuid.uuid4().hex[:8]}"
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{other}"')
+    other_url = f"postgresql://postgres@127.0.0.1:5432/{other}"
+    try:
+        mig = project.root / "migrations"
+        mig.mkdir()
+        (mig / "0001_items.up.sql").write_text("CREATE TABLE items (id bigint PRIMARY KEY);\n")
+        (mig / "0001_items.down.sql").write_text("DROP TABLE items;\n")
+        project.write(f'[env]\nDATABASE_URL = "{pg_url}"\n\n[migrations]\ndir = "migrations"\n')
+        project.start_daemon()
+        project.deploy("v1", "--env", f"DATABASE_URL={other_url}")
+
+        def has_items(url: str) -> bool:
+            with psycopg.connect(url) as conn:
+                return conn.execute("SELECT to_regclass('items') IS NOT NULL").fetchone()[0]  # type: ignore[index,no-any-return]
+
+        assert has_items(other_url) and not has_items(pg_url)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
