@@ -242,3 +242,32 @@ def test_migrations_run_on_the_database_the_release_checks(project: Project, pg_
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
+
+
+def test_an_unsafe_pending_migration_fails_the_deploy_a_contract_one_is_left_pending(
+        project: Project, pg_url: str) -> None:
+    mig = project.root / "migrations"
+    mig.mkdir()
+    (mig / "0001_items.up.sql").write_text("CREATE TABLE items (id bigint PRIMARY KEY, name text);\n")
+    (mig / "0001_items.down.sql").write_text("DROP TABLE items;\n")
+    project.write(f'[migrations]\ndatabase = "{pg_url}"\ndir = "migrations"\n')
+    project.start_daemon()
+    project.deploy("v1")
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO items SELECT g, 'x' FROM generate_series(1, 100) g")
+    # A rename breaks the running code: unsafe, the deploy stops at its migrations step.
+    (mig / "0002_rename.up.sql").write_text("ALTER TABLE items RENAME COLUMN name TO title;\n")
+    (mig / "0002_rename.down.sql").write_text("ALTER TABLE items RENAME COLUMN title TO name;\n")
+    bad = project.deploy("v2", check=False)
+    assert bad.returncode == 1 and "migrations (expand)" in bad.stderr and "v1 is still live" in bad.stderr
+    assert "renam" in bad.stderr.lower()
+    assert not any(s["kind"] == "start" for s in history(project)[0]["steps"])
+    (mig / "0002_rename.up.sql").unlink()
+    (mig / "0002_rename.down.sql").unlink()
+    # Dropping a column is contract: the deploy goes on and says the contract step is pending.
+    (mig / "0002_drop.up.sql").write_text("ALTER TABLE items DROP COLUMN name;\n")
+    (mig / "0002_drop.down.sql").write_text("ALTER TABLE items ADD COLUMN name text;\n")
+    ok = project.deploy("v2")
+    assert "contract pending" in ok.stderr, ok.stderr
