@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -335,6 +336,12 @@ def parse_info(out: str) -> dict[str, str]:
         if sep:
             info[key.strip()] = value.strip()
     return info
+
+
+def failed_reloads(show_proc: str) -> int:
+    """The master's count of reloads whose new config failed (`show proc` on the master CLI)."""
+    m = re.search(r"\[failed: (\d+)\]", show_proc)
+    return int(m.group(1)) if m else 0
 
 
 def commands(*lines: Sequence[str]) -> str:

@@ -11,9 +11,10 @@ Metrics: HAProxy writes one short log line per request into a ring in memory and
 ring over a unix stream socket the engine listens on; the lines go into a `Recorder` kept here,
 in the daemon process. That is fine because nothing is lost
 that the daemon could use: the Recorder restarts with the daemon, and so does the daemon's mirror
-of it and its `/metrics` (a counter reset, which Prometheus handles); requests made while no
-daemon runs are not counted (the ring keeps their lines, but they arrive late and are dropped as
-stale), which only means a resumed observation window starts from fresh buckets. HAProxy's own counters (`show stat`)
+of it and its `/metrics` (a counter reset, which Prometheus handles); the ring keeps the lines
+of requests served while no daemon reads it and forwards them to the next one, which counts the
+last few seconds of them (in the second they arrive) and drops older ones as stale; lines the
+killed daemon had already read are never sent again, so nothing is counted twice. HAProxy's own counters (`show stat`)
 survive a daemon restart, so they are never added in; they only cross-check the log (`lost()`).
 """
 
@@ -396,8 +397,9 @@ class HAProxyControl:
         port = self.settings.port or (hx.written_port(before) if before else None) or self._pick_port()
         self._write(hx.render(self.settings, self.paths, port, initial))
         try:
+            failed = hx.failed_reloads(await hx.cli(self.paths.master, "show proc"))
             await hx.cli(self.paths.master, "reload")
-            await self._wait_new_worker(old_worker)
+            await self._wait_new_worker(old_worker, failed)
         except (OSError, ChangeoverError) as e:
             if before is not None:
                 self._write(before)     # what runs is still the old config: say so on disk too
@@ -407,7 +409,9 @@ class HAProxyControl:
         await configure(self)
         log.info("HAProxy reloaded: worker %d -> new worker", old_worker)
 
-    async def _wait_new_worker(self, old: int) -> None:
+    async def _wait_new_worker(self, old: int, failed: int) -> None:
+        """Until the admin socket is served by a new worker; a new config HAProxy refused shows
+        as one more failed reload on the master (the old worker then goes on serving)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
         while loop.time() < deadline:
@@ -415,6 +419,9 @@ class HAProxyControl:
                 pid = int(hx.parse_info(await self._cli("show info", timeout=2)).get("Pid", "0") or 0)
                 if pid and pid != old:
                     return
+            with contextlib.suppress(OSError):
+                if hx.failed_reloads(await hx.cli(self.paths.master, "show proc", timeout=2)) > failed:
+                    raise ChangeoverError("HAProxy refused the new config")
             await asyncio.sleep(POLL)
         raise ChangeoverError(f"no new worker within {START_TIMEOUT:g}s")
 
