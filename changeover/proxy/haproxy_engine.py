@@ -59,6 +59,7 @@ class HAProxyControl:
         self.port: int | None = None
         self._logs: asyncio.AbstractServer | None = None
         self._feeds: set[asyncio.Transport] = set()      # connections from HAProxy workers' log rings
+        self._log_inode = 0
         self._baseline: tuple[int, int] | None = None   # (HAProxy requests, log lines) when counting began
         self._lines = 0
 
@@ -183,8 +184,9 @@ class HAProxyControl:
             self._logs = None
             for feed in list(self._feeds):
                 feed.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.paths.log_socket.unlink()
+            with contextlib.suppress(FileNotFoundError):       # unless a successor listens there now
+                if os.stat(self.paths.log_socket).st_ino == self._log_inode:
+                    self.paths.log_socket.unlink()
 
     async def _stop(self, master: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -372,12 +374,14 @@ class HAProxyControl:
         loop = asyncio.get_running_loop()
         self._logs = await loop.create_unix_server(lambda: _LogReceiver(self), str(self.paths.log_socket))
         os.chmod(self.paths.log_socket, 0o600)
+        self._log_inode = os.stat(self.paths.log_socket).st_ino
 
     def _on_lines(self, lines: list[bytes]) -> None:
         now = time.time()
         record = self.recorder.record
+        parse = hx.parse_log
         for raw in lines:
-            rec = hx.parse_log(raw.decode(errors="replace"), now)
+            rec = parse(raw, now)
             if rec is not None:
                 self._lines += 1
                 record(*rec)

@@ -290,3 +290,13 @@ def test_a_new_engine_object_adopts_the_running_data_plane(plane: Plane) -> None
     assert plane.run(plane.control.switch("blue")) == {"live": "blue", "was": "green"}
     assert asyncio.run(request(plane.port, "/")) == (200, b"blue")
     wait_for(lambda: requests_counted(plane) >= 1, "the adopted engine to count requests")
+
+
+def test_a_drained_slot_keeps_no_idle_connection_to_its_app(plane: Plane) -> None:
+    """An app's graceful stop waits for its open connections: after the drain there are none."""
+    blue = plane.backends[0]
+    assert asyncio.run(request(plane.port, "/")) == (200, b"blue")
+    assert any(not t.is_closing() for t in blue.transports)          # the proxy pools it
+    plane.run(plane.control.switch("green"))
+    assert plane.run(plane.control.drain("blue", 10)) is True
+    wait_for(lambda: all(t.is_closing() for t in blue.transports), "the idle connections to blue to close")
