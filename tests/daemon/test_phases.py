@@ -271,3 +271,19 @@ def test_an_unsafe_pending_migration_fails_the_deploy_a_contract_one_is_left_pen
     (mig / "0002_drop.down.sql").write_text("ALTER TABLE items ADD COLUMN name text;\n")
     ok = project.deploy("v2")
     assert "contract pending" in ok.stderr, ok.stderr
+
+
+def test_status_forgets_incidents_of_instances_that_are_gone(project: Project) -> None:
+    import os
+
+    project.start_daemon()
+    project.deploy("v1")
+    pid = project.status()["live"]["instances"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)           # the supervisor restarts it: an incident
+    deadline = time.monotonic() + 20
+    while not project.status()["incidents"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any(e["kind"].startswith("instance.") for e in project.status()["incidents"])
+    project.deploy("v2")
+    project.deploy("v3")                   # v1's slot now runs v3: its old instances are gone
+    assert not [e for e in project.status()["incidents"] if e["kind"].startswith("instance.")]
