@@ -85,7 +85,7 @@ class ClientConn(Exchange):
         in one read, handled without a copy."""
         proxy = self.proxy
         settings = proxy.settings
-        if data[0] == 13 or data[0] == 10:
+        if data[0] < 14:
             # empty lines before a request line are ignored (RFC 9112 §2.2); a bare CR is refused
             rest = data.lstrip(b"\r\n")
             empty = data[:len(data) - len(rest)]
@@ -117,7 +117,7 @@ class ClientConn(Exchange):
         method = self.parser.get_method()
         if method == b"CONNECT":
             return self.reject(405)
-        target = head.find(b" ") + 1
+        target = len(method) + 1           # llhttp checked: one space after the method
         if head[target] != 47 and head[target:target + 2] != b"* ":
             try:
                 head = origin_form(head)   # absolute-form: the app gets the path, Host from the URI

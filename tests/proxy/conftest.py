@@ -234,7 +234,8 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, float, bool]] = []
 
-    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool) -> None:
+    def record(self, slot: str, status: int, seconds: float, upstream_failed: bool,
+               request: bytes | str | None = None) -> None:
         self.calls.append((slot, status, seconds, upstream_failed))
 
 
