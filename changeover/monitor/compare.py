@@ -11,8 +11,10 @@ window), nothing is comparable: that window's latency is judged only by the pair
 
 Paired probes. During the window the observer sends the same probe request to both slots'
 instances at the same moment. Load on what both share (host CPU, database, a dependency) slows
-both; a regression in the new code slows only the new one. The two samples are compared with a
-one-sided Mann-Whitney U test (no assumption on the shape of latency distributions). Caveat: the
+both; a regression in the new code slows only the new one. The pairs are compared with a
+one-sided Wilcoxon signed-rank test (the paired form of the Mann-Whitney U rank test: no
+assumption on the shape of latency distributions, and each pair's shared moment cancels out),
+corrected for the number of looks in the observation window. Caveat: the
 old slot is idle, so a new slot that queues requests under a load the old one never carried
 looks slower too; that is why the probes also need the effect to be as large as the latency
 limit, and the real traffic's tail must be above the busiest usable level's limit.
@@ -88,48 +90,49 @@ def limit_for(p95: float, cfg: MonitorConfig) -> float:
 
 @dataclass(frozen=True)
 class RankTest:
-    n_new: int
-    n_old: int
-    u: float                 # U of the new sample: pairs (new, old) where new is slower
+    n: int                   # pairs that differ (ties dropped)
+    w: float                 # signed-rank sum of the pairs where the new slot was slower
     z: float
-    p: float                 # one-sided: new slower than old
+    p: float                 # one-sided: the new slot slower than the old one
     median_new: float
     median_old: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"test": "mann_whitney_u", "n_new": self.n_new, "n_old": self.n_old,
-                "u": round(self.u, 1), "z": round(self.z, 3), "p": float(f"{self.p:.3g}"),
+        return {"test": "wilcoxon_signed_rank", "pairs": self.n, "w": round(self.w, 1),
+                "z": round(self.z, 3), "p": float(f"{self.p:.3g}"),
                 "median_new_ms": round(self.median_new * 1000, 3),
                 "median_old_ms": round(self.median_old * 1000, 3)}
 
 
-def mann_whitney(new: list[float], old: list[float]) -> RankTest | None:
-    """One-sided Mann-Whitney U (normal approximation with tie correction): is `new` stochastically
-    slower than `old`? None when either sample is empty."""
-    n1, n2 = len(new), len(old)
-    if not n1 or not n2:
+def signed_rank(pairs: list[tuple[float, float]]) -> RankTest | None:
+    """One-sided Wilcoxon signed-rank test on paired probes (new, old): is the new slot slower?
+    A rank test, like Mann-Whitney U, but on the differences of each pair: what both slots
+    shared at that moment (a load spike, a busy database) cancels out. Normal approximation
+    with tie correction; None without pairs."""
+    if not pairs:
         return None
-    pooled = sorted([(v, 0) for v in new] + [(v, 1) for v in old])
-    ranks = [0.0] * len(pooled)
+    diffs = [a - b for a, b in pairs if a != b]
+    n = len(diffs)
+    new, old = [a for a, _ in pairs], [b for _, b in pairs]
+    if not n:
+        return RankTest(0, 0.0, 0.0, 0.5, _median(new), _median(old))
+    order = sorted(range(n), key=lambda i: abs(diffs[i]))
+    ranks = [0.0] * n
     ties = 0.0
     i = 0
-    while i < len(pooled):
+    while i < n:
         j = i
-        while j + 1 < len(pooled) and pooled[j + 1][0] == pooled[i][0]:
+        while j + 1 < n and abs(diffs[order[j + 1]]) == abs(diffs[order[i]]):
             j += 1
-        r = (i + j) / 2 + 1
         for k in range(i, j + 1):
-            ranks[k] = r
+            ranks[order[k]] = (i + j) / 2 + 1
         t = j - i + 1
         ties += t ** 3 - t
         i = j + 1
-    r1 = sum(r for r, (_, side) in zip(ranks, pooled, strict=True) if side == 0)
-    u = r1 - n1 * (n1 + 1) / 2
-    n = n1 + n2
-    var = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
-    z = (u - n1 * n2 / 2) / math.sqrt(var) if var > 0 else 0.0
-    p = 1 - NormalDist().cdf(z)
-    return RankTest(n1, n2, u, z, p, _median(new), _median(old))
+    w = sum(r for r, d in zip(ranks, diffs, strict=True) if d > 0)
+    var = n * (n + 1) * (2 * n + 1) / 24 - ties / 48
+    z = (w - n * (n + 1) / 4) / math.sqrt(var) if var > 0 else 0.0
+    return RankTest(n, w, z, 1 - NormalDist().cdf(z), _median(new), _median(old))
 
 
 def _median(v: list[float]) -> float:

@@ -39,7 +39,7 @@ DEFAULT_HISTORY = 300.0               # per-second buckets kept per slot
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9181"
 DEFAULT_MAX_ROUTES = 32               # routes judged (and counted) per slot; the rest is "(other)"
 DEFAULT_ROUTE_METRICS = False         # per-route Prometheus series (bounded by max_routes)
-DEFAULT_PAIRED_PROBES = 2.0           # probe pairs per second to both slots during the window (0 = off)
+DEFAULT_PAIRED_PROBES = 4.0           # probe pairs per second to both slots during the window (0 = off)
 
 # -- [notify] defaults ----------------------------------------------------------------------------
 EVENTS = ("deploy_started", "live", "finalised", "rolled_back", "rollback_refused")

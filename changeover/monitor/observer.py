@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from changeover.monitor.compare import RankTest, mann_whitney
+from changeover.monitor.compare import RankTest, signed_rank
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import Clock, Recorder, WindowStats, route_runs, route_windows
+from changeover.monitor.metrics import NBUCKETS, Clock, Recorder, WindowStats, quantile, route_runs, route_windows
 from changeover.monitor.triggers import (
     CANCELLED,
     CRITICAL,
@@ -55,8 +55,8 @@ PairedFn = Callable[[], Awaitable[tuple[float, float] | None]]
 MAX_SYNTHETIC_INFLIGHT = 4  # a slow app must not pile up smoke requests
 LONG_WINDOW_FACTOR = 6      # the error rate is also judged over 6 x window (capped by history) ...
 LONG_WINDOW_EVERY = 1.0     # ... once a second: it is a slow-fault path, not the fast one
-MIN_PAIRS = 20              # paired probes before the rank test is used
-MAX_PAIRS = 60              # the most recent pairs kept (30 s at 2 a second)
+MIN_PAIRS = 20              # paired probes (within the latency windows' span) for the rank test
+MAX_PAIRS = 600             # the most recent pairs kept
 
 
 @dataclass
@@ -120,7 +120,11 @@ class Observer:
         self._looks = max(1, math.ceil(cfg.observe / cfg.window))
         self._z = z_corrected(cfg.confidence, self._looks)
         self._route_zs: dict[int, float] = {}
-        self._pairs: deque[tuple[float, float]] = deque(maxlen=MAX_PAIRS)
+        span = cfg.latency_windows * (max(1, round(cfg.latency_window)) + 1)
+        self._probe_alpha = (1 - cfg.confidence) / max(1, math.ceil(cfg.observe / span))
+        paired = self.probes.paired is not None and cfg.paired_probes > 0
+        self._probe_wait = self.start + (2 * MIN_PAIRS / cfg.paired_probes if paired else 0.0)
+        self._pairs: deque[tuple[float, float, float]] = deque(maxlen=MAX_PAIRS)
 
     # -- control ------------------------------------------------------------------------------
     def cancel(self, reason: str = CANCELLED, evidence: dict[str, Any] | None = None) -> None:
@@ -130,7 +134,7 @@ class Observer:
 
     def add_pair(self, new: float, old: float) -> None:
         """One paired probe: seconds taken by the new slot and by the old one, same moment."""
-        self._pairs.append((float(new), float(old)))
+        self._pairs.append((self.clock(), float(new), float(old)))
 
     def status(self) -> dict[str, Any]:
         elapsed = self.clock() - self.start
@@ -179,7 +183,13 @@ class Observer:
         secs = sum(w.seconds for w, _ in windows)
         rps = sum(w.requests for w, _ in windows) / max(secs, 1.0)
         lw = [(lw.requests, h, lw.seconds) for lw, h in windows]
-        fired, info = judge_latency(lw, self.baseline, cfg, self._z, rps=rps, probes=self._rank())
+        probes = self._rank()
+        fired, info = judge_latency(lw, self.baseline, cfg, self._z, rps=rps, probes=probes,
+                                    probe_alpha=self._probe_alpha)
+        if fired and probes is None and self.clock() < self._probe_wait:
+            # the paired probes may yet show a shared slowdown: give them their first samples
+            info["waiting"] = "for the paired probes"
+            fired = None
         self.last["latency"] = info
         return fired
 
@@ -244,20 +254,45 @@ class Observer:
         if len(per) < 2:
             return None
         z = self._route_z(len(judged))
+        slot_ref = self.last.get("latency", {}).get("baseline", {}).get("p95_ms")
         for route, ws in judged.items():
-            fired, _ = judge_latency(ws, self.baseline, cfg, z, rps=rps, route=route)
+            fired, _ = judge_latency(ws, self.baseline, cfg, z, rps=rps, route=route,
+                                     shared=self._shared(per, route, slot_ref))
             if fired:
                 return fired
         return None
 
+    def _shared(self, per: dict[str, list[tuple[int, list[int], float]]], route: str,
+                slot_ref_ms: float | None) -> float:
+        """How much slower than the slot's baseline the slot's other routes are now (>= 1): the
+        part of a route's slowdown it shares with everything else."""
+        if not slot_ref_ms:
+            return 1.0
+        ratios = []
+        for k in range(self.cfg.latency_windows):
+            hist = [0] * NBUCKETS
+            n = 0
+            for r, ws in per.items():
+                if r != route and len(ws) > k:
+                    n += ws[k][0]
+                    hist = [a + b for a, b in zip(hist, ws[k][1], strict=True)]
+            p95 = quantile(hist, n, 0.95) if n >= self.cfg.latency_min_samples else None
+            if p95 is None:
+                return 1.0
+            ratios.append(p95 / (slot_ref_ms / 1000))
+        return max(1.0, min(ratios))
+
     def _rank(self) -> RankTest | None:
-        """The paired probes so far: new slot vs old slot, sent at the same moments."""
-        if len(self._pairs) < MIN_PAIRS:
+        """The paired probes of the span the latency windows cover: new slot vs old slot."""
+        span = self.cfg.latency_windows * (max(1, round(self.cfg.latency_window)) + 1)
+        since = self.clock() - span
+        recent = [(a, b) for t, a, b in self._pairs if t >= since]
+        if len(recent) < MIN_PAIRS:
             return None
-        t = mann_whitney([a for a, _ in self._pairs], [b for _, b in self._pairs])
-        if t is not None:
-            self.last["paired_probes"] = t.to_dict()
-        return t
+        test = signed_rank(recent)
+        if test is not None:
+            self.last["paired_probes"] = test.to_dict()
+        return test
 
     # -- the window ---------------------------------------------------------------------------
     async def run(self) -> Verdict:

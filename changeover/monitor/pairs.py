@@ -1,7 +1,9 @@
 """One paired probe: the same GET sent to an instance of each slot at the same moment.
 
-Both connections are opened first, then both requests leave together and each is timed from
-its own write to its response head, so connection setup and scheduling affect both alike.
+Both connections are opened first, then both requests leave together (in random order: the one
+written first would otherwise be a few microseconds "slower" every time, which a rank test over
+many pairs notices) and each is timed from its own write to its response, so connection setup
+and scheduling affect both alike.
 Straight to the instances, not through the proxy: the proxy routes only to the live slot, and
 these probes must not count as the live slot's traffic either.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 
 from changeover.loadgen import RW, get
@@ -33,7 +36,10 @@ async def paired_probe(new: Address, old: Address, path: str, timeout: float) ->
     try:
         for host, port in (new, old):
             conns.append(await asyncio.wait_for(asyncio.open_connection(host, port), timeout))
-        a, b = await asyncio.gather(_timed(new, path, conns[0], timeout), _timed(old, path, conns[1], timeout))
+        first_new = random.random() < 0.5    # which one leaves first: no side always gains
+        jobs = [_timed(new, path, conns[0], timeout), _timed(old, path, conns[1], timeout)]
+        got = await asyncio.gather(*(jobs if first_new else jobs[::-1]))
+        a, b = got if first_new else got[::-1]
     except (OSError, TimeoutError):
         return None
     finally:

@@ -131,12 +131,18 @@ LatencyWindow = tuple[int, list[int], float]     # requests, histogram, seconds
 
 def judge_latency(windows: list[LatencyWindow], baseline: Baseline, cfg: MonitorConfig, z: float, *,
                   rps: float, route: str | None = None, probes: RankTest | None = None,
+                  shared: float = 1.0, probe_alpha: float | None = None,
                   ) -> tuple[Fired | None, dict[str, Any]]:
     """`windows`: the latest `latency_windows` disjoint windows (newest first) of the slot or of
     `route`, each with `latency_min_samples`; `rps`: the slot's load over them. Each window must
     show with `confidence` that more than 5 % of its requests were slower than the limit (a
     one-sided binomial test on the tail), the limit coming from the old release at a comparable
-    load (compare.reference). Returns (fired or None, what was compared, for `status`)."""
+    load (compare.reference), times `shared`: how much slower the rest of the slot got meanwhile
+    (a route is judged on what is its own). Paired probes, when there are enough, must agree
+    that the new release is slower than the old one at the same moment: a slowdown both slots
+    share (the host, the database, more clients queueing) is no regression.
+    `probe_alpha`: the rank test's significance level (the observer corrects it for its looks).
+    Returns (fired or None, what was compared, for `status`)."""
     levels, window = _series(baseline, route)
     ref, busiest = reference(levels, window, rps, cfg)
     load = {"rps": round(rps, 2), "level": rps_level(rps)}
@@ -144,9 +150,13 @@ def judge_latency(windows: list[LatencyWindow], baseline: Baseline, cfg: Monitor
         return None, {"source": "none", "load": load}
     use = ref or busiest
     assert use is not None
-    limit = limit_for(use.p95, cfg)
+    limit = limit_for(use.p95 * max(1.0, shared), cfg)
     info: dict[str, Any] = {"source": use.source if ref else "paired_probes", "load": load,
                             "baseline": use.to_dict(), "limit_ms": _ms(limit)}
+    if shared > 1.0:
+        info["shared_slowdown"] = round(shared, 3)
+    if probes is not None:
+        info["probes"] = probes.to_dict()
     if len(windows) < cfg.latency_windows:
         return None, info
     tails = []
@@ -157,14 +167,17 @@ def judge_latency(windows: list[LatencyWindow], baseline: Baseline, cfg: Monitor
         if wilson_lower(slow, req, z) <= TAIL:
             return None, info
         tails.append(slow / req)
-    if ref is None:
+    alpha = 1 - cfg.confidence if probe_alpha is None else probe_alpha
+    slower = probes is not None and probes.n >= 1 and probes.p < alpha \
+        and probes.median_new > limit_for(probes.median_old, cfg)
+    if ref is None and not slower:
         # busier than the old release ever was: only a slowdown the paired probes confirm counts
         if probes is None:
             info["source"] = "none (busier than any baseline, no paired probes)"
-            return None, info
-        info["probes"] = probes.to_dict()
-        if probes.p >= 1 - cfg.confidence or probes.median_new <= limit_for(probes.median_old, cfg):
-            return None, info
+        return None, info
+    if probes is not None and not slower:
+        info["vetoed"] = "the paired probes show no slowdown of the new release against the old one"
+        return None, info
     p95s = [quantile(h, n, 0.95) for n, h, _ in windows]
     worst = min(p for p in p95s if p is not None)
     where = f"route {route}: " if route else ""

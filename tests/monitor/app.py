@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class SharedDb:
+    """What both slots' apps use alike, like a database: `size` connections, each request holds
+    one for `hold` seconds. Under load, requests of both slots queue for it."""
+
+    def __init__(self, size: int = 4, hold: float = 0.004) -> None:
+        self.sem = asyncio.Semaphore(size)
+        self.hold = hold
+
+    async def query(self) -> None:
+        async with self.sem:
+            await asyncio.sleep(self.hold)
 
 
 @dataclass
@@ -15,6 +29,8 @@ class App:
     delay: float = 0.0
     seed: int = 1
     server: asyncio.Server | None = None
+    faults: dict[str, tuple[float, float]] = field(default_factory=dict)  # path -> (error rate, delay)
+    db: SharedDb | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -48,9 +64,13 @@ class App:
                         length = int(value)
                 if length:
                     await reader.readexactly(length)
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                failed = self.rng.random() < self.error_rate
+                path = head.split(b" ", 2)[1].split(b"?", 1)[0].decode()
+                error_rate, delay = self.faults.get(path, (self.error_rate, self.delay))
+                if self.db is not None:
+                    await self.db.query()
+                if delay:
+                    await asyncio.sleep(delay)
+                failed = self.rng.random() < error_rate
                 body = b"boom\n" if failed else b"ok\n"
                 status = b"500 Internal Server Error" if failed else b"200 OK"
                 writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: " + str(len(body)).encode()
@@ -63,21 +83,34 @@ class App:
             writer.close()
 
 
-async def load(url: str, stop: asyncio.Event, concurrency: int = 4, pause: float = 0.0) -> list[int]:
-    """Closed-loop clients hammering `url` until `stop`; returns the statuses seen (0: error)."""
+async def load(url: str, stop: asyncio.Event, concurrency: int = 4, pause: float | Callable[[], float] = 0.0,
+               paths: dict[str, float] | None = None, active: Callable[[], int] | None = None,
+               seed: int = 1) -> list[int]:
+    """Closed-loop clients hammering `url` until `stop`; returns the statuses seen (0: error).
+    `paths`: path -> share of requests (default: `url` alone); `active()`: how many of the
+    clients work right now (the others wait); `pause` (seconds, or a function giving them) between
+    a client's requests: both to ramp load up or down."""
     import httpx
 
     seen: list[int] = []
+    rng = random.Random(seed)
+    choices, weights = (list(paths), list(paths.values())) if paths else ([""], [1.0])
 
-    async def worker(c: httpx.AsyncClient) -> None:
+    async def worker(c: httpx.AsyncClient, k: int) -> None:
         while not stop.is_set():
+            if active is not None and k >= active():
+                await asyncio.sleep(0.01)
+                continue
+            path = rng.choices(choices, weights)[0]
             try:
-                seen.append((await c.get(url)).status_code)
+                seen.append((await c.get(url.rstrip("/") + path if path else url)).status_code)
             except httpx.HTTPError:
                 seen.append(0)
-            if pause:
-                await asyncio.sleep(pause)
+            p = pause() if callable(pause) else pause
+            if p:
+                await asyncio.sleep(p)
 
-    async with httpx.AsyncClient(timeout=5) as c:
-        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=5, limits=limits) as c:
+        await asyncio.gather(*(worker(c, k) for k in range(concurrency)))
     return seen

@@ -8,9 +8,10 @@ import random
 
 import pytest
 
+from changeover.monitor.compare import signed_rank
 from changeover.monitor.config import MonitorConfig
 from changeover.monitor.metrics import Recorder, route_windows
-from changeover.monitor.observer import Observer
+from changeover.monitor.observer import Observer, Probes
 from changeover.monitor.routes import RouteRules
 from changeover.monitor.triggers import (
     CONSECUTIVE_FAILURES,
@@ -191,3 +192,33 @@ def test_a_path_scan_is_bounded(clock: FakeClock) -> None:
     rows = route_windows(rec, "green", 10)
     assert len(rows) == 8 and sum(r[1] for r in rows) == 5000
     assert "(other)" in [r[0] for r in rows]
+
+
+def test_a_slowdown_both_slots_share_is_vetoed_by_the_paired_probes() -> None:
+    """Same load, but everything got 4x slower (a slow shared database): the probes to both
+    slots show it is not the new release. Without probes, the latency trigger fires."""
+    async def never() -> None:
+        return None   # the sim hands the observer its pairs itself (drive(pairs=...))
+
+    for pairs, expect in ((HEALTHY, None), (None, LATENCY)):
+        mix = Mix(routes=dict(SHOP))
+        rec, obs, clock, rng = deploy(200, mix, 5)
+        if pairs is not None:      # as the daemon builds it: with a paired probe
+            obs = Observer(CFG, rec, "green", obs.baseline, Probes(paired=never), clock=clock)
+        mix.load = lambda rps: 4.0
+        fired, _ = drive(rec, clock, "green", 200, 60, HEALTHY, rng, obs, mix=mix, pairs=pairs,
+                         pair_every=0.25)
+        assert (fired.reason if fired else None) == expect, fired
+        if pairs is not None:
+            assert obs.last["latency"]["vetoed"] and obs.last["paired_probes"]["pairs"] >= 20
+
+
+def test_signed_rank() -> None:
+    rng = random.Random(1)
+    same = [(rng.lognormvariate(-4, 0.5), rng.lognormvariate(-4, 0.5)) for _ in range(40)]
+    t = signed_rank(same)
+    assert t is not None and 0.01 < t.p < 0.99
+    slower = [(a + 0.05, b) for a, b in same]
+    t = signed_rank(slower)
+    assert t is not None and t.p < 1e-6 and t.median_new > t.median_old + 0.04
+    assert signed_rank([]) is None and signed_rank([(0.1, 0.1)]).p == 0.5  # type: ignore[union-attr]
