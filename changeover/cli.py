@@ -20,6 +20,7 @@ from changeover import commands
 from changeover import config as config_mod
 from changeover.config import Config
 from changeover.errors import ChangeoverError
+from changeover.fleet import cli as fleet_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Zero-downtime blue-green deploys for any HTTP app.")
@@ -109,6 +110,8 @@ def deploy(version: Annotated[str, typer.Argument(help="Release name, e.g. v42 o
     cfg = load(config)   # a clear error here; the daemon reads the file again for the deploy
     config_mod.require_app(cfg)
     overrides = commands.parse_env(env or [])
+    if cfg.fleet is not None:   # [fleet] hook: the coordinator deploys every host (changeover/fleet/cli.py)
+        return fleet_cli.deploy(cfg, version, path, overrides, no_switch, json_out)
     printer = StepPrinter(err)
     try:
         result = commands.deploy(cfg, version, str(path), wait=wait, env=overrides, no_switch=no_switch,
@@ -135,6 +138,8 @@ def rollback(reason: Annotated[str | None, typer.Option("--reason", help="Why (k
                                                            "down scripts that drop data.")] = False,
              config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """Switch back to the previous release, code and config (instantly when its slot is still warm)."""
+    if (fleet := fleet_cli.configured(config)) is not None:   # [fleet] hook: every host (changeover/fleet)
+        return fleet_cli.control(fleet, "rollback", reason, json_out)
     printer = StepPrinter(err)
     try:
         result = commands.rollback(daemon_at(config), reason=reason, schema=schema, allow_data_loss=allow_data_loss,
@@ -152,6 +157,8 @@ def rollback(reason: Annotated[str | None, typer.Option("--reason", help="Why (k
 def switch(wait: Annotated[bool, typer.Option("--wait", help="Block through the observation window.")] = False,
            config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """Put the prepared release (`deploy --no-switch`) live, verify it through the proxy, observe it."""
+    if (fleet := fleet_cli.configured(config)) is not None:   # [fleet] hook: every host (changeover/fleet)
+        return fleet_cli.switch(config, fleet, json_out)
     printer = StepPrinter(err)
     try:
         result = commands.switch(daemon_at(config), wait=wait, progress=None if json_out else printer)
@@ -168,6 +175,8 @@ def switch(wait: Annotated[bool, typer.Option("--wait", help="Block through the 
 @app.command()
 def promote(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """End the observation window now and finalise (e.g. to deploy a hotfix right after)."""
+    if (fleet := fleet_cli.configured(config)) is not None:   # [fleet] hook: every host (changeover/fleet)
+        return fleet_cli.control(fleet, "promote", None, json_out)
     result = commands.promote(daemon_at(config))
     if json_out:
         _print_json(result)
@@ -179,6 +188,8 @@ def promote(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
 def abort(reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in history).")] = None,
           config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """Stop the deployment in progress: before the switch nothing changes; after it, traffic goes back."""
+    if (fleet := fleet_cli.configured(config)) is not None:   # [fleet] hook: every host (changeover/fleet)
+        return fleet_cli.control(fleet, "abort", reason, json_out)
     result = commands.abort(daemon_at(config), reason=reason)
     if json_out:
         _print_json(result)
@@ -260,6 +271,8 @@ def render_status(st: dict[str, Any]) -> Table:
 @app.command()
 def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     """What is live, what is on standby, whether a deploy runs, and live traffic numbers."""
+    if (fleet := fleet_cli.configured(config)) is not None:   # [fleet] hook: every host (changeover/fleet)
+        return fleet_cli.status(config, fleet, json_out)
     st = commands.status(daemon_at(config))
     if json_out:
         _print_json(st)
@@ -308,6 +321,8 @@ def history(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False,
             steps: Annotated[bool, typer.Option("--steps", help="Show each step with its duration.")] = False,
             limit: Annotated[int, typer.Option("-n", "--limit")] = 20) -> None:
     """Past deployments and rollbacks, newest first."""
+    if (fleet := fleet_cli.configured(config)) is not None:   # [fleet] hook: every host (changeover/fleet)
+        return fleet_cli.history(config, fleet, limit, json_out)
     rows = commands.history(daemon_at(config), limit)
     if json_out:
         _print_json(rows)

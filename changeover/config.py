@@ -16,6 +16,7 @@ from typing import Any
 
 from changeover.checks import config as checks_config
 from changeover.errors import ConfigError
+from changeover.fleet import config as fleet_config
 from changeover.migrations import config as migrations_config
 from changeover.monitor import config as monitor_config
 from changeover.proxy.base import ProxySettings
@@ -55,6 +56,7 @@ class Config:
     checks: checks_config.ChecksConfig
     monitor: monitor_config.MonitorConfig
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for `config check`
+    fleet: fleet_config.FleetConfig | None = None   # [fleet] (changeover/fleet)
 
     @property
     def root(self) -> Path:
@@ -173,8 +175,10 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     migrations = migrations_config.load(top.table("migrations"), env)
     checks = checks_config.load(top.table("checks"), env)
     monitor = monitor_config.load(top.table("monitor"), top.table("notify"), env)
+    fleet = fleet_config.load(top.table("fleet"))
     top.finish()
     return Config(file=file, app=app, env=app_env, proxy=proxy,
+                  fleet=fleet,
                   migrations=migrations, checks=checks, monitor=monitor, resolved=resolved)
 
 

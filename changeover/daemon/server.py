@@ -106,6 +106,12 @@ class Daemon:
         }
         self._server = await rpc.serve(self.config.socket_path, {str(k): v for k, v in handlers.items()},
                                        protocol=api.PROTOCOL)
+        # [fleet] hook: this host joins a fleet coordinated through etcd (changeover/fleet/agent.py).
+        self.fleet: Any = None
+        if self.config.fleet is not None:
+            from changeover.fleet.agent import Agent
+            self.fleet = Agent(self, self.config.fleet)
+            await self.fleet.start()
         log.info("changeover daemon ready (pid %d): proxy on %s (%s %s, pid %s), control socket %s",
                  os.getpid(), self.config.proxy.listen, self.config.proxy.engine, how, self.proxy.pid,
                  self.config.socket_path)
@@ -157,6 +163,8 @@ class Daemon:
         log.info("daemon stopping%s", " (down: the app and the proxy were stopped)" if self._down else "")
         if self._server is not None:
             self._server.close()
+        if getattr(self, "fleet", None) is not None:   # [fleet] hook: leave the fleet (changeover/fleet)
+            await self._bounded("the fleet agent", self.fleet.close())
         await self._bounded("the deploy pipeline", self.pipeline.close())
         await self._bounded("the monitor", self.telemetry.close())
         await self.slots.supervisor.close()

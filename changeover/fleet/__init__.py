@@ -1,0 +1,1 @@
+"""Several hosts deployed as one, coordinated through etcd (see docs/fleet.md)."""

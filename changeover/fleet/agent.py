@@ -1,0 +1,316 @@
+"""The fleet agent inside a host's daemon (`changeover serve` with `[fleet]`).
+
+It registers the host under a lease kept alive by a heartbeat, publishes the host's state (slots,
+versions, the deployment in progress, in sync or not, the result of each fleet verb), watches the
+desired-state key and calls its own daemon's phase verbs through the daemon's control API
+handlers (`model.decide` says which), streaming each step back through etcd.
+
+Cut off from etcd it keeps serving what it has, never flips on its own, and reports itself out of
+sync (the health check answers 503). When etcd answers again it reads the desired state as it
+is then and converges: switches, or prepares first when it lacks the release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from changeover import api
+from changeover.errors import ChangeoverError
+from changeover.fleet.config import FleetConfig
+from changeover.fleet.etcd import Etcd, EtcdError, EtcdUnavailable
+from changeover.fleet.health import HealthServer
+from changeover.fleet.model import ABORT, PROMOTE, ROLLBACK, SWITCH, Desired, Facts, Keys, decide
+
+if TYPE_CHECKING:
+    from changeover.daemon.server import Daemon
+
+log = logging.getLogger("changeover.fleet")
+RETRY = 0.3          # seconds between attempts to reach etcd again
+
+
+class Agent:
+    def __init__(self, daemon: Daemon, cfg: FleetConfig) -> None:
+        self.d = daemon
+        self.cfg = cfg
+        self.keys = Keys(cfg)
+        self.etcd = Etcd(cfg.etcd, ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file,
+                         user=cfg.user, password=cfg.password, timeout=min(2.0, cfg.host_ttl / 3))
+        self.desired: Desired | None = None
+        self.desired_rev = 0
+        self.registered = False       # our lease is alive: we hear the desired state as it changes
+        self.reached = 0.0            # when an etcd member last answered (even one without quorum)
+        self.done: set[str] = set()   # "<id>:<verb>" called for the desired state
+        self.results: dict[str, dict[str, Any]] = {}   # verb -> outcome, for desired.id
+        self.results_id: str | None = None
+        self._busy: asyncio.Task[None] | None = None   # prepare / switch / converge
+        self._changed = asyncio.Event()
+        self._publish = asyncio.Event()
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._lease = 0
+        self.health: HealthServer | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        addr = self.health_address()
+        if addr is not None:
+            self.health = HealthServer(addr[0], addr[1], self.cfg.health_path, self.judge)
+            await self.health.start()
+        loop = asyncio.get_running_loop()
+        for name, coro in (("session", self._session()), ("reconcile", self._reconcile()),
+                           ("events", self._send_events())):
+            self._tasks.append(loop.create_task(coro, name=f"fleet-{name}"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._busy is not None:
+            self._busy.cancel()
+        await asyncio.gather(*self._tasks, *([self._busy] if self._busy else []), return_exceptions=True)
+        if self._lease:
+            with contextlib.suppress(ChangeoverError, Exception):
+                await asyncio.wait_for(self.etcd.revoke(self._lease), 1.0)   # leave the fleet at once
+        if self.health is not None:
+            await self.health.close()
+        await self.etcd.close()
+
+    def health_address(self) -> tuple[str, int] | None:
+        listen = self.cfg.health_listen
+        if listen == "":
+            return None
+        if listen is None:
+            host, _, port = self.d.config.proxy.listen.rpartition(":")
+            return host.strip("[]"), int(port) + 1
+        host, _, port = listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    # -- what this host runs -----------------------------------------------------------------------
+    def facts(self) -> Facts:
+        a = self.d.pipeline.active
+        return Facts(live=self.d.slots.version(self.d.state.live_slot()), active=a.version if a else None,
+                     phase=str(a.phase) if a else None, busy=self._busy is not None and not self._busy.done())
+
+    def connected(self) -> bool:
+        return time.monotonic() - self.reached < self.cfg.host_ttl
+
+    def judge(self) -> tuple[bool, dict[str, Any]]:
+        """In sync: the host serves the release the fleet wants, as etcd told it recently."""
+        f = self.facts()
+        want = self.desired.live if self.desired is not None else f.live
+        body: dict[str, Any] = {"host": self.cfg.name, "live": f.live, "desired": want,
+                                "deployment": self.desired.id if self.desired else None}
+        if not self.connected():
+            return False, {**body, "in_sync": False, "why": "etcd unreachable: serving what it has, out of sync"}
+        if f.live is None:
+            return False, {**body, "in_sync": False, "why": "nothing is live on this host"}
+        if f.live != want:
+            return False, {**body, "in_sync": False, "why": f"serves {f.live}, the fleet wants {want}"}
+        return True, {**body, "in_sync": True}
+
+    def record(self) -> dict[str, Any]:
+        st, slots = self.d.state, self.d.slots
+        live = st.live_slot()
+        standby = None
+        if live is not None:
+            from changeover.daemon.model import other
+
+            s = st.slot(other(live))
+            if s.state != "empty":
+                standby = {"slot": other(live), "version": slots.version(other(live)), "state": str(s.state),
+                           "warm": slots.warm(other(live))}
+        a = self.d.pipeline.active
+        ok, why = self.judge()
+        obs = self.d.telemetry.live_metrics().get("observing") if a is not None else None
+        return {
+            "name": self.cfg.name, "pid": os.getpid(), "heartbeat": time.time(),
+            "health": "http://{}:{}{}".format(*(self.health_address() or ("", 0)), self.cfg.health_path),
+            "proxy": self.d.config.proxy.listen,
+            "live": {"slot": live, "version": slots.version(live)} if live else None, "standby": standby,
+            "deployment": {"id": a.id, "version": a.version, "phase": str(a.phase), "step": a.steps.current}
+            if a is not None else None,
+            "in_sync": ok, "why": why.get("why"), "desired": self.desired.id if self.desired else None,
+            "results": {self.results_id: self.results} if self.results_id else {},
+            "observing": {k: obs.get(k) for k in ("requests", "errors", "error_rate", "elapsed", "remaining")}
+            if isinstance(obs, dict) else None,
+        }
+
+    # -- etcd session: lease, heartbeat, watch -----------------------------------------------------
+    async def _session(self) -> None:
+        while True:
+            try:
+                self._lease = await self.etcd.grant(self.cfg.host_ttl)
+                self.reached = time.monotonic()
+                await self.etcd.put(self.keys.host(self.cfg.name), self.record(), lease=self._lease)
+                kv, rev = await self.etcd.get(self.keys.desired)
+                self._set_desired(kv.json() if kv else None, kv.mod_revision if kv else 0)
+                self.registered = True
+                log.info("fleet: %s registered (lease %x, prefix %s)", self.cfg.name, self._lease, self.cfg.prefix)
+                await self._heartbeat(rev + 1)
+            except (EtcdUnavailable, EtcdError) as e:
+                if self.registered:
+                    log.warning("fleet: lost etcd (%s): serving what this host has, out of sync", e)
+                self.registered = False
+                self._lease = 0
+                await self._reach()
+                await asyncio.sleep(RETRY)
+
+    async def _heartbeat(self, from_rev: int) -> None:
+        watcher = asyncio.get_running_loop().create_task(self._watch(from_rev))
+        try:
+            beat = self.cfg.host_ttl / 3
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._publish.wait(), beat)
+                self._publish.clear()
+                if watcher.done():
+                    watcher.result()   # raises what broke it
+                if not await self.etcd.keepalive(self._lease):
+                    raise EtcdUnavailable("the host's lease expired")
+                self.reached = time.monotonic()
+                await self.etcd.put(self.keys.host(self.cfg.name), self.record(), lease=self._lease)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await watcher
+
+    async def _watch(self, from_rev: int) -> None:
+        async for ev in self.etcd.watch(self.keys.desired, start_revision=from_rev):
+            self._set_desired(ev.kv.json() if ev.type == "PUT" else None, ev.kv.mod_revision)
+
+    async def _reach(self) -> None:
+        """Without quorum a member still answers a serializable read: then the host knows the
+        desired state (and stays in sync) although it cannot act on a change."""
+        with contextlib.suppress(EtcdUnavailable, EtcdError):
+            kv, _ = await self.etcd.get(self.keys.desired, serializable=True)
+            self.reached = time.monotonic()
+            d = Desired.from_wire(kv.json()) if kv else None
+            if d is not None and (self.desired is None or d.id != self.desired.id or d.action != self.desired.action):
+                self.desired = d     # knowledge only: acting waits for the lease (linearizable news)
+
+    def _set_desired(self, data: Any, rev: int) -> None:
+        d = Desired.from_wire(data)
+        self.desired, self.desired_rev = d, rev
+        if d is not None and d.id != self.results_id:
+            self.results_id, self.results = d.id, {}
+            self.done = {k for k in self.done if k.startswith(d.id + ":")}
+        self._changed.set()
+        self._publish.set()
+
+    # -- acting on the desired state ---------------------------------------------------------------
+    async def _reconcile(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            d = self.desired
+            if d is None or not self.registered:
+                continue
+            verb = decide(d, self.facts(), self.done)
+            if verb is None:
+                continue
+            self.done.add(f"{d.id}:{verb}")
+            log.info("fleet: %s for deployment %s (%s %s)", verb, d.id, d.action, d.version)
+            run = self._verbs()[verb]
+            if verb in ("prepare", SWITCH, "converge"):
+                self._busy = asyncio.get_running_loop().create_task(self._call(d, verb, run))
+            else:
+                asyncio.get_running_loop().create_task(self._call(d, verb, run))
+
+    def _verbs(self) -> dict[str, Callable[[Desired, Callable[[dict[str, Any]], Awaitable[None]]],
+                                        Awaitable[dict[str, Any]]]]:
+        return {"prepare": self._prepare, SWITCH: self._switch, "converge": self._converge,
+                PROMOTE: self._promote, ABORT: self._abort, ROLLBACK: self._rollback}
+
+    async def _call(self, d: Desired, verb: str, run: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+        key = SWITCH if verb == "converge" else verb
+
+        async def emit(ev: dict[str, Any]) -> None:
+            if ev.get("type") == "live":
+                self._report(d, key, state="live", live_at=time.time(), live_version=ev.get("version"))
+            with contextlib.suppress(asyncio.QueueFull):
+                self._events.put_nowait({"id": d.id, "verb": key, "host": self.cfg.name, "ts": time.time(),
+                                         "event": ev})
+
+        try:
+            result = await run(d, emit)
+            self._report(d, key, state=str(result.get("state")), error=None)
+        except ChangeoverError as e:
+            last = self.d.state.history(1)
+            state = last[0]["state"] if last and last[0]["version"] == d.version else "failed"
+            self._report(d, key, state=state, error=str(e))
+            if verb in (SWITCH, "converge") and state == "rolled_back":
+                await self._roll_back_fleet(d, last[0])
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:   # a bug must not stop the agent; the host reports it
+            log.exception("fleet: %s failed", verb)
+            self._report(d, key, state="failed", error=f"internal error: {e}")
+        finally:
+            self._changed.set()
+
+    def _report(self, d: Desired, verb: str, **what: Any) -> None:
+        if d.id != self.results_id:
+            return
+        self.results[verb] = {**self.results.get(verb, {}), **what, "at": time.time()}
+        self._publish.set()
+
+    def _actor(self, d: Desired) -> str:
+        return f"fleet {d.id} ({d.by})" if d.by else f"fleet {d.id}"
+
+    async def _prepare(self, d: Desired, emit: Any) -> dict[str, Any]:
+        args = api.DeployArgs(version=d.version, path=d.path, wait=True, env=dict(d.env), actor=self._actor(d),
+                              no_switch=True)
+        return await self.d.h_prepare(api.encode(args), emit)
+
+    async def _switch(self, d: Desired, emit: Any) -> dict[str, Any]:
+        self._report(d, SWITCH, state="switching", event_at=time.time())
+        return await self.d.h_switch(api.encode(api.SwitchArgs(wait=True, actor=self._actor(d))), emit)
+
+    async def _converge(self, d: Desired, emit: Any) -> dict[str, Any]:
+        args = api.DeployArgs(version=d.version, path=d.path, wait=True, env=dict(d.env), actor=self._actor(d))
+        return await self.d.h_deploy(api.encode(args), emit)
+
+    async def _promote(self, d: Desired, emit: Any) -> dict[str, Any]:
+        return await self.d.h_promote(api.encode(api.PromoteArgs(actor=self._actor(d))), emit)
+
+    async def _abort(self, d: Desired, emit: Any) -> dict[str, Any]:
+        why = f"fleet {d.action}: {d.reason or 'aborted'}"
+        return await self.d.h_abort(api.encode(api.AbortArgs(reason=why, actor=self._actor(d))), emit)
+
+    async def _rollback(self, d: Desired, emit: Any) -> dict[str, Any]:
+        args = api.RollbackArgs(reason=f"fleet rollback: {d.reason or 'manual'}", actor=self._actor(d))
+        return await self.d.h_rollback(api.encode(args), emit)
+
+    async def _roll_back_fleet(self, d: Desired, dep: dict[str, Any]) -> None:
+        """This host's own trigger rolled it back: roll the whole fleet back, with one write that
+        carries the evidence (unless someone changed the desired state meanwhile)."""
+        evidence = next((c.get("data") for c in dep.get("checks", []) if c.get("name") == "rollback trigger"), None)
+        while True:
+            try:
+                kv, _ = await self.etcd.get(self.keys.desired)
+                now = Desired.from_wire(kv.json()) if kv else None
+                if kv is None or now is None or now.id != d.id or now.action not in (SWITCH, PROMOTE):
+                    return
+                new = now.but(action=ROLLBACK, reason=f"{self.cfg.name}: {dep.get('reason')}",
+                              fired_by=self.cfg.name, evidence=evidence)
+                ok, _, _ = await self.etcd.put_if(self.keys.desired, new.wire(), mod_revision=kv.mod_revision)
+                if ok:
+                    log.info("fleet: rolled the fleet back (%s)", dep.get("reason"))
+                    return
+            except (EtcdUnavailable, EtcdError) as e:
+                log.warning("fleet: cannot roll the fleet back yet (%s); retrying", e)
+                await asyncio.sleep(RETRY)
+
+    async def _send_events(self) -> None:
+        """Each step event, in order, to events/<name> (the coordinator watches every revision)."""
+        while True:
+            ev = await self._events.get()
+            if not self.registered:
+                continue
+            with contextlib.suppress(EtcdUnavailable, EtcdError):
+                await self.etcd.put(self.keys.event(self.cfg.name), ev)
