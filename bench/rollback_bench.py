@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -61,9 +62,42 @@ TRAFFIC_KINDS: list[tuple[str, dict[str, Any], str]] = [
     ("errors10", {"error_rate": 0.10}, "10 % errors"),
     ("latency200", {"latency_ms": 200}, "+200 ms latency"),
     ("db", {"db": "down"}, 'database down (health reports `"db": "down"`)'),
+    ("route_errors3", {"routes": {"/cart": {"error_rate": 1.0}}}, "100 % errors on `GET /cart` (3 % of requests)"),
+    ("route_latency5", {"routes": {"/me": {"latency_ms": 200}}}, "+200 ms on `GET /me` (5 % of requests)"),
 ]
+# Healthy deploys (identical code): any rollback is a false one. Run on a project of their own.
+HEALTHY_KINDS: list[tuple[str, dict[str, Any], str]] = [
+    ("ramp10", {}, "identical code, traffic ramping 10x during the window"),
+    ("background1", {"error_rate": 0.01}, "identical code, 1 % background errors on every route"),
+]
+# What the load asks for: most requests on /, a few on other routes (the route faults' targets).
+PATHS = {"/": 80.0, "/items": 12.0, "/me": 5.0, "/cart": 3.0}
+QUIET_PAUSE, BUSY_PAUSE = 0.1, 0.01   # per connection between requests: ~70 vs ~700 req/s
+RAMP_OVER = 10.0                      # s from the new release going live to the full ramp
 CRASH_KIND: tuple[str, dict[str, Any], str] = ("crash", {"exit": True}, "crash loop (exits within 0.1 s)")
-ALL_KINDS = [k[0] for k in TRAFFIC_KINDS] + [CRASH_KIND[0]]
+ALL_KINDS = [k[0] for k in TRAFFIC_KINDS] + [CRASH_KIND[0]] + [k[0] for k in HEALTHY_KINDS]
+# A route fault: the example app applies faults to every route, so each release runs it through a
+# small wrapper that applies {"routes": {path: {"error_rate": x, "latency_ms": n}}} to one path.
+ROUTE_SHIM = """import random, time
+from urllib.parse import urlparse
+
+import server
+
+_dispatch = server.Handler.dispatch
+
+
+def dispatch(self):
+    f = (server.faults().get("routes") or {}).get(urlparse(self.path).path) or {}
+    if f.get("latency_ms"):
+        time.sleep(float(f["latency_ms"]) / 1000)
+    if random.random() < float(f.get("error_rate", 0)):
+        return self.send(500, {"error": "injected route fault"})
+    return _dispatch(self)
+
+
+server.Handler.dispatch = dispatch
+server.main()
+"""
 
 
 
@@ -73,6 +107,7 @@ class Project:
 
     root: Path
     synthetic_rate: float | None = None  # None: the default
+    observe: str = "60s"
     port: int = field(default_factory=free_port)
     daemon: subprocess.Popen[bytes] | None = None
 
@@ -92,7 +127,7 @@ class Project:
         synthetic = "" if self.synthetic_rate is None else f"synthetic_rate = {self.synthetic_rate:g}\n"
         self.config.write_text(f"""
 [app]
-command = [{json.dumps(sys.executable)}, "server.py", "$PORT"]
+command = [{json.dumps(sys.executable)}, "bench_app.py", "$PORT"]
 health_path = "/health"
 
 [proxy]
@@ -103,7 +138,7 @@ FAULT_FILE = "{self.fault}"
 DATABASE_URL = "sqlite:///{db}"
 
 [monitor]
-observe = "60s"
+observe = "{self.observe}"
 metrics_listen = ""
 {synthetic}""")
 
@@ -135,6 +170,7 @@ metrics_listen = ""
         d = self.root / "releases" / version
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(EXAMPLE, d / "server.py")
+        (d / "bench_app.py").write_text(ROUTE_SHIM)
         return str(d)
 
     async def deploy(self, version: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -192,10 +228,12 @@ def pids_under(root: Path) -> list[int]:
 
 
 class Traffic:
-    """Keep-alive GET / on N connections (changeover.loadgen.get); notes which release answered when."""
+    """Keep-alive GETs on N connections (changeover.loadgen.get), paths drawn from PATHS; notes
+    which release answered when. `pause` may be changed while it runs (a ramp)."""
 
-    def __init__(self, port: int, connections: int = 8, pause: float = 0.01) -> None:
+    def __init__(self, port: int, connections: int = 8, pause: float = BUSY_PAUSE) -> None:
         self.port, self.connections, self.pause = port, connections, pause
+        self.rng = random.Random(14)
         self.answered: Counter[str] = Counter()   # by X-Version ("proxy" when the proxy answered itself)
         self.failed: Counter[str] = Counter()     # 5xx by X-Version
         self.conn_errors: Counter[str] = Counter()
@@ -234,7 +272,8 @@ class Traffic:
         conn: RW | None = None
         while not self._stop.is_set():
             try:
-                status, headers, _, conn = await get("127.0.0.1", self.port, "/", conn, timeout=10)
+                path = self.rng.choices(list(PATHS), list(PATHS.values()))[0]
+                status, headers, _, conn = await get("127.0.0.1", self.port, path, conn, timeout=10)
             except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError) as e:
                 self.conn_errors[type(e).__name__] += 1
                 conn = None
@@ -264,6 +303,8 @@ class Run:
     late_answers: int = 0               # answers by the failed release after the old one answered again
     late_for: float = 0.0               # s, from then to the failed release's last answer
     note: str = ""
+    route: str = ""                     # the route a route trigger named
+    rps_end: float | None = None        # healthy runs: load at the end of the window
 
 
 async def rollback_record(p: Project, version: str, onset_wall: float) -> dict[str, Any]:
@@ -273,6 +314,8 @@ async def rollback_record(p: Project, version: str, onset_wall: float) -> dict[s
     for check in dep.get("checks", []):
         if check["name"] == "rollback trigger":
             out["evidence"] = check.get("data") or {}
+    if "route" in out.get("evidence", {}):
+        out["route"] = out["evidence"]["route"]
     if dep["state"] == "rolled_back" and dep.get("finished_at"):
         out["history_back"] = dep["finished_at"] - onset_wall
     for step in dep.get("steps", []):
@@ -309,7 +352,7 @@ async def traffic_run(p: Project, traffic: Traffic, kind: str, spec: dict[str, A
     if not back.done():
         back.cancel()
     run = Run(kind, version, rec["state"] == "rolled_back", rec["reason"], None, rec.get("history_back"),
-              rec.get("switch_back_ms"), note=note)
+              rec.get("switch_back_ms"), note=note, route=rec.get("route", ""))
     run.rps = sum(1 for t, _ in traffic.log if onset - PAUSE_BEFORE_FAULT <= t < onset) / PAUSE_BEFORE_FAULT
     if back.done() and not back.cancelled():
         run.users_back = back.result() - onset
@@ -359,6 +402,56 @@ async def flush_stale_run(p: Project, traffic: Traffic, version: str, old: str) 
     return None
 
 
+async def healthy_run(p: Project, traffic: Traffic, kind: str, spec: dict[str, Any], version: str) -> Run:
+    """Deploy identical code and watch the whole window; any rollback is a false one. ramp10:
+    quiet traffic before the switch, then 10x over RAMP_OVER seconds while it is observed."""
+    traffic.pause = QUIET_PAUSE
+    await asyncio.sleep(5)  # a quiet moment to deploy in
+    if spec:
+        p.fault.write_text(json.dumps({**spec, "only_version": version}))
+    deploying = asyncio.create_task(p.deploy(version, "--wait", check=False))
+    live = traffic.first_answer(version, 0.0)
+    either: list[asyncio.Future[Any]] = [live, deploying]
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if not live.done():
+        live.cancel()
+        r = await deploying
+        raise RuntimeError(f"{version} never answered through the proxy:\n{r.stdout}\n{r.stderr}")
+    t0 = time.monotonic()
+    while not deploying.done():
+        if kind == "ramp10":
+            k = min(1.0, (time.monotonic() - t0) / RAMP_OVER)
+            traffic.pause = QUIET_PAUSE + (BUSY_PAUSE - QUIET_PAUSE) * k
+        await asyncio.sleep(0.1)
+    end = time.monotonic()
+    await deploying
+    p.fault.write_text("{}")
+    traffic.pause = QUIET_PAUSE
+    rec = await rollback_record(p, version, time.time())
+    run = Run(kind, version, rec["state"] == "rolled_back", rec["reason"], route=rec.get("route", ""))
+    run.rps = sum(1 for t, _ in traffic.log if t0 <= t < t0 + 2) / 2
+    run.rps_end = sum(1 for t, _ in traffic.log if end - 3 <= t < end - 1) / 2
+    if run.rolled_back:
+        run.note = f"FALSE ROLLBACK: {rec.get('evidence', {})}"[:300]
+    return run
+
+
+async def healthy_phase(p: Project, kinds: list[tuple[str, dict[str, Any], str]], runs: dict[str, int],
+                        out: list[Run]) -> None:
+    traffic = Traffic(p.port, pause=QUIET_PAUSE)
+    traffic.start()
+    try:
+        for kind, spec, _ in kinds:
+            print(f"{kind} (healthy, {runs[kind]} deploys):", flush=True)
+            for i in range(1, runs[kind] + 1):
+                run = await healthy_run(p, traffic, kind, spec, f"{kind}-{i:02d}")
+                print(f"  {run.version:<16} {run.rps or 0:.0f} -> {run.rps_end or 0:.0f} req/s "
+                      f"rolled_back={run.rolled_back} {run.reason} {run.route} {run.note}", flush=True)
+                out.append(run)
+    finally:
+        await traffic.stop()
+
+
 def show(run: Run) -> None:
     def s(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}s"
@@ -368,7 +461,7 @@ def show(run: Run) -> None:
           f"users_back={s(run.users_back):<8} history={s(run.history_back):<8} "
           f"switch={run.switch_back_ms if run.switch_back_ms is not None else '-'} ms "
           + (f"late={run.late_answers} over {run.late_for:.3f}s " if run.rps is not None else "")
-          + run.note, flush=True)
+          + (f"route={run.route} " if run.route else "") + run.note, flush=True)
 
 
 async def traffic_phase(p: Project, kinds: list[tuple[str, dict[str, Any], str]], runs: int,
@@ -426,8 +519,18 @@ def summarise(runs: list[Run], traffic: Traffic | None, n: int, stale: list[str]
             "switch_ms_worst": max(switch, default=None),
             "rps_min": min(rps, default=None), "rps_max": max(rps, default=None),
             "late_answers": sum(r.late_answers for r in rs),
+            "routes": dict(Counter(r.route for r in rs if r.route)),
         })
-    out: dict[str, Any] = {"runs_per_kind": n, "kinds": rows, "runs": [r.__dict__ for r in runs],
+    healthy = []
+    for kind, _, label in HEALTHY_KINDS:
+        rs = [r for r in runs if r.kind == kind]
+        if rs:
+            healthy.append({"kind": kind, "label": label, "runs": len(rs),
+                            "false_rollbacks": sum(r.rolled_back for r in rs),
+                            "reasons": dict(Counter(r.reason for r in rs if r.rolled_back)),
+                            "rps_start": [min(r.rps or 0 for r in rs), max(r.rps or 0 for r in rs)],
+                            "rps_end": [min(r.rps_end or 0 for r in rs), max(r.rps_end or 0 for r in rs)]})
+    out: dict[str, Any] = {"runs_per_kind": n, "kinds": rows, "healthy": healthy, "runs": [r.__dict__ for r in runs],
                            "flush_deploys": len(stale), "flush_rolled_back_on_stale_evidence": sum(map(bool, stale))}
     if traffic is not None:
         total = sum(traffic.answered.values())
@@ -447,6 +550,8 @@ def table(summary: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for k in summary["kinds"]:
         reasons = ", ".join(f"`{r}` ({c})" for r, c in k["reasons"].items())
+        if k["routes"]:
+            reasons += " naming " + ", ".join(f"`{r}` ({c})" for r, c in k["routes"].items())
         sw = "-" if k["switch_ms_median"] is None else f"{k['switch_ms_median']:.1f} / {k['switch_ms_worst']:.1f} ms"
         load = "none" if k["rps_min"] is None else f"{k['rps_min']:.0f}–{k['rps_max']:.0f} req/s"
         late = "-" if k["rps_min"] is None else str(k["late_answers"])
@@ -475,6 +580,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10, help="runs per fault kind")
     ap.add_argument("--kinds", default=",".join(ALL_KINDS), help=f"subset of {','.join(ALL_KINDS)}")
+    ap.add_argument("--healthy-runs", type=int, default=20, help="healthy ramped deploys (ramp10)")
+    ap.add_argument("--healthy-observe", default="30s", help="observation window of the healthy deploys")
     ap.add_argument("--json", type=Path, help="write the summary and every run here")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (logs) afterwards")
     args = ap.parse_args()
@@ -513,6 +620,16 @@ def main() -> int:
             run_loop(p.deploy("v1"))
             run_loop(crash_phase(p, args.runs, runs))
             p.stop()
+        healthy = [k for k in HEALTHY_KINDS if k[0] in wanted]
+        if healthy:
+            p = Project(tmp / "healthy", observe=args.healthy_observe)
+            projects.append(p)
+            p.write()
+            p.start()
+            run_loop(p.deploy("v1"))
+            counts = {"ramp10": args.healthy_runs, "background1": args.runs}
+            run_loop(healthy_phase(p, healthy, counts, runs))
+            p.stop()
         ok = True
     finally:
         for p in projects:
@@ -541,7 +658,13 @@ def main() -> int:
               f"{summary['flush_rolled_back_on_stale_evidence']}/{len(stale)}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
-    missed = [r.version for r in runs if not r.rolled_back]
+    for h in summary["healthy"]:
+        print(f"{h['label']}: false rollbacks {h['false_rollbacks']}/{h['runs']} "
+              f"(load {h['rps_start'][0]:.0f}–{h['rps_start'][1]:.0f} req/s at the switch, "
+              f"{h['rps_end'][0]:.0f}–{h['rps_end'][1]:.0f} req/s at the end) {h['reasons'] or ''}")
+    healthy_kinds = {k[0] for k in HEALTHY_KINDS}
+    missed = [r.version for r in runs if not r.rolled_back and r.kind not in healthy_kinds]
+    missed += [r.version for r in runs if r.rolled_back and r.kind in healthy_kinds]
     v1_failed = traffic.failed.get("v1", 0) if traffic is not None else 0
     if missed:
         print(f"not rolled back: {', '.join(missed)}")
