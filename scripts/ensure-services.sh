@@ -8,11 +8,15 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)   # the fleet tests start their own members; never a system etcd
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [[ " ${need[*]:-} " == *" etcd-server "* ]] && command -v systemctl >/dev/null 2>&1; then
+  ${SUDO:-} systemctl disable --now etcd >/dev/null 2>&1 || true   # the package starts one; the fleet tests run their own
 fi
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then

@@ -1,0 +1,130 @@
+"""Several hosts, each a real daemon with the example app, in one fleet on a real etcd."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from changeover.daemon.procs import free_port
+from tests.daemon.harness import Project
+
+MONITOR_OFF = '\n[monitor]\nobserve = "0s"\nmetrics_listen = ""\n'
+
+
+@dataclass
+class Host(Project):
+    name: str = "h"
+    health_port: int = field(default_factory=free_port)
+    listen_host: str = "127.0.0.1"
+    wrap: list[str] = field(default_factory=list)    # run the daemon inside a network namespace
+
+    def fleet_section(self, etcd: list[str], prefix: str, extra: str = "") -> str:
+        return (f'\n[fleet]\netcd = {json.dumps(etcd)}\nname = "{self.name}"\nprefix = "{prefix}"\n'
+                f'health_listen = "{self.listen_host}:{self.health_port}"\nhost_ttl = "2s"\nlock_ttl = "3s"\n'
+                f'switch_timeout = "8s"\nprepare_timeout = "60s"\n{extra}')
+
+    def spawn_daemon(self) -> None:
+        log = open(self.root / "serve.out", "ab")  # noqa: SIM115
+        self.daemon = subprocess.Popen([*self.wrap, sys.executable, "-m", "changeover", "serve", "-c",
+                                        str(self.config)], cwd=self.root, stdout=log, stderr=log,
+                                       start_new_session=True)
+        log.close()
+
+    def wait_daemon(self, timeout: float = 30) -> None:
+        """Up when its control socket answers (read straight from the socket: no CLI start per poll)."""
+        import asyncio
+
+        from changeover import api, rpc
+
+        sock = self.root / ".changeover" / "control.sock"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.daemon is not None
+            if self.daemon.poll() is not None:
+                raise AssertionError("daemon exited:\n" + (self.root / "serve.out").read_text()[-3000:])
+            if sock.exists():
+                with contextlib.suppress(Exception):
+                    asyncio.run(rpc.call(sock, "ping", {}, timeout=2, protocol=api.PROTOCOL))
+                    return
+            time.sleep(0.1)
+        raise AssertionError("daemon did not come up:\n" + (self.root / "serve.out").read_text()[-3000:])
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        r = httpx.get(f"http://{self.listen_host}:{self.health_port}/_changeover/health", timeout=2)
+        return r.status_code, r.json()
+
+    def live_version(self) -> str | None:
+        st = self.status()
+        return (st.get("live") or {}).get("version")
+
+
+class Fleet:
+    def __init__(self, root: Path, etcd: list[str], prefix: str, n: int = 3, monitor: str = MONITOR_OFF,
+                 fleet_extra: str = "") -> None:
+        self.root, self.etcd, self.prefix = root, etcd, prefix
+        self.hosts = [Host(root / f"h{i + 1}", name=f"h{i + 1}") for i in range(n)]
+        for h in self.hosts:
+            h.root.mkdir(parents=True)
+            h.write(monitor + h.fleet_section(etcd, prefix, fleet_extra))
+        self.monitor, self.fleet_extra = monitor, fleet_extra
+
+    def start(self) -> None:
+        """Every daemon at once (one by one costs a CLI start per poll per host)."""
+        for h in self.hosts:
+            h.spawn_daemon()
+        for h in self.hosts:
+            h.wait_daemon()
+        self.wait(lambda: len(self.status()["hosts"]) == len(self.hosts), "every host registered")
+
+    def releases(self, version: str) -> str:
+        """The release directory on every host, named relative to each host's root."""
+        for h in self.hosts:
+            h.release(version)
+        return f"releases/{version}"
+
+    def cli(self, *args: str, host: int = 0, check: bool = True, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+        return self.hosts[host].cli(*args, check=check, timeout=timeout)
+
+    def spawn(self, *args: str, host: int = 0) -> subprocess.Popen[str]:
+        h = self.hosts[host]
+        return subprocess.Popen([sys.executable, "-m", "changeover", *args, "-c", str(h.config)], cwd=h.root,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def deploy(self, version: str, *extra: str, check: bool = True, host: int = 0
+               ) -> subprocess.CompletedProcess[str]:
+        return self.cli("deploy", version, "--path", self.releases(version), *extra, check=check, host=host)
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.cli("status", "--json").stdout))
+
+    def lives(self) -> list[str | None]:
+        return [h.live_version() for h in self.hosts]
+
+    @staticmethod
+    def wait(cond: Any, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if cond():
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for: {what}")
+
+    def teardown(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def down(h: Host) -> None:
+            with contextlib.suppress(Exception):
+                h.teardown()
+
+        with ThreadPoolExecutor(len(self.hosts)) as pool:
+            list(pool.map(down, self.hosts))
