@@ -35,7 +35,7 @@ PARKED_HOST, PARKED_PORT = "127.0.0.1", 1   # where an unused pool server points
 SLOTS = ("blue", "green")
 LOG_TAG = "co"            # first field of our per-request log lines; anything else on the socket is ignored
 RING = "changeover_log"
-RING_SIZE = 4 << 20       # lines kept while nobody reads them (a daemon restarting): ~50k
+RING_SIZE = 1 << 20       # ~15k lines: what a reader may fall behind by before it misses some
 STALE = 5.0               # lines older than this (seconds) when read are dropped: they belong to no window
 MAX_UNIX_PATH = 107       # sun_path, minus the terminating NUL
 CLI_TIMEOUT = 5.0
@@ -58,14 +58,13 @@ class Paths:
     admin: Path       # stats socket, level admin, expose-fd listeners (served by the worker)
     master: Path      # master CLI (-S): reload, show proc
     pidfile: Path     # the master's pid (-p)
-    log_socket: Path  # unix stream socket the daemon listens on; HAProxy forwards its log ring there
     output: Path      # HAProxy's own stderr (alerts, "Loading success")
 
     @classmethod
     def under(cls, directory: Path) -> Paths:
         p = cls(directory, directory / "haproxy.cfg", directory / "admin.sock", directory / "master.sock",
-                directory / "haproxy.pid", directory / "log.sock", directory.parent / "logs" / "haproxy.log")
-        for sock in (p.admin, p.master, p.log_socket):
+                directory / "haproxy.pid", directory.parent / "logs" / "haproxy.log")
+        for sock in (p.admin, p.master):
             if len(str(sock).encode()) > MAX_UNIX_PATH:
                 raise ConfigError(f"the state directory {directory.parent} is too deep for HAProxy's unix "
                                   f"sockets ({sock} is over {MAX_UNIX_PATH} bytes)", key="proxy.engine")
@@ -115,15 +114,12 @@ global
     tune.bufsize {max(16384, min(s.max_header_bytes + 1024, 1 << 20))}
     # a reload hands the listeners over; the old worker finishes what it has, up to drain_timeout
     hard-stop-after {_ms(s.drain_timeout)}
-# per-request log lines: written to a ring in memory, forwarded in bulk to the daemon's socket
-# (a unix datagram socket holds 10 lines by default: HAProxy drops the rest under load)
+# per-request log lines go to a ring in memory, which the daemon follows on the stats socket
+# (see haproxy_log.py for why not a socket of its own)
 ring {RING}
     format raw
     maxlen 1024
     size {RING_SIZE}
-    timeout connect 1s
-    timeout server 1d
-    server daemon unix@{paths.log_socket}
 defaults
     mode http
     log global
@@ -353,7 +349,7 @@ def commands(*lines: Sequence[str]) -> str:
 
 def parse_log(line: bytes, now: float) -> tuple[str, int, float, bool] | None:
     """A line of our log-format -> (slot, status, seconds, upstream failed), None for other lines
-    and for stale ones (logged while no daemon read the ring: `now` is time.time()).
+    and for stale ones (a reader far behind: `now` is time.time()).
 
     Latency is measured by HAProxy in microseconds from the request head to the log (end of the
     response); a tunnel (101) counts until its upgrade answer (%Tr), as the embedded proxy does.

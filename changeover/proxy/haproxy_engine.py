@@ -7,15 +7,14 @@ haproxy_socket`, it drives an HAProxy someone else runs (then it never starts, r
 it). Routing is read back from HAProxy on every call (`show servers state`), never cached, so a
 new daemon (or a new engine object) adopts a running HAProxy and `live()` is what HAProxy does.
 
-Metrics: HAProxy writes one short log line per request into a ring in memory and forwards the
-ring over a unix stream socket the engine listens on; the lines go into a `Recorder` kept here,
-in the daemon process. That is fine because nothing is lost
-that the daemon could use: the Recorder restarts with the daemon, and so does the daemon's mirror
-of it and its `/metrics` (a counter reset, which Prometheus handles); the ring keeps the lines
-of requests served while no daemon reads it and forwards them to the next one, which counts the
-last few seconds of them (in the second they arrive) and drops older ones as stale; lines the
-killed daemon had already read are never sent again, so nothing is counted twice. HAProxy's own counters (`show stat`)
-survive a daemon restart, so they are never added in; they only cross-check the log (`lost()`).
+Metrics: HAProxy logs one line per request into a ring the engine follows on the stats socket
+(`haproxy_log.LogFollower`), into a `Recorder` kept here, in the daemon process. That is fine
+because nothing is lost that the daemon could use: the Recorder restarts with the daemon, and so
+do the daemon's mirror of it and its `/metrics` (a counter reset, which Prometheus handles);
+requests served while no daemon runs are not counted, which only means a resumed observation
+window starts from fresh buckets. A restarted daemon reads the ring from "now" on (`-n`), so no
+line is counted twice. HAProxy's own counters (`show stat`) survive a daemon restart, so they
+are never added in; they only cross-check the log (`lost()`).
 """
 
 from __future__ import annotations
@@ -30,10 +29,9 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.monitor import mirror
@@ -41,6 +39,7 @@ from changeover.monitor.metrics import Recorder
 from changeover.proxy import haproxy as hx
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.control import PROXY_PROTOCOL
+from changeover.proxy.haproxy_log import LogFollower
 
 log = logging.getLogger("changeover.proxy.haproxy")
 START_TIMEOUT = 10.0
@@ -57,15 +56,11 @@ class HAProxyControl:
         self.recorder = Recorder()
         self.pid: int | None = None
         self.port: int | None = None
-        self._logs: asyncio.AbstractServer | None = None
-        self._feeds: set[asyncio.Transport] = set()      # connections from HAProxy workers' log rings
-        self._log_inode = 0
+        self.follower = LogFollower(self.admin, self.recorder)
         self._baseline: tuple[int, int] | None = None   # (HAProxy requests, log lines) when counting began
-        self._lines = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def ensure(self, initial: dict[str, Any] | None = None) -> str:
-        await self._listen_logs()
         if await self._answers():
             await self._adopt()
             return "adopted"
@@ -90,6 +85,7 @@ class HAProxyControl:
         if text is not None:
             self.port = hx.written_port(text) or self.port
         log.info("adopted HAProxy (master %s, worker %d) on port %s", self.pid, worker, self.port)
+        await self.follower.follow(fresh=False)        # from now on: what an earlier daemon read is not read again
 
     async def _start(self, initial: dict[str, Any] | None) -> None:
         if shutil.which(self.binary) is None:
@@ -127,6 +123,7 @@ class HAProxyControl:
         for slot, version in ((initial or {}).get("versions") or {}).items():
             self.recorder.set_version(slot, str(version))
         self._baseline = None
+        await self.follower.follow(fresh=True)         # a new worker: its whole ring is unread
         log.info("HAProxy started (master %d, port %d)", proc.pid, port)
 
     def _start_error(self, what: str) -> ChangeoverError:
@@ -179,14 +176,7 @@ class HAProxyControl:
 
     async def close(self) -> None:
         """Stop reading the log, leaving HAProxy running (the daemon exits, a successor adopts)."""
-        if self._logs is not None:
-            self._logs.close()
-            self._logs = None
-            for feed in list(self._feeds):
-                feed.close()
-            with contextlib.suppress(FileNotFoundError):       # unless a successor listens there now
-                if os.stat(self.paths.log_socket).st_ino == self._log_inode:
-                    self.paths.log_socket.unlink()
+        await self.follower.close()
 
     async def _stop(self, master: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -351,6 +341,7 @@ class HAProxyControl:
 
     # -- ProxyControl: metrics -----------------------------------------------------------------
     async def metrics(self, since: Any = None) -> dict[str, Any]:
+        self.follower.keep()
         return mirror.export(self.recorder, int(since) if since is not None else None)
 
     async def lost(self) -> dict[str, int]:
@@ -361,30 +352,9 @@ class HAProxyControl:
         info = hx.parse_info(await self._cli("show info"))
         served = sum(s["stot"] for s in stat.values())
         if self._baseline is None or served < self._baseline[0]:
-            self._baseline = (served, self._lines)
-        return {"served": served - self._baseline[0], "logged": self._lines - self._baseline[1],
+            self._baseline = (served, self.follower.lines)
+        return {"served": served - self._baseline[0], "logged": self.follower.lines - self._baseline[1],
                 "dropped_logs": int(info.get("DroppedLogs", "0") or 0)}
-
-    async def _listen_logs(self) -> None:
-        if self._logs is not None:
-            return
-        self.paths.dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.paths.log_socket.unlink()      # a previous daemon's: HAProxy reconnects to the path
-        loop = asyncio.get_running_loop()
-        self._logs = await loop.create_unix_server(lambda: _LogReceiver(self), str(self.paths.log_socket))
-        os.chmod(self.paths.log_socket, 0o600)
-        self._log_inode = os.stat(self.paths.log_socket).st_ino
-
-    def _on_lines(self, lines: list[bytes]) -> None:
-        now = time.time()
-        record = self.recorder.record
-        parse = hx.parse_log
-        for raw in lines:
-            rec = parse(raw, now)
-            if rec is not None:
-                self._lines += 1
-                record(*rec)
 
     # -- ProxyControl: hitless reload ------------------------------------------------------------
     async def handover(self, initial: dict[str, Any],
@@ -401,8 +371,8 @@ class HAProxyControl:
         port = self.settings.port or (hx.written_port(before) if before else None) or self._pick_port()
         self._write(hx.render(self.settings, self.paths, port, initial))
         try:
-            failed = hx.failed_reloads(await hx.cli(self.paths.master, "show proc"))
-            await hx.cli(self.paths.master, "reload")
+            failed = hx.failed_reloads(await self._master("show proc"))
+            await self._master("reload")
             await self._wait_new_worker(old_worker, failed)
         except (OSError, ChangeoverError) as e:
             if before is not None:
@@ -410,6 +380,7 @@ class HAProxyControl:
             raise self._start_error(f"HAProxy reload failed ({e})") from None
         self.port = port
         self._baseline = None
+        await self.follower.follow(fresh=True)         # the new worker's ring; the old reader ends with its worker
         await configure(self)
         log.info("HAProxy reloaded: worker %d -> new worker", old_worker)
 
@@ -430,6 +401,19 @@ class HAProxyControl:
         raise ChangeoverError(f"no new worker within {START_TIMEOUT:g}s")
 
     # -- helpers --------------------------------------------------------------------------------
+    async def _master(self, command: str) -> str:
+        """A master CLI command. Just after a reload the master re-executes itself and its
+        socket refuses connections for a moment: retry until START_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while True:
+            try:
+                return await hx.cli(self.paths.master, command)
+            except (ConnectionRefusedError, FileNotFoundError):
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(POLL)
+
     async def _cli(self, command: str, timeout: float = hx.CLI_TIMEOUT) -> str:
         return await hx.cli(self.admin, command, timeout)
 
@@ -508,30 +492,3 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-class _LogReceiver(asyncio.Protocol):
-    """One connection from an HAProxy worker's log ring: newline-separated lines, in bulk."""
-
-    def __init__(self, control: HAProxyControl) -> None:
-        self.control = control
-        self.rest = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.control._feeds.add(self.transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.control._feeds.discard(self.transport)
-
-    def data_received(self, data: bytes) -> None:
-        lines = (self.rest + data).split(b"\n")
-        self.rest = lines.pop()
-        if len(self.rest) > 4096:           # not our format: never let it grow
-            self.rest = b""
-        try:
-            self.control._on_lines(lines)
-        except Exception:                   # a monitor bug must never stop the log
-            log.exception("reading HAProxy's log failed")
