@@ -286,6 +286,15 @@ def test_handover_reloads_without_failing_a_request(
     assert failures == [] and n > 300
     assert slow == (200, b"blue")
     assert hap.pid == master and len(set(workers)) == 5      # same master, a new worker each time
+    # the new worker's log is read, once (green had no traffic before)
+    lt.run(hap.switch("green"))
+
+    async def ten() -> None:
+        for _ in range(10):
+            assert await request(_port(hap), "/") == (200, b"green")
+    asyncio.run(ten())
+    wait_for(lambda: absorbed(lt, hap).window("green", 60).requests >= 10, "10 requests counted")
+    assert absorbed(lt, hap).window("green", 60).requests == 10
     assert "timeout http-keep-alive 34000ms" in (hap.paths.config).read_text()
 
 
