@@ -240,7 +240,7 @@ class Analyzer:
                 is_pk = el.colname.lower() in pk_cols or "PRIMARY" in cons
                 if cons & {"PRIMARY", "UNIQUE"}:
                     keys.add(el.colname.lower())
-                if known and not new:  # IF NOT EXISTS on a table we know: keep what we know of it
+                if not new:  # IF NOT EXISTS: known, keep what we know; unknown, it may exist with other types
                     columns = dict(self.ctx.columns)
                     hygiene.column(self, table, el, st, p, key=is_pk)
                     self.ctx.columns = columns

@@ -91,6 +91,22 @@ def test_create_table_if_not_exists_does_not_make_the_table_new(tmp_path: Path) 
     assert {"changing-column-type", "dropping-column"} <= rules(a) and a.phase == "unsafe"
 
 
+def test_types_declared_by_create_table_if_not_exists_are_not_known(tmp_path: Path) -> None:
+    # Mattermost's pattern: the table may predate the migration with other column types, and the DO
+    # block runs the ALTER exactly then (verified: a 200,000-row table whose column was text was
+    # rewritten, new relfilenode). The declared varchar(1000) is not what the column is.
+    ddl = "CREATE TABLE IF NOT EXISTS teams (id bigint PRIMARY KEY, domains varchar(1000));\n"
+    for alter in ("ALTER TABLE teams ALTER COLUMN domains TYPE varchar(1000);",
+                  "DO $$ BEGIN IF true THEN\n  ALTER TABLE teams ALTER COLUMN domains TYPE varchar(1000);\n"
+                  "END IF; END $$;"):
+        a = run(tmp_path, ddl + alter)
+        assert "changing-column-type" in rules(a) and a.phase == "unsafe", (alter, a.findings)
+    # a table this history created is known: IF NOT EXISTS there is a no-op and its types stay known
+    known = run(tmp_path, "CREATE TABLE IF NOT EXISTS t1 (id bigint PRIMARY KEY, payload varchar(10));\n"
+                          "ALTER TABLE t1 ALTER COLUMN payload TYPE text;")
+    assert "changing-column-type" not in rules(known), known.findings
+
+
 def test_create_table_as_and_select_into_make_new_tables(tmp_path: Path) -> None:
     for create in ("CREATE TABLE t3 AS SELECT id, a FROM t1;", "SELECT id, a INTO t3 FROM t1;"):
         a = run(tmp_path, create + "\nCREATE INDEX t3_a ON t3 (a);\nALTER TABLE t3 ADD CONSTRAINT u UNIQUE (id);\n"
