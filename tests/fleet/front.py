@@ -28,8 +28,9 @@ defaults
     mode http
     timeout connect 500ms
     timeout client 30s
-    timeout server 30s
+    timeout server 5s
     retries 3
+    retry-on conn-failure empty-response response-timeout
     option redispatch 1
 
 frontend fleet
