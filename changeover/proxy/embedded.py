@@ -122,6 +122,9 @@ class EmbeddedProxy:
                     ls.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
                 ls.close()
         self.retiring = False
+        for slot in self.slots.values():    # started again after close(): pool again
+            for up in slot.upstreams:
+                up.retired = False
         self._running = True
         self._sweeper = self._loop.create_task(self._sweep())
 
@@ -150,7 +153,7 @@ class EmbeddedProxy:
         self.clients.clear()
         for slot in self.slots.values():
             for up in slot.upstreams:
-                up.close_idle()
+                up.retire()                # the idle ones, and those settling after a HEAD
         if server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
