@@ -125,6 +125,11 @@ class Observer:
         paired = self.probes.paired is not None and cfg.paired_probes > 0
         self._probe_wait = self.start + (2 * MIN_PAIRS / cfg.paired_probes if paired else 0.0)
         self._pairs: deque[tuple[float, float, float]] = deque(maxlen=MAX_PAIRS)
+        # A route that already failed under the old release is not this release's regression.
+        self._failing_before = {r.route for r in (self.baseline.routes if self.baseline else ())
+                                if r.requests >= cfg.min_requests and r.errors > cfg.error_rate * r.requests}
+        if self._failing_before:
+            self.last["routes_failing_before"] = sorted(self._failing_before)
 
     # -- control ------------------------------------------------------------------------------
     def cancel(self, reason: str = CANCELLED, evidence: dict[str, Any] | None = None) -> None:
@@ -140,7 +145,8 @@ class Observer:
         elapsed = self.clock() - self.start
         return {"slot": self.slot, "elapsed": round(elapsed, 3),
                 "remaining": round(max(0.0, self.cfg.observe - elapsed), 3),
-                "verdict": self.verdict.to_dict() if self.verdict else None, **self.last}
+                "verdict": self.verdict.to_dict() if self.verdict else None,
+                "baseline": self.baseline.summary() if self.baseline else None, **self.last}
 
     def _finish(self, v: Verdict) -> None:
         if self.verdict is not None:
@@ -167,16 +173,26 @@ class Observer:
                      "error_rate": round(w.error_rate, 5), "rps": round(w.rps, 2), "p95": w.p95}
         fired = check_error_rate(w, cfg, self._z) or self._routes_fast()
         now = self.clock()
-        if not fired and now >= self._next_long:
+        slow_pace = not fired and now >= self._next_long
+        if slow_pace:
             # A steady moderate error rate (10 %) at low traffic needs more requests than one
             # window holds to be judged with confidence: also judge a longer one, once a second.
             # Route latency and the long route windows are judged at the same pace.
             self._next_long = now + LONG_WINDOW_EVERY
             long = min(cfg.window * LONG_WINDOW_FACTOR, cfg.history)
             fired = check_error_rate(m.window(self.slot, long, since=self.start), cfg, self._z) \
-                or self._routes_slow(long)
+                or self._route_errors(long)
         if fired or self.baseline is None:
             return fired
+        # the slot first: a slowdown of everything is the release's, not one route's
+        fired = self._slot_latency()
+        if not fired and slow_pace:
+            fired = self._route_latency()
+        return fired
+
+    def _slot_latency(self) -> Fired | None:
+        assert self.baseline is not None
+        cfg = self.cfg
         windows = self._latency_windows()
         if windows is None:
             return None
@@ -214,6 +230,8 @@ class Observer:
         """Per route, every interval: its run of failures, and its error rate over `window`."""
         cfg = self.cfg
         for route, run in route_runs(self.metrics, self.slot).items():
+            if route in self._failing_before:
+                continue
             fired = check_route_consecutive(route, run, cfg)
             if fired:
                 return fired
@@ -221,7 +239,7 @@ class Observer:
 
     def _route_errors(self, seconds: float) -> Fired | None:
         rows = route_windows(self.metrics, self.slot, seconds, since=self.start, latency=False)
-        judged = [r for r in rows if r[1] >= self.cfg.min_requests]
+        judged = [r for r in rows if r[1] >= self.cfg.min_requests and r[0] not in self._failing_before]
         if len(rows) < 2:
             return None  # one route is the slot itself: the slot's own triggers judge it
         z = self._route_z(len(judged))
@@ -232,12 +250,10 @@ class Observer:
                 return fired
         return None
 
-    def _routes_slow(self, long: float) -> Fired | None:
-        """Per route, once a second: the long error window, and latency against the route's
-        own baseline at the slot's load."""
-        fired = self._route_errors(long)
-        if fired or self.baseline is None or not self.baseline.routes:
-            return fired
+    def _route_latency(self) -> Fired | None:
+        """Per route, once a second: latency against the route's own baseline at the slot's load."""
+        if self.baseline is None or not self.baseline.routes:
+            return None
         cfg = self.cfg
         n = max(1, round(cfg.latency_window))
         per: dict[str, list[tuple[int, list[int], float]]] = {}

@@ -55,3 +55,27 @@ def render_table(stats: Iterable[WindowStats | Mapping[str, Any]], live: str | N
     if not rows:
         table.add_row("(no traffic recorded yet)", "", "", "", "", "", "", "", "")
     return table
+
+
+def judgement_lines(observing: Mapping[str, Any]) -> list[str]:
+    """What the latency trigger compares right now, from Observer.status(): for `status`/`top`."""
+    out = []
+    lat = observing.get("latency") or {}
+    if lat:
+        load = lat.get("load", {})
+        base = lat.get("baseline") or {}
+        line = f"latency: {load.get('rps', 0):.0f} req/s judged against {lat.get('source', '?')}"
+        if base:
+            line += (f" ({base.get('source')}: {base.get('rps', 0):.0f} req/s, p95 "
+                     f"{base.get('p95_ms')} ms, {base.get('requests')} samples; limit {lat.get('limit_ms')} ms)")
+        if lat.get("vetoed"):
+            line += "; vetoed: " + str(lat["vetoed"])
+        out.append(line)
+    probes = observing.get("paired_probes")
+    if probes:
+        out.append(f"paired probes: {probes['pairs']} pairs, median new {probes['median_new_ms']} ms vs old "
+                   f"{probes['median_old_ms']} ms, p = {probes['p']:.3g} ({probes['test']})")
+    base = observing.get("baseline") or {}
+    if base.get("rejected"):
+        out.append(f"baseline rejected: {base['rejected']}")
+    return out

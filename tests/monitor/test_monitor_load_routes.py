@@ -222,3 +222,14 @@ def test_signed_rank() -> None:
     t = signed_rank(slower)
     assert t is not None and t.p < 1e-6 and t.median_new > t.median_old + 0.04
     assert signed_rank([]) is None and signed_rank([(0.1, 0.1)]).p == 0.5  # type: ignore[union-attr]
+
+
+def test_a_route_that_failed_under_the_old_release_too_is_not_blamed_on_the_new_one() -> None:
+    mix = Mix(routes=dict(SHOP), faults={"GET /cart": Profile(error_rate=1.0)})   # broken in v1 already
+    rec, obs, clock, rng = deploy(400, mix, 6)
+    assert obs.status()["routes_failing_before"] == ["GET /cart"]
+    fired, _ = drive(rec, clock, "green", 400, 60, HEALTHY, rng, obs, mix=mix)
+    assert fired is None, fired
+    mix.faults["GET /search"] = Profile(error_rate=1.0)                           # new in v2
+    fired, _ = drive(rec, clock, "green", 400, 10, HEALTHY, rng, obs, mix=mix)
+    assert fired is not None and fired.evidence["route"] == "GET /search"

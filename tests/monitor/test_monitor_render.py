@@ -35,3 +35,18 @@ def test_empty_and_formatting() -> None:
     assert "no traffic" in text(render_table([]))
     assert fmt_latency(None) == "–" and fmt_latency(0.00042) == "420µs"
     assert fmt_latency(0.0123) == "12.3ms" and fmt_latency(2.5) == "2.50s"
+
+
+def test_judgement_lines_show_the_evidence() -> None:
+    from changeover.monitor.render import judgement_lines
+
+    lines = judgement_lines({
+        "latency": {"source": "load_profile", "load": {"rps": 480.0, "level": 8}, "limit_ms": 31.2,
+                    "baseline": {"source": "load_profile", "level": 8, "rps": 455.0, "requests": 52000,
+                                 "p95_ms": 20.8}},
+        "paired_probes": {"test": "wilcoxon_signed_rank", "pairs": 40, "w": 400.0, "z": 0.1, "p": 0.46,
+                          "median_new_ms": 4.1, "median_old_ms": 4.0},
+        "baseline": {"rejected": "21.0% errors in the last 60s (above 5.0%)"}})
+    assert "480 req/s judged against load_profile" in lines[0] and "limit 31.2 ms" in lines[0]
+    assert "40 pairs" in lines[1] and "rejected: 21.0% errors" in lines[2]
+    assert judgement_lines({}) == []
