@@ -45,6 +45,8 @@ class Op(StrEnum):
     RELOAD = "reload"               # re-read changeover.toml for the running daemon
     RELOAD_PROXY = "reload_proxy"   # hand traffic to a new proxy worker
     DOWN = "down"
+    SERIES = "series"               # read-only: per-second traffic per slot (the dashboard)
+    RELEASES = "releases"           # read-only: releases deployed, with their paths (the dashboard)
 
 
 A = TypeVar("A")
@@ -137,6 +139,11 @@ class ReloadProxyArgs:
 
 
 @dataclass(frozen=True)
+class SeriesArgs:
+    seconds: int = 600
+
+
+@dataclass(frozen=True)
 class Empty:
     pass
 
@@ -146,6 +153,7 @@ ARGS: dict[Op, type[Any]] = {
     Op.ABORT: AbortArgs, Op.ROLLBACK: RollbackArgs, Op.HISTORY: HistoryArgs, Op.RELOAD_PROXY: ReloadProxyArgs,
     Op.PING: Empty, Op.STATUS: Empty, Op.METRICS: Empty, Op.STOP_STANDBY: Empty, Op.RELOAD: Empty,
     Op.DOWN: Empty,
+    Op.SERIES: SeriesArgs, Op.RELEASES: Empty,
 }
 
 

@@ -382,6 +382,13 @@ def config_check(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None
     out.print_json(data=resolved)
 
 
+@app.command()
+def dashboard(config: ConfigOpt = DEFAULT) -> None:
+    """Print the login URL of the web dashboard the daemon serves (the token in it is a password)."""
+    from changeover.dashboard.auth import login_url
+
+    sys.stdout.write(login_url(daemon_at(config).state_dir) + "\n")
+
 def _mount() -> None:
     """`migrate` and `check` live with their packages (a broken import there must fail loudly, not
     make the command vanish)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from changeover.checks import config as checks_config
+from changeover.dashboard import config as dashboard_config
 from changeover.errors import ConfigError
 from changeover.fleet import config as fleet_config
 from changeover.migrations import config as migrations_config
@@ -56,6 +57,7 @@ class Config:
     checks: checks_config.ChecksConfig
     monitor: monitor_config.MonitorConfig
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for `config check`
+    dashboard: dashboard_config.DashboardConfig = dashboard_config.DashboardConfig()  # [dashboard]
     fleet: fleet_config.FleetConfig | None = None   # [fleet] (changeover/fleet)
 
     @property
@@ -175,11 +177,13 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     migrations = migrations_config.load(top.table("migrations"), env)
     checks = checks_config.load(top.table("checks"), env)
     monitor = monitor_config.load(top.table("monitor"), top.table("notify"), env)
+    dashboard = dashboard_config.load(top.table("dashboard"))
     fleet = fleet_config.load(top.table("fleet"))
     top.finish()
     return Config(file=file, app=app, env=app_env, proxy=proxy,
                   fleet=fleet,
-                  migrations=migrations, checks=checks, monitor=monitor, resolved=resolved)
+                  migrations=migrations, checks=checks, monitor=monitor, resolved=resolved,
+                  dashboard=dashboard)
 
 
 def _app(t: Table) -> AppConfig:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure what the tests talk to is installed and running: PostgreSQL, Redis, HAProxy, wrk.
+# Makes sure what the tests talk to is installed and running: PostgreSQL, Redis, HAProxy, wrk, Chromium.
 # Idempotent; on a machine that already has them it only checks.
 set -euo pipefail
 
@@ -8,6 +8,7 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)   # the dashboard's browser tests (Playwright drives it)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)   # the fleet tests start their own members; never a system etcd
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"

@@ -103,9 +103,14 @@ class Daemon:
             Op.PROMOTE: self.h_promote, Op.ABORT: self.h_abort, Op.ROLLBACK: self.h_rollback,
             Op.STOP_STANDBY: self.h_stop_standby, Op.RELOAD: self.h_reload, Op.RELOAD_PROXY: self.h_reload_proxy,
             Op.DOWN: self.h_down,
+            Op.SERIES: self.h_series, Op.RELEASES: self.h_releases,
         }
         self._server = await rpc.serve(self.config.socket_path, {str(k): v for k, v in handlers.items()},
                                        protocol=api.PROTOCOL)
+        # [dashboard] hook: the web dashboard, a client of the control API above, in this loop
+        # (changeover/dashboard/service.py); None when disabled or its port is taken.
+        from changeover.dashboard import service as dashboard
+        self.dashboard: Any = await dashboard.start(self.config)
         # [fleet] hook: this host joins a fleet coordinated through etcd (changeover/fleet/agent.py).
         self.fleet: Any = None
         if self.config.fleet is not None:
@@ -161,6 +166,8 @@ class Daemon:
 
     async def close(self) -> None:
         log.info("daemon stopping%s", " (down: the app and the proxy were stopped)" if self._down else "")
+        if getattr(self, "dashboard", None) is not None:   # [dashboard] hook: stop serving pages first
+            await self._bounded("the dashboard", self.dashboard.close())
         if self._server is not None:
             self._server.close()
         if getattr(self, "fleet", None) is not None:   # [fleet] hook: leave the fleet (changeover/fleet)
@@ -314,8 +321,10 @@ class Daemon:
     def _slot_info(self, slot: str) -> dict[str, Any]:
         s = self.state.slot(slot)
         rel = self.state.release(s.release_id)
+        ready = self.slots.supervisor.upstreams(slot)
         return {"slot": slot, "version": rel.version if rel else None, "since": s.updated_at,
-                "instances": [{"pid": r.pid, "port": r.port} for r in self.slots.supervisor.records(slot)]}
+                "instances": [{"pid": r.pid, "port": r.port, "ready": ("127.0.0.1", r.port) in ready}
+                              for r in self.slots.supervisor.records(slot)]}
 
     async def h_deploy(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         a = api.decode(api.DeployArgs, args)
@@ -355,6 +364,16 @@ class Daemon:
 
     async def h_stop_standby(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         return await self.pipeline.stop_standby()
+
+    async def h_series(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        from changeover.dashboard import ops   # read-only ops for the dashboard
+
+        return ops.series(self.telemetry.recorder, self.state, api.decode(api.SeriesArgs, args).seconds)
+
+    async def h_releases(self, args: dict[str, Any], emit: rpc.Emit) -> list[dict[str, Any]]:
+        from changeover.dashboard import ops
+
+        return ops.releases(self.state)
 
     async def h_history(self, args: dict[str, Any], emit: rpc.Emit) -> list[dict[str, Any]]:
         a = api.decode(api.HistoryArgs, args)
