@@ -100,6 +100,8 @@ class DeployArgs:
     env: dict[str, str] = field(default_factory=dict)
     actor: str | None = None
     no_switch: bool = False
+    git: str | None = None          # export this revision into releases/VERSION (path is then "")
+    archive: str | None = None      # or unpack this .tar.gz (an absolute path on the daemon's host)
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,17 @@ class LiveEvent:
     type: str = "live"
 
 
-EVENTS: dict[str, type[Any]] = {"plan": PlanEvent, "step": StepEvent, "check": CheckEvent, "live": LiveEvent}
+@dataclass(frozen=True)
+class OutputEvent:
+    """A line of a build's output (daemon/builds.py), as it is written."""
+
+    name: str
+    line: str
+    type: str = "output"
+
+
+EVENTS: dict[str, type[Any]] = {"plan": PlanEvent, "step": StepEvent, "check": CheckEvent, "live": LiveEvent,
+                                "output": OutputEvent}
 
 
 def event(data: dict[str, Any]) -> Any:

@@ -80,6 +80,8 @@ class StepPrinter:
             self._stop()
             self.console.print(f"[bold green]{ev['version']} is live[/] on {ev['slot']} "
                                f"(switch {ev['switch_ms']:.1f} ms)")
+        elif kind == "output":   # a build's output line, as it is written
+            self.console.print(f"      [dim]{escape(str(ev.get('line', '')))}[/]")
         elif kind == "check":
             self._stop()
             mark = "[green]✓[/]" if ev.get("ok") else "[red]✗[/]"
@@ -100,7 +102,11 @@ def serve(config: ConfigOpt = DEFAULT) -> None:
 
 @app.command()
 def deploy(version: Annotated[str, typer.Argument(help="Release name, e.g. v42 or a git sha.")],
-           path: Annotated[Path, typer.Option("--path", help="Directory the app runs from.")],
+           path: Annotated[Path | None, typer.Option("--path", help="Directory the app runs from.")] = None,
+           git: Annotated[str | None, typer.Option("--git", help="Export this branch/tag/commit of [releases] "
+                                                   "repo into releases/VERSION, then build it.")] = None,
+           archive: Annotated[Path | None, typer.Option("--archive", help="Unpack this .tar.gz into "
+                                                        "releases/VERSION, then build it.")] = None,
            wait: Annotated[bool, typer.Option("--wait", help="Block through the observation window.")] = False,
            env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for this release.")] = None,
            no_switch: Annotated[bool, typer.Option("--no-switch", help="Prepare only: start and verify the "
@@ -114,8 +120,9 @@ def deploy(version: Annotated[str, typer.Argument(help="Release name, e.g. v42 o
         return fleet_cli.deploy(cfg, version, path, overrides, no_switch, json_out)
     printer = StepPrinter(err)
     try:
-        result = commands.deploy(cfg, version, str(path), wait=wait, env=overrides, no_switch=no_switch,
-                                 progress=None if json_out else printer)
+        result = commands.deploy(cfg, version, None if path is None else str(path), wait=wait, env=overrides,
+                                 no_switch=no_switch, progress=None if json_out else printer, git=git,
+                                 archive=None if archive is None else str(archive))
     finally:
         printer._stop()
     if json_out:

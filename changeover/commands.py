@@ -62,15 +62,26 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def deploy(config: Daemon, version: str, path: str, *, wait: bool = False, env: dict[str, str] | None = None,
-           no_switch: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def deploy(config: Daemon, version: str, path: str | None, *, wait: bool = False, env: dict[str, str] | None = None,
+           no_switch: bool = False, progress: Progress | None = None, git: str | None = None,
+           archive: str | None = None) -> dict[str, Any]:
     """Deploy VERSION from directory PATH; returns once it is live (or, with wait, finalised;
-    with no_switch, once it is prepared: running, verified privately, not switched)."""
-    app_dir = Path(path).expanduser().absolute()
-    if not app_dir.is_dir():
-        raise UsageError(f"--path {path}: no such directory")
-    args = api.DeployArgs(version=version, path=str(app_dir), wait=wait, env=env or {}, actor=_actor(),
-                          no_switch=no_switch)
+    with no_switch, once it is prepared: running, verified privately, not switched). With git (a
+    ref) or archive (a .tar.gz) instead of a path, the daemon exports it into releases/VERSION."""
+    if sum(x is not None for x in (path, git, archive)) != 1:
+        raise UsageError("deploy needs exactly one of --path DIR, --git REF, --archive FILE.tar.gz")
+    if archive is not None:
+        # Exported by the daemon, which runs on this host: it gets the file's absolute path.
+        archive = str(Path(archive).expanduser().absolute())
+        if not Path(archive).is_file():
+            raise UsageError(f"--archive {archive}: no such file")
+    app_dir = ""
+    if path is not None:
+        app_dir = str(Path(path).expanduser().absolute())
+        if not Path(app_dir).is_dir():
+            raise UsageError(f"--path {path}: no such directory")
+    args = api.DeployArgs(version=version, path=app_dir, wait=wait, env=env or {}, actor=_actor(),
+                          no_switch=no_switch, git=git, archive=archive)
     return dict(_stream(config, Op.DEPLOY, api.encode(args), progress))
 
 

@@ -21,6 +21,7 @@ from changeover.fleet import config as fleet_config
 from changeover.migrations import config as migrations_config
 from changeover.monitor import config as monitor_config
 from changeover.proxy.base import ProxySettings
+from changeover.releases import BuildConfig, ReleasesConfig, load_build, load_releases
 from changeover.tables import Table
 
 DEFAULT_CONFIG = "changeover.toml"
@@ -45,6 +46,7 @@ class AppConfig:
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     health_interval: float = DEFAULT_HEALTH_INTERVAL
     healthy_threshold: int = DEFAULT_HEALTHY_THRESHOLD
+    build: BuildConfig = field(default_factory=BuildConfig)   # [app] build, build_timeout, build_cache (releases.py)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Config:
     monitor: monitor_config.MonitorConfig
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for `config check`
     dashboard: dashboard_config.DashboardConfig = dashboard_config.DashboardConfig()  # [dashboard]
+    releases: ReleasesConfig = field(default_factory=ReleasesConfig)   # [releases] (releases.py)
     fleet: fleet_config.FleetConfig | None = None   # [fleet] (changeover/fleet)
 
     @property
@@ -126,7 +129,27 @@ def interpolate(value: Any, env: dict[str, str], file: str, key: str) -> Any:
     return _VAR.sub(sub, value).replace("$$", "$")
 
 
+CONFIG_ENV = "CHANGEOVER_CONFIG"
+
+
+def find_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Path:
+    """The file meant by `-c PATH`. Only the default name is looked for: `$CHANGEOVER_CONFIG` when
+    set, else the nearest `changeover.toml` in the working directory or above it (so `npm run
+    db:migrate:safe` works from inside a release), else the name as given (its error says so)."""
+    if str(path) != DEFAULT_CONFIG:
+        return Path(path)
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    here = Path.cwd()
+    for d in (here, *here.parents):
+        if (d / DEFAULT_CONFIG).is_file():
+            return d / DEFAULT_CONFIG
+    return Path(path)
+
+
 def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] | None = None) -> Config:
+    path = find_config(path)
     file = Path(path).absolute()
     name = str(path)
     try:
@@ -178,11 +201,12 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     checks = checks_config.load(top.table("checks"), env)
     monitor = monitor_config.load(top.table("monitor"), top.table("notify"), env)
     dashboard = dashboard_config.load(top.table("dashboard"))
+    releases = load_releases(top.table("releases"))
     fleet = fleet_config.load(top.table("fleet"))
     top.finish()
     return Config(file=file, app=app, env=app_env, proxy=proxy,
                   fleet=fleet,
-                  migrations=migrations, checks=checks, monitor=monitor, resolved=resolved,
+                  migrations=migrations, checks=checks, monitor=monitor, resolved=resolved, releases=releases,
                   dashboard=dashboard)
 
 
@@ -199,6 +223,7 @@ def _app(t: Table) -> AppConfig:
         stop_timeout=t.duration("stop_timeout", DEFAULT_STOP_TIMEOUT),
         health_interval=t.duration("health_interval", DEFAULT_HEALTH_INTERVAL),
         healthy_threshold=t.int("healthy_threshold", DEFAULT_HEALTHY_THRESHOLD, min=1),
+        build=load_build(t),
     )
     t.finish()
     return app
@@ -233,6 +258,7 @@ class Location:
 
 
 def locate(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Location:
+    path = find_config(path)
     file = Path(path).absolute()
     if not file.parent.is_dir():
         raise ConfigError("no such directory", file=str(path))

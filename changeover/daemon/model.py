@@ -16,6 +16,7 @@ before its switch and observed after it, like a deploy) or ends `failed` with th
 Steps and what undoes them (the pipeline unwinds the steps that ran, newest first):
 
     pre_checks, verify_*, session, note ....... nothing to undo (they only read)
+    build ..................................... remove the release directory it exported (daemon/builds.py)
     migrate ................................... kept: expand migrations are safe for the old code
     retire .................................... nothing (the old standby was given up on purpose)
     start ..................................... clean up the slot it started
@@ -69,6 +70,7 @@ class DeploymentKind(StrEnum):
 
 class StepKind(StrEnum):
     PRE_CHECKS = "pre_checks"
+    BUILD = "build"                    # export the release (--git/--archive) and run [app] build
     MIGRATE = "migrate"
     RETIRE = "retire"                  # retire the old standby to make room
     START = "start"                    # start the release in the idle slot

@@ -28,6 +28,7 @@ from typing import Any
 
 from changeover.checks.flows import SessionProbe
 from changeover.config import Config, release_env, require_app
+from changeover.daemon import builds
 from changeover.daemon.model import DeploymentKind, DeploymentState, StepKind, other
 from changeover.daemon.observation import Observation
 from changeover.daemon.slots import SlotManager
@@ -67,6 +68,7 @@ class Active:
     live_event: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future[dict[str, Any]] | None = None
     listeners: list[Emit] = field(default_factory=list)
+    source: builds.Source | None = None       # deploy --git/--archive: exported by the prepare phase
 
     async def emit(self, event: dict[str, Any]) -> None:
         for fn in list(self.listeners):
@@ -196,15 +198,17 @@ class Pipeline:
     # -- verbs -----------------------------------------------------------------------------------
     async def deploy(self, config: Config, version: str, path: str, emit: Emit | None = None, *,
                      wait: bool = False, env: dict[str, str] | None = None, actor: str | None = None,
-                     no_switch: bool = False) -> dict[str, Any]:
+                     no_switch: bool = False, source: builds.Source | None = None) -> dict[str, Any]:
         """prepare -> switch -> observe -> finalise (or only prepare, with no_switch). `config` is the
         file as it is now (the daemon re-reads it for every deploy)."""
         if self.active is not None:
             raise self.busy_error()
+        if source is not None:   # releases/VERSION, made by the prepare phase's first step
+            path = str(builds.release_dir(config, version))
         app_dir = Path(path).expanduser()
         if not app_dir.is_absolute():
             app_dir = (config.root / app_dir).resolve()
-        if not app_dir.is_dir():
+        if not app_dir.is_dir() and source is None:
             raise UsageError(f"--path {path}: no such directory")
         if not version or any(c.isspace() for c in version):
             raise UsageError(f"version {version!r}: expected a non-empty name without spaces")
@@ -215,6 +219,7 @@ class Pipeline:
             release = self.state.add_release(version, str(app_dir), list(config.app.command),
                                              release_env(config, version, env), app_settings(config))
             a = self._begin(config, DeploymentKind.DEPLOY, release, other(self.state.live_slot()), actor)
+            a.source = source
         except BaseException:
             self._lock.release()
             raise
@@ -315,6 +320,8 @@ class Pipeline:
         steps, config, release = a.steps, a.config, a.release
         try:
             await self.telemetry.notify("deploy_started", {"version": release.version})
+            if a.kind == DeploymentKind.DEPLOY:   # export and build (a rollback's release is built)
+                await builds.prepare_release(steps, config, release, a.source, self.state)
             await self.verify.pre_deploy(steps, config, release, a.previous)
             if a.kind == DeploymentKind.DEPLOY:
                 a.migrated = await self.verify.migrate_expand(steps, config, release)

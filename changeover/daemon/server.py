@@ -29,6 +29,7 @@ from changeover import api, rpc
 from changeover import config as config_mod
 from changeover.api import Op
 from changeover.config import Config
+from changeover.daemon import builds
 from changeover.daemon.model import SlotState, other
 from changeover.daemon.pipeline import Pipeline
 from changeover.daemon.recovery import configure_proxy, recover, routing
@@ -332,7 +333,7 @@ class Daemon:
             raise self.pipeline.busy_error()
         config = await self.fresh_config()
         return await self.pipeline.deploy(config, a.version, a.path, emit, wait=a.wait, env=a.env, actor=a.actor,
-                                          no_switch=a.no_switch)
+                                          no_switch=a.no_switch, source=builds.Source.of(a.git, a.archive))
 
     async def h_prepare(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         return await self.h_deploy({**args, "no_switch": True}, emit)
