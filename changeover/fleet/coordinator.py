@@ -258,6 +258,9 @@ class Coordinator:
             await self.changed(deadline)
         at = {h: float(r["live_at"]) for h, r in lives.items() if r.get("live_at")}
         skew = (max(at.values()) - min(at.values())) * 1000 if at else None
+        # The watch event's arrival on each host (before its own switch work): etcd's part of the skew.
+        heard = [float(r["event_at"]) for r in lives.values() if r.get("event_at")]
+        notify = (max(heard) - min(heard)) * 1000 if heard else None
         lagging = [h for h in ready if h not in at]
         self.say(f"{d.version} is live on {len(at)} host(s) ({', '.join(sorted(at))}); switch skew "
                  f"{skew or 0:.1f} ms, last host {1000 * (max(at.values()) - written) if at else 0:.1f} ms after "
@@ -265,7 +268,7 @@ class Coordinator:
         for h in lagging:
             self.say(f"{h} has not switched: out of sync (its health check says 503); it converges when back",
                      ok=False)
-        await self.record(sw, "observing", skew_ms=skew)
+        await self.record(sw, "observing", skew_ms=skew, notify_skew_ms=notify)
         return await self.observe(sw, sorted(at), skew, monitor)
 
     async def observe(self, d: Desired, switched: list[str], skew: float | None, monitor: Any) -> dict[str, Any]:
