@@ -44,7 +44,7 @@ def alter_table(a: Analyzer, node: Any, st: Statement, p: StatementPlan) -> None
         sub = str(cmd.subtype.name).removeprefix("AT_")
         lock = AE
         if sub == "AddColumn":
-            lock = add_column(a, table, cmd.def_, st, p, new)
+            lock = add_column(a, table, cmd.def_, st, p, new, if_not_exists=bool(cmd.missing_ok))
         elif sub == "DropColumn":
             if not new:
                 a.f(p, "dropping-column", st, f"drops column {table}.{cmd.name}")
@@ -92,8 +92,13 @@ def alter_table(a: Analyzer, node: Any, st: Statement, p: StatementPlan) -> None
     p.lock = "none" if new else strongest_lock(p.lock, *locks)
 
 
-def add_column(a: Analyzer, table: str, col: Any, st: Statement, p: StatementPlan, new: bool) -> str:
+def add_column(a: Analyzer, table: str, col: Any, st: Statement, p: StatementPlan, new: bool,
+               if_not_exists: bool = False) -> str:
+    key = (table, col.colname.lower())
+    unknown = if_not_exists and not new and not any(t == table for t, _ in a.ctx.columns)
     hygiene.column(a, table, col, st, p, key=False)
+    if unknown:  # a table the history does not know may have the column already, of another type
+        a.ctx.columns.pop(key, None)
     if new:
         return AE
     tname, _ = hygiene.type_of(col.typeName)

@@ -107,6 +107,18 @@ def test_types_declared_by_create_table_if_not_exists_are_not_known(tmp_path: Pa
     assert "changing-column-type" not in rules(known), known.findings
 
 
+def test_types_added_by_add_column_if_not_exists_to_an_unknown_table_are_not_known(tmp_path: Path) -> None:
+    # Mattermost 000018: the column may already exist there with another type, and then the ALTER rewrites
+    a = run(tmp_path, "CREATE TABLE IF NOT EXISTS s (id bigint PRIMARY KEY);\n"
+                      "ALTER TABLE s ADD COLUMN IF NOT EXISTS role varchar(64);\n"
+                      "ALTER TABLE s ALTER COLUMN role TYPE varchar(64);")
+    assert "changing-column-type" in rules(a), a.findings
+    # on a table the history made, a column it never added does not exist: IF NOT EXISTS adds it
+    known = run(tmp_path, "ALTER TABLE t1 ADD COLUMN IF NOT EXISTS b varchar(10);\n"
+                          "ALTER TABLE t1 ALTER COLUMN b TYPE text;")
+    assert "changing-column-type" not in rules(known), known.findings
+
+
 def test_create_table_as_and_select_into_make_new_tables(tmp_path: Path) -> None:
     for create in ("CREATE TABLE t3 AS SELECT id, a FROM t1;", "SELECT id, a INTO t3 FROM t1;"):
         a = run(tmp_path, create + "\nCREATE INDEX t3_a ON t3 (a);\nALTER TABLE t3 ADD CONSTRAINT u UNIQUE (id);\n"
