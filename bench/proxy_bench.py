@@ -1,4 +1,5 @@
-"""Proxy benchmark: direct vs changeover's embedded proxy vs HAProxy, and switches under load.
+"""Proxy benchmark: direct vs changeover's embedded proxy vs HAProxy vs changeover driving HAProxy
+(the `[proxy] engine = "haproxy"` data plane), and switches under load.
 
     .venv/bin/python bench/proxy_bench.py [--duration 10] [--connections 50] [--switches 100]
 
@@ -106,7 +107,16 @@ uvloop.run(main())
 """
 
 
-def wrk(port: int, duration: float, conns: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, duration: float, conns: int, pid: int | None = None) -> dict[str, float]:
+    """wrk's figures; with `pid`, also the CPU time that process spent per request, which other
+    engineers' load on the machine moves far less than req/s (it is what a proxy's own cost is)."""
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         pinned(OTHER_CPU, ["wrk", "-t1", f"-c{conns}", f"-d{duration:g}s", "--latency",
                            f"http://127.0.0.1:{port}/"]),
@@ -125,7 +135,11 @@ def wrk(port: int, duration: float, conns: int) -> dict[str, float]:
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         errors += int(m.group(1))
-    return {"rps": rps, "p50": lat("50"), "p99": lat("99"), "errors": errors}
+    result = {"rps": rps, "p50": lat("50"), "p99": lat("99"), "errors": errors, "us_per_req": 0.0}
+    if pid:
+        n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        result["us_per_req"] = (cpu_seconds(pid) - cpu0) / max(n, 1) * 1e6
+    return result
 
 
 def haproxy_cmd(sock: str, cmd: str) -> str:
@@ -159,48 +173,52 @@ def switch_under_load(port: int, duration: float, conns: int, switches: int, do_
     return {"rps": rps, "errors": errors}
 
 
-def driver_switching(blue: int, green: int, duration: float, conns: int, switches: int) -> dict[str, float]:
-    """Switches through changeover's HAProxyDataPlane (its own haproxy, pinned like the others)."""
-    import threading
+class EnginePlane:
+    """changeover driving HAProxy: `HAProxyControl` (the engine the daemon uses for
+    `[proxy] engine = "haproxy"`) with its generated config, runtime-API switching and its
+    per-request log read into a Recorder, in this process (pinned with wrk, as a daemon would
+    run beside the proxy). HAProxy's master and worker are pinned like the other proxies."""
 
-    import uvloop
+    def __init__(self, blue: int, green: int, state_dir: Path) -> None:
+        import threading
 
-    sys.path.insert(0, str(ROOT))
-    from changeover.proxy.base import ProxySettings
-    from changeover.proxy.haproxy import HAProxyDataPlane
+        import uvloop
 
-    loop = uvloop.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+        from changeover.proxy.base import ProxySettings
+        from changeover.proxy.haproxy_engine import HAProxyControl
 
-    def run(coro: object) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)  # type: ignore[arg-type]
-
-    plane = HAProxyDataPlane(ProxySettings(listen="127.0.0.1:0"))
-    run(plane.start())
-    try:
-        if plane._proc is not None and shutil.which("taskset") and CPUS > 1:
-            time.sleep(0.2)                   # master-worker: pin the master and its forked worker
-            master = plane._proc.pid
+        self.loop = uvloop.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.control = HAProxyControl(ProxySettings(listen=f"127.0.0.1:{free_port()}", engine="haproxy"),
+                                      state_dir)
+        self.run(self.control.ensure({"slots": {"blue": [["127.0.0.1", blue]], "green": [["127.0.0.1", green]]},
+                                      "versions": {"blue": "b1", "green": "g1"}, "live": "blue"}))
+        assert self.control.pid is not None and self.control.port is not None
+        self.port = self.control.port
+        if shutil.which("taskset") and CPUS > 1:
+            master = self.control.pid
             children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
             for pid in [str(master), *children]:
                 subprocess.run(["taskset", "-a", "-p", "-c", PROXY_CPU, pid], capture_output=True, check=False)
+        self.live = "blue"
 
-        async def setup() -> None:
-            plane.set_slot("blue", [("127.0.0.1", blue)])
-            plane.set_slot("green", [("127.0.0.1", green)])
-            plane.switch("blue")
-        run(setup())
+    def worker(self) -> int:
+        assert self.control.pid is not None
+        return int(Path(f"/proc/{self.control.pid}/task/{self.control.pid}/children").read_text().split()[0])
 
-        def flip() -> None:
-            async def go() -> None:
-                plane.switch("green" if plane.live == "blue" else "blue")
-            run(go())
-        wait_port(plane.port)
-        return switch_under_load(plane.port, duration, conns, switches, flip)
-    finally:
-        run(plane.close())
-        loop.call_soon_threadsafe(loop.stop)
+    def run(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)  # type: ignore[arg-type]
+
+    def flip(self) -> None:
+        self.live = "green" if self.live == "blue" else "blue"
+        self.run(self.control.switch(self.live))
+
+    def counted(self) -> dict[str, int]:
+        return self.run(self.control.lost())  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.run(self.control.shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def main() -> None:
@@ -216,6 +234,7 @@ def main() -> None:
     (tmp / "backend.cfg").write_text(BACKEND_CFG.format(blue=blue, green=green))
     (tmp / "proxy.cfg").write_text(PROXY_CFG.format(sock=sock, port=hport, blue=blue, green=green))
     procs: list[subprocess.Popen[bytes]] = []
+    plane: EnginePlane | None = None
     try:
         procs.append(subprocess.Popen(pinned(OTHER_CPU, ["haproxy", "-db", "-f", str(tmp / "backend.cfg")])))
         procs.append(subprocess.Popen(pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(tmp / "proxy.cfg")])))
@@ -226,14 +245,23 @@ def main() -> None:
         emb.stdout.readline()
         for port in (blue, green, hport, eport):
             wait_port(port)
-        paths = {"direct": blue, "changeover": eport, "haproxy": hport}
+        if shutil.which("taskset") and CPUS > 1:
+            os.sched_setaffinity(0, {int(OTHER_CPU)})     # this process reads the engine's log
+        plane = EnginePlane(blue, green, tmp / "engine")
+        wait_port(plane.port)
+        paths = {"direct": blue, "changeover": eport, "haproxy": hport, "changeover+haproxy": plane.port}
+        # the process doing each proxy's work (taskset execs, so the pids are the proxies')
+        pids = {"changeover": emb.pid, "haproxy": procs[1].pid, "changeover+haproxy": plane.worker()}
+        cost: dict[str, list[float]] = {}
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.rounds):
             for name, port in paths.items():
                 wrk(port, 1, args.connections)               # warm-up: pools, caches
-                r = wrk(port, args.duration, args.connections)
+                r = wrk(port, args.duration, args.connections, pids.get(name))
                 if name not in best or r["rps"] > best[name]["rps"]:
                     best[name] = r
+                if name in pids:
+                    cost.setdefault(name, []).append(r["us_per_req"])
         print(f"\nwrk -t1 -c{args.connections} -d{args.duration:g}s, best of {args.rounds}")
         print("| path | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|")
         for name, r in best.items():
@@ -241,6 +269,15 @@ def main() -> None:
         ratio = best["changeover"]["rps"] / best["haproxy"]["rps"]
         overhead = best["changeover"]["p50"] - best["direct"]["p50"]
         print(f"\nchangeover / haproxy req/s: {ratio:.2f}x; p50 overhead over direct: {overhead:.2f} ms")
+        eng = best["changeover+haproxy"]["rps"] / best["haproxy"]["rps"]
+        print(f"changeover driving HAProxy / raw HAProxy req/s: {eng:.2f}x")
+        print("\nproxy CPU time per request, µs (median of the rounds; lower is better)")
+        print("| path | µs/req | rounds |\n|---|---|---|")
+        med = {name: sorted(v)[len(v) // 2] for name, v in cost.items()}
+        for name, v in cost.items():
+            print(f"| {name} | {med[name]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
+        print(f"raw HAProxy / changeover driving HAProxy, per-request CPU: "
+              f"{med['haproxy'] / med['changeover+haproxy']:.2f}x (the req/s ratio a CPU-bound core would give)")
 
         # latency added per request without queueing: one connection, one request at a time
         one = {name: wrk(port, min(args.duration, 5), 1) for name, port in paths.items()}
@@ -248,7 +285,7 @@ def main() -> None:
         print("| path | req/s | p50 ms | p99 ms |\n|---|---|---|---|")
         for name, r in one.items():
             print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.3f} | {r['p99']:.3f} |")
-        for name in ("changeover", "haproxy"):
+        for name in ("changeover", "haproxy", "changeover+haproxy"):
             print(f"{name} p50 overhead over direct at -c1: {one[name]['p50'] - one['direct']['p50']:.3f} ms")
 
         state = {"live": "blue"}
@@ -264,14 +301,22 @@ def main() -> None:
         dur = max(args.duration, 10)
         s_emb = switch_under_load(eport, dur, args.connections, args.switches, eswitch)
         s_ha = switch_under_load(hport, dur, args.connections, args.switches, hswitch)
-        s_drv = driver_switching(blue, green, dur, args.connections, args.switches)
+        before = plane.counted()
+        s_drv = switch_under_load(plane.port, dur, args.connections, args.switches, plane.flip)
+        time.sleep(1)                                   # the last log lines reach the engine
+        after = plane.counted()
         print(f"\n{args.switches} switches under load ({dur:g}s, {args.connections} connections)")
         print("| path | req/s | failed requests |\n|---|---|---|")
         print(f"| changeover (switch()) | {s_emb['rps']:,.0f} | {s_emb['errors']:.0f} |")
         print(f"| haproxy (runtime API set weight, new first) | {s_ha['rps']:,.0f} | {s_ha['errors']:.0f} |")
-        print(f"| haproxy via HAProxyDataPlane.switch (state ready/drain) | {s_drv['rps']:,.0f} | "
+        print(f"| changeover driving HAProxy (HAProxyControl.switch) | {s_drv['rps']:,.0f} | "
               f"{s_drv['errors']:.0f} |")
+        served, logged = after["served"] - before["served"], after["logged"] - before["logged"]
+        print(f"\nchangeover driving HAProxy, during the switches: HAProxy served {served:,}, the engine's "
+              f"metrics counted {logged:,} ({after['dropped_logs']} log lines dropped by HAProxy)")
     finally:
+        if plane is not None:
+            plane.close()
         for p in procs:
             p.terminate()
         for p in procs:

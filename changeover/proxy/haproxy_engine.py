@@ -98,6 +98,7 @@ class HAProxyControl:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         self._write(hx.render(self.settings, self.paths, port, initial))
+        since = self._output_size()
         out = open(self.paths.output, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             proc = subprocess.Popen(
@@ -110,7 +111,7 @@ class HAProxyControl:
         deadline = loop.time() + START_TIMEOUT
         while not await self._answers():
             if proc.poll() is not None:
-                raise self._start_error(f"HAProxy exited with {proc.returncode}")
+                raise self._start_error(f"HAProxy exited with {proc.returncode}", since)
             if loop.time() > deadline:
                 proc.kill()
                 proc.wait()
@@ -126,9 +127,18 @@ class HAProxyControl:
         await self.follower.follow(fresh=True)         # a new worker: its whole ring is unread
         log.info("HAProxy started (master %d, port %d)", proc.pid, port)
 
-    def _start_error(self, what: str) -> ChangeoverError:
+    def _output_size(self) -> int:
         try:
-            tail = self.paths.output.read_text(errors="replace").strip().splitlines()[-6:]
+            return self.paths.output.stat().st_size
+        except OSError:
+            return 0
+
+    def _start_error(self, what: str, since: int) -> ChangeoverError:
+        """The error of a start or reload, in HAProxy's words (what it wrote since `since`)."""
+        try:
+            with open(self.paths.output, "rb") as f:
+                f.seek(since)
+                tail = f.read().decode(errors="replace").strip().splitlines()[-6:]
         except OSError:
             tail = []
         alerts = "; ".join(line for line in tail if "ALERT" in line) or "; ".join(tail)
@@ -367,9 +377,13 @@ class HAProxyControl:
             raise ChangeoverError(f"HAProxy is attached through [proxy] haproxy_socket ({self.admin}): "
                                   "reload it the way it is run (systemctl reload haproxy)")
         before = self._written()
-        old_worker = int(hx.parse_info(await self._cli("show info")).get("Pid", "0") or 0)
+        try:
+            old_worker = int(hx.parse_info(await self._cli("show info")).get("Pid", "0") or 0)
+        except OSError as e:
+            raise DaemonError(f"HAProxy does not answer on {self.admin} ({e}): nothing to reload") from None
         port = self.settings.port or (hx.written_port(before) if before else None) or self._pick_port()
         self._write(hx.render(self.settings, self.paths, port, initial))
+        since = self._output_size()
         try:
             failed = hx.failed_reloads(await self._master("show proc"))
             await self._master("reload")
@@ -377,7 +391,7 @@ class HAProxyControl:
         except (OSError, ChangeoverError) as e:
             if before is not None:
                 self._write(before)     # what runs is still the old config: say so on disk too
-            raise self._start_error(f"HAProxy reload failed ({e})") from None
+            raise self._start_error(f"HAProxy reload failed ({e})", since) from None
         self.port = port
         self._baseline = None
         await self.follower.follow(fresh=True)         # the new worker's ring; the old reader ends with its worker
