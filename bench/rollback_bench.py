@@ -183,7 +183,7 @@ metrics_listen = ""
         with open(self.root / "serve.out", "ab") as log:
             self.daemon = subprocess.Popen([sys.executable, "-m", "changeover", "serve", "-c", str(self.config)],
                                            cwd=self.root, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a busy 2-core machine can take a while
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise RuntimeError("daemon exited:\n" + (self.root / "serve.out").read_text()[-3000:])
