@@ -396,6 +396,28 @@ def dashboard(config: ConfigOpt = DEFAULT) -> None:
 
     sys.stdout.write(login_url(daemon_at(config).state_dir) + "\n")
 
+
+@app.command()
+def init(example: Annotated[str | None, typer.Option("--example", help="Copy an example project instead "
+                                                     "(node: the Express shop).")] = None,
+         json_out: JsonOpt = False) -> None:
+    """Write changeover.toml, migrations/ and .env.example for the project here (never overwrites)."""
+    from changeover import init as scaffold
+
+    here = Path.cwd()
+    res = scaffold.copy_example(example, here) if example else scaffold.init(here)
+    if json_out:
+        _print_json(res.__dict__)
+        return
+    err.print(f"{res.project}: wrote {', '.join(res.written) or 'nothing'}"
+              + (f"; kept existing {', '.join(res.kept)}" if res.kept else ""))
+    for note in res.notes:
+        err.print(f"  [dim]{escape(note)}[/]")
+    err.print("next:")
+    for cmd in res.next:
+        out.print(f"  {escape(cmd)}")
+
+
 def _mount() -> None:
     """`migrate` and `check` live with their packages (a broken import there must fail loudly, not
     make the command vanish)."""

@@ -21,7 +21,7 @@ from changeover.fleet import config as fleet_config
 from changeover.migrations import config as migrations_config
 from changeover.monitor import config as monitor_config
 from changeover.proxy.base import ProxySettings
-from changeover.releases import BuildConfig, ReleasesConfig, load_build, load_releases
+from changeover.releases import MARKER, BuildConfig, ReleasesConfig, load_build, load_releases
 from changeover.tables import Table
 
 DEFAULT_CONFIG = "changeover.toml"
@@ -60,8 +60,8 @@ class Config:
     monitor: monitor_config.MonitorConfig
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for `config check`
     dashboard: dashboard_config.DashboardConfig = dashboard_config.DashboardConfig()  # [dashboard]
-    releases: ReleasesConfig = field(default_factory=ReleasesConfig)   # [releases] (releases.py)
     fleet: fleet_config.FleetConfig | None = None   # [fleet] (changeover/fleet)
+    releases: ReleasesConfig = field(default_factory=ReleasesConfig)   # [releases] (releases.py)
 
     @property
     def root(self) -> Path:
@@ -135,7 +135,8 @@ CONFIG_ENV = "CHANGEOVER_CONFIG"
 def find_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Path:
     """The file meant by `-c PATH`. Only the default name is looked for: `$CHANGEOVER_CONFIG` when
     set, else the nearest `changeover.toml` in the working directory or above it (so `npm run
-    db:migrate:safe` works from inside a release), else the name as given (its error says so)."""
+    db:migrate:safe` works from inside a release; a release directory's own copy, exported with
+    its code, is passed over), else the name as given (its error says so)."""
     if str(path) != DEFAULT_CONFIG:
         return Path(path)
     named = os.environ.get(CONFIG_ENV)
@@ -143,7 +144,7 @@ def find_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Path:
         return Path(named)
     here = Path.cwd()
     for d in (here, *here.parents):
-        if (d / DEFAULT_CONFIG).is_file():
+        if (d / DEFAULT_CONFIG).is_file() and not (d / MARKER).exists():
             return d / DEFAULT_CONFIG
     return Path(path)
 
@@ -201,8 +202,8 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     checks = checks_config.load(top.table("checks"), env)
     monitor = monitor_config.load(top.table("monitor"), top.table("notify"), env)
     dashboard = dashboard_config.load(top.table("dashboard"))
-    releases = load_releases(top.table("releases"))
     fleet = fleet_config.load(top.table("fleet"))
+    releases = load_releases(top.table("releases"))
     top.finish()
     return Config(file=file, app=app, env=app_env, proxy=proxy,
                   fleet=fleet,

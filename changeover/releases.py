@@ -25,6 +25,7 @@ DEFAULT_RELEASES_DIR = "releases"
 DEFAULT_KEEP = 5
 DEFAULT_REPO = "."
 CACHE_ENV = "CHANGEOVER_BUILD_CACHE"
+MARKER = ".changeover-release.json"   # in every release directory a deploy exported or built
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,9 @@ from changeover.daemon.procs import resolve_command
 from changeover.daemon.steps import StepRunner, Undo
 from changeover.errors import DeployError, UsageError
 from changeover.redact import redact_text
-from changeover.releases import CACHE_ENV
+from changeover.releases import CACHE_ENV, MARKER
 from changeover.state import Release, State
 
-MARKER = ".changeover-release.json"
 GIT_TIMEOUT = 300.0          # a clone or fetch of the repository
 KILL_GRACE = 5.0             # SIGTERM, then SIGKILL, for a build that timed out
 TAIL_LINES = 15              # quoted in the error of a failed build

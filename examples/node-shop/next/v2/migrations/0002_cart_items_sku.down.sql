@@ -1,0 +1,3 @@
+-- changeover:backfill table=cart_items batch=1000
+UPDATE cart_items SET item = sku WHERE item IS NULL;
+ALTER TABLE cart_items DROP COLUMN sku;
