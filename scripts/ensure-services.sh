@@ -10,6 +10,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)   # the dashboard's browser tests (Playwright drives it)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)   # the fleet tests start their own members; never a system etcd
+command -v node >/dev/null 2>&1 || need+=(nodejs)   # the Node shop example's test (tests/examples)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
