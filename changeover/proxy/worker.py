@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
             log.exception("the proxy worker failed")
         elif isinstance(e, ListenError):
             _not_ready(str(e), "listen", "proxy.listen")
-        elif isinstance(e, ConfigError):
-            _not_ready(str(e), "config", e.key)
+        elif isinstance(e, ConfigError):     # the daemon adds the key again: send the bare message
+            _not_ready(str(e).removeprefix(f"{e.key}: ") if e.key else str(e), "config", e.key)
         else:
             # e.g. the control socket cannot be created: nothing the [proxy] listen address can fix
             log.exception("the proxy worker could not start")

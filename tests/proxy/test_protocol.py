@@ -199,6 +199,7 @@ def test_a_bad_trusted_proxies_value_is_a_config_error(lt: LoopThread, tmp_path:
     with pytest.raises(ConfigError) as info:
         lt.run(p.ensure())
     assert info.value.key == "proxy.trusted_proxies"
+    assert str(info.value).count("proxy.trusted_proxies") == 1 and "'nope'" in str(info.value)
 
 
 # -- shutdown -----------------------------------------------------------------------------------------
