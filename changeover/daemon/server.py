@@ -135,8 +135,12 @@ class Daemon:
                     log.exception("syncing slots failed")
         finally:
             watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await watchdog
+            except asyncio.CancelledError:
+                pass
+            except Exception:   # the stop must still happen: sockets removed, state closed
+                log.exception("the proxy watchdog failed")
             await self.close()
 
     async def _watch_proxy(self) -> None:
@@ -145,9 +149,13 @@ class Daemon:
         misses = 0
         while True:
             await asyncio.sleep(PROXY_CHECK_INTERVAL)
-            if self._handover:
+            if self._handover or self._down:   # a handover replaces it; `down` stopped it on purpose
                 continue
-            info = await self.proxy.ping()
+            try:
+                info = await self.proxy.ping()
+            except ChangeoverError as e:   # an answer that is an error: not a working proxy either
+                log.warning("the proxy answered its ping with an error: %s", e)
+                info = None
             if info is not None:
                 misses = 0
                 continue

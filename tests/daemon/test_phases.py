@@ -207,11 +207,15 @@ def test_piped_output_is_not_wrapped_and_top_prints(project: Project) -> None:
     import sys
 
     top = subprocess.Popen([sys.executable, "-m", "changeover", "top", "--interval", "0.2", "-c", str(project.config)],
-                           stdout=subprocess.PIPE, text=True)
-    time.sleep(2.5)
-    top.send_signal(signal.SIGINT)
-    out, _ = top.communicate(timeout=10)
-    assert "live" in out and "v1" in out
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert top.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any("v1" in line for line in seen):
+        seen.append(top.stdout.readline())
+    top.kill()
+    top.communicate(timeout=10)
+    assert any("live" in line and "v1" in line for line in seen), seen
 
 
 def test_migrations_run_on_the_database_the_release_checks(project: Project, pg_url: str) -> None:

@@ -256,7 +256,8 @@ async def test_recovery_finishes_an_interrupted_rollback_and_never_switches_back
         await r2.pipeline.resume(resumes[0].deployment, resumes[0].at, r2.config)
         a = r2.pipeline.active
         assert a is not None and a.done is not None
-        await asyncio.wait_for(asyncio.shield(a.done), 30)
+        with pytest.raises(DeployError, match="rolled back"):   # the deploy's waiter learns it failed
+            await asyncio.wait_for(asyncio.shield(a.done), 30)
         assert r2.state.deployment(dep).state == "rolled_back"    # type: ignore[union-attr]
         assert "green" not in fake.switches, "users were sent back to the failing release"
         assert r2.state.steps(dep)[0].id == step
