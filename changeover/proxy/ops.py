@@ -9,6 +9,10 @@ they use are the *handover ops* (`ping`, `retire`, `shutdown`), frozen across ve
 worker answers them with the same arguments and at least the fields of `HandoverPing`. That is
 what lets a daemon replace a worker of another version without a gap. A worker from before
 versioning (its ping has no "protocol") is version 1.
+
+Version 1 (the first embedded worker) differs from 2 only in what 2 adds: `protocol` and
+`routing` in the ping result; its other ops take and return the same. A daemon may therefore
+drive a version-1 worker until it has replaced it (`ADOPTABLE`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from changeover.proxy.control import PROXY_PROTOCOL
 
 PROTOCOL = PROXY_PROTOCOL
 UNVERSIONED = 1              # what a worker whose ping carries no "protocol" speaks
+ADOPTABLE = frozenset((UNVERSIONED,))   # older versions whose routing ops are this one's
 
 # handover ops: frozen, understood by a worker of any version
 PING = "ping"

@@ -48,12 +48,15 @@ class ProxyProcess:
         self.pid: int | None = None
         self.port: int | None = None
         self.running_settings: dict[str, Any] = _wire(settings)
+        self.outdated = False     # adopted a worker of an older, compatible protocol: to be replaced
 
     async def ensure(self, initial: dict[str, Any] | None = None) -> str:
         """Adopt the worker if one answers on the socket, else start one. Returns 'adopted' or
-        'started'. A worker that speaks another protocol version is replaced without a gap by a
-        worker of this version, preloaded with `initial` or else with the routing the old worker
-        reports (a worker from before versioning reports none: that is refused)."""
+        'started'. A worker of another protocol version is never driven by ops it may read
+        differently: it is replaced without a gap by a worker of this version, preloaded with
+        `initial` or else with the routing it reports itself. A worker from before versioning
+        reports none; its ops are this version's (`ops.ADOPTABLE`), so it is adopted and marked
+        `settings_differ`, which makes the daemon hand over to a new worker once it knows the routing."""
         info = await self.ping()
         if info is None:
             await self._start(initial=initial)
@@ -61,15 +64,21 @@ class ProxyProcess:
         self.pid, self.port = int(info["pid"]), int(info["port"])
         self.running_settings = dict(info.get("settings") or {})
         theirs = ops.protocol_of(info)
+        self.outdated = False
         if theirs == ops.PROTOCOL:
             return "adopted"
         routing = initial if initial is not None else info.get("routing")
         if not isinstance(routing, dict):
+            if theirs in ops.ADOPTABLE:
+                log.warning("the proxy worker (pid %s) speaks protocol %s, this changeover %s: adopted until it "
+                            "is replaced", self.pid, theirs, ops.PROTOCOL)
+                self.outdated = True
+                return "adopted"
             raise DaemonError(
                 f"the proxy worker on {self.settings.listen} (pid {self.pid}) speaks proxy control protocol "
-                f"{theirs} and this changeover speaks {ops.PROTOCOL}; a worker that old cannot hand its routing "
-                f"over. Stop it (`kill {self.pid}`; requests still open on it are cut) and start the daemon "
-                "again: it starts a worker of this version and routes it from the state")
+                f"{theirs} and this changeover speaks {ops.PROTOCOL}, and it does not say what it routes, so it "
+                f"cannot be replaced without a gap. Stop it (`kill {self.pid}`; requests still open on it are "
+                "cut) and start the daemon again: it starts a worker of this version and routes it from the state")
         log.warning("the proxy worker (pid %s) speaks protocol %s, this changeover %s: handing over to a new one",
                     self.pid, theirs, ops.PROTOCOL)
 
@@ -88,8 +97,9 @@ class ProxyProcess:
 
     @property
     def settings_differ(self) -> bool:
-        """The adopted worker was started with other [proxy] settings than the config has now."""
-        return self.running_settings != _wire(self.settings)
+        """The adopted worker was started with other [proxy] settings than the config has now (or
+        speaks an older protocol): the daemon replaces it by a handover."""
+        return self.outdated or self.running_settings != _wire(self.settings)
 
     def _check_port_free(self) -> None:
         """A worker binds with SO_REUSEPORT (for handovers), which would silently share the port with
@@ -123,6 +133,7 @@ class ProxyProcess:
         old = self.pid
         self.pid, self.port = nxt.pid, nxt.port
         self.running_settings = _wire(self.settings)
+        self.outdated = False
         log.info("proxy handed over from pid %s to pid %s", old, self.pid)
 
     async def _start(self, check_port: bool = True, initial: dict[str, Any] | None = None) -> None:

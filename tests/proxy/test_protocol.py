@@ -27,17 +27,21 @@ from changeover.proxy.remote import ProxyProcess
 from .conftest import Backend, LoopThread, get
 
 # A worker of another protocol version: the real worker, told it speaks `version`. Version 1 is
-# a worker from before versioning: its ping has neither "protocol" nor "routing".
+# a worker from before versioning: its ping has neither "protocol" nor "routing"; `bare` makes
+# a worker of another version that does not report its routing either.
 OTHER = r"""
 import dataclasses, os, sys
 from changeover.proxy import ops, worker
 ops.PROTOCOL = int(sys.argv[1])
-if ops.PROTOCOL == ops.UNVERSIONED:
+if ops.PROTOCOL == ops.UNVERSIONED or sys.argv[2] == "bare":
     async def ping(self, args, emit):
-        return {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live,
-                "settings": dataclasses.asdict(self.settings)}
+        out = {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live,
+               "settings": dataclasses.asdict(self.settings)}
+        if ops.PROTOCOL != ops.UNVERSIONED:
+            out["protocol"] = ops.PROTOCOL
+        return out
     worker.Worker.ping = ping
-worker.main(sys.argv[2:])
+worker.main(sys.argv[3:])
 """
 
 
@@ -73,10 +77,11 @@ def workers() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGKILL)
 
 
-def start_other(version: int, state_dir: Path, settings: ProxySettings, initial: dict[str, Any]) -> int:
+def start_other(version: int, state_dir: Path, settings: ProxySettings, initial: dict[str, Any],
+                bare: bool = False) -> int:
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-c", OTHER, str(version), "--socket", str(state_dir / "proxy.sock"),
+        [sys.executable, "-c", OTHER, str(version), "bare" if bare else "-", "--socket", str(state_dir / "proxy.sock"),
          "--settings", json.dumps(dataclasses.asdict(settings)), "--initial", json.dumps(initial)],
         stdout=subprocess.PIPE, start_new_session=True)
     assert proc.stdout is not None
@@ -147,23 +152,53 @@ def test_a_worker_of_another_version_is_replaced_without_a_gap(
     lt.run(p.shutdown())
 
 
-def test_a_worker_from_before_versioning_is_refused_clearly(
+def test_a_worker_from_before_versioning_is_adopted_until_replaced(
         lt: LoopThread, tmp_path: Path, settings: ProxySettings, backends: tuple[Backend, Backend],
         workers: list[int]) -> None:
+    """Its ops are this version's: the daemon may drive it, and replaces it (settings_differ makes
+    the daemon's start hand over) once recovery knows the routing."""
     old = start_other(ops.UNVERSIONED, tmp_path, settings,
                       {"slots": {"blue": [list(backends[0].addr)]}, "versions": {}, "live": "blue"})
+    workers.append(old)
+    p = ProxyProcess(settings, tmp_path)
+    assert lt.run(p.ensure()) == "adopted" and p.pid == old
+    assert p.settings_differ
+    lt.run(p.set_slot("green", [backends[1].addr]))          # what recovery does
+    lt.run(p.switch("green"))
+    assert get(settings.port)[2] == b"green"
+    routing = {"slots": {"blue": [list(backends[0].addr)], "green": [list(backends[1].addr)]},
+               "versions": {}, "live": "green"}
+
+    async def configure(nxt: ProxyProcess) -> None:
+        await nxt.set_slot("blue", [backends[0].addr])
+
+    lt.run(p.handover(routing, configure))                    # what the daemon's reload does
+    assert p.pid is not None and p.pid != old
+    workers.append(p.pid)
+    assert not p.settings_differ
+    info = lt.run(p.ping())
+    assert info is not None and info["protocol"] == PROXY_PROTOCOL
+    assert wait_gone(old)
+    assert get(settings.port)[2] == b"green"
+    lt.run(p.shutdown())
+
+
+def test_a_worker_of_another_version_that_hides_its_routing_is_refused_clearly(
+        lt: LoopThread, tmp_path: Path, settings: ProxySettings, backends: tuple[Backend, Backend],
+        workers: list[int]) -> None:
+    routing = {"slots": {"blue": [list(backends[0].addr)]}, "versions": {}, "live": "blue"}
+    old = start_other(PROXY_PROTOCOL + 5, tmp_path, settings, routing, bare=True)
     workers.append(old)
     p = ProxyProcess(settings, tmp_path)
     with pytest.raises(DaemonError) as info:
         lt.run(p.ensure())
     msg = str(info.value)
-    assert f"protocol {ops.UNVERSIONED}" in msg and f"speaks {PROXY_PROTOCOL}" in msg
+    assert f"protocol {PROXY_PROTOCOL + 5}" in msg and f"speaks {PROXY_PROTOCOL}" in msg
     assert f"kill {old}" in msg
     assert info.value.exit_code == 3
     assert get(settings.port)[2] == b"blue"          # left serving, untouched
     # given the routing (the daemon knows it), even such a worker is replaced without a gap
-    assert lt.run(p.ensure({"slots": {"blue": [list(backends[0].addr)]}, "versions": {}, "live": "blue"})) \
-        == "started"
+    assert lt.run(p.ensure(routing)) == "started"
     assert p.pid is not None
     workers.append(p.pid)
     assert wait_gone(old)
