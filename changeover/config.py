@@ -261,8 +261,10 @@ class Location:
 def locate(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Location:
     path = find_config(path)
     file = Path(path).absolute()
-    if not file.parent.is_dir():
-        raise ConfigError("no such directory", file=str(path))
+    if not file.is_file():
+        # Its contents are not read (they may be mid-edit), but a file that is not there at all is
+        # a wrong -c, not a daemon that is down.
+        raise ConfigError("no such file (create one, or pass -c PATH)", file=str(path))
     return Location(file)
 
 
