@@ -59,7 +59,7 @@ class Config:
     checks: checks_config.ChecksConfig
     monitor: monitor_config.MonitorConfig
     resolved: dict[str, Any] = field(default_factory=dict, compare=False)  # for `config check`
-    dashboard: dashboard_config.DashboardConfig = dashboard_config.DashboardConfig()  # [dashboard]
+    dashboard: dashboard_config.DashboardConfig = field(default_factory=dashboard_config.DashboardConfig)  # [dashboard]
     fleet: fleet_config.FleetConfig | None = None   # [fleet] (changeover/fleet)
     releases: ReleasesConfig = field(default_factory=ReleasesConfig)   # [releases] (releases.py)
 

@@ -375,7 +375,7 @@ class Daemon:
         return await self.pipeline.stop_standby()
 
     async def h_series(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        from changeover.dashboard import ops   # read-only ops for the dashboard
+        from changeover.dashboard import ops  # read-only ops for the dashboard
 
         return ops.series(self.telemetry.recorder, self.state, api.decode(api.SeriesArgs, args).seconds)
 

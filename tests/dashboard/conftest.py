@@ -156,8 +156,8 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def screenshot(page: Any, name: str, tmp: Path) -> None:
+def screenshot(page: Any, name: str, tmp: Path, full: bool = True) -> None:
     """Every run takes the screenshots; CHANGEOVER_SCREENSHOTS=1 writes them into docs/img."""
     target = SCREENSHOTS if os.environ.get("CHANGEOVER_SCREENSHOTS") == "1" else tmp
     target.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(target / f"dashboard-{name}.png"), full_page=True)
+    page.screenshot(path=str(target / f"dashboard-{name}.png"), full_page=full)

@@ -51,7 +51,7 @@ def test_the_dashboard_in_a_browser(site: Site, browser: Any, tmp_path: Path) ->
         expect(page.locator("#confirm-text")).to_contain_text("switch back to v1 on blue, warm: about", timeout=T,
                                                               ignore_case=True)
         page.fill("#confirm-reason", "checkout totals look wrong")
-        screenshot(page, "confirm-rollback", tmp_path)
+        screenshot(page, "confirm-rollback", tmp_path, full=False)
         page.click("#confirm-ok")
         expect(page.locator("#live-version")).to_have_text("v1", timeout=T)
         expect(page.locator("#live .slotname")).to_have_text("blue")

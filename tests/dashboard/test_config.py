@@ -8,7 +8,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +23,23 @@ from changeover.dashboard import auth, service
 from changeover.errors import ConfigError
 
 APP = f'[app]\ncommand = [{sys.executable!r}, "server.py", "$PORT"]\n'
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """uvloop.run in a thread of its own: Playwright's session keeps a loop running in this one."""
+    failure: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            uvloop.run(main())
+        except BaseException as e:
+            failure.append(e)
+
+    t = threading.Thread(target=go)
+    t.start()
+    t.join(60)
+    if failure:
+        raise failure[0]
 
 
 def load(tmp_path: Path, dashboard: str) -> config_mod.Config:
@@ -96,7 +116,7 @@ def test_served_over_tls_in_the_daemons_uvloop_loop_with_no_daemon_said_plainly(
             await d.close()
         assert not (tmp_path / ".changeover" / auth.URL_FILE).exists()
 
-    uvloop.run(main())
+    run(main)
 
 
 def test_a_taken_port_leaves_the_daemon_without_a_dashboard(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -108,7 +128,7 @@ def test_a_taken_port_leaves_the_daemon_without_a_dashboard(tmp_path: Path, capl
         assert await service.start(cfg) is None
 
     try:
-        uvloop.run(main())
+        run(main)
     finally:
         taken.close()
     assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
