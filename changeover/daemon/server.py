@@ -93,7 +93,7 @@ class Daemon:
         resumes = await recover(self.state, self.slots, self.proxy, adopted=how == "adopted")
         if how == "adopted" and self.proxy.settings_differ:
             # [proxy] changed since the worker started: apply it without a gap.
-            await self.reload_proxy("the [proxy] settings changed")
+            await self.reload_proxy("the running proxy has other [proxy] settings or an older control protocol")
         await self.telemetry.start(self.state.live_slot())
         self.pipeline.arm_expiry()
         for r in resumes:
