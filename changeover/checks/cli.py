@@ -85,7 +85,8 @@ def smoke(config: ConfigOpt = Path(config_mod.DEFAULT_CONFIG), json: JsonOpt = F
         results = []
         v = cfg.checks.version
         if v is not None and expected:
-            results.append(await check_version(base, v.path or config_mod.require_app(cfg).health_path, v.field, expected, v.timeout))
+            path = v.path or config_mod.require_app(cfg).health_path
+            results.append(await check_version(base, path, v.field, expected, v.timeout))
         results.extend(await run_smoke(cfg.checks, base))
         return results
 
