@@ -51,6 +51,10 @@ listen = "127.0.0.1:{self.port}"
 drain_timeout = "5s"
 {extra}
 """)
+        if "[dashboard]" not in extra:
+            # One port per host by default (9180): the tests' many daemons run without it.
+            with self.config.open("a") as f:
+                f.write('\n[dashboard]\nlisten = ""\n')
         if "[monitor]" not in extra:
             # No observation window unless a test asks for one; no metrics endpoint.
             with self.config.open("a") as f:
