@@ -22,6 +22,7 @@ from changeover.migrations import config as migrations_config
 from changeover.monitor import config as monitor_config
 from changeover.proxy.base import ProxySettings
 from changeover.releases import MARKER, BuildConfig, ReleasesConfig, load_build, load_releases
+from changeover.retention import LogsConfig, StateRetention, load_logs, load_state
 from changeover.tables import Table
 
 DEFAULT_CONFIG = "changeover.toml"
@@ -62,6 +63,8 @@ class Config:
     dashboard: dashboard_config.DashboardConfig = field(default_factory=dashboard_config.DashboardConfig)  # [dashboard]
     fleet: fleet_config.FleetConfig | None = None   # [fleet] (changeover/fleet)
     releases: ReleasesConfig = field(default_factory=ReleasesConfig)   # [releases] (releases.py)
+    retention: StateRetention = field(default_factory=StateRetention)   # [state] (retention.py)
+    logs: LogsConfig = field(default_factory=LogsConfig)   # [logs] (retention.py)
 
     @property
     def root(self) -> Path:
@@ -195,6 +198,7 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         engine=_engine(p),
         haproxy_socket=p.str("haproxy_socket", "") or None,
         trusted_proxies=_cidrs(p, "trusted_proxies", d.trusted_proxies),
+        health_path=_health_path(p, d.health_path),   # the load balancer's check (proxy/embedded.py)
     )
     p.finish()
 
@@ -204,11 +208,19 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     dashboard = dashboard_config.load(top.table("dashboard"))
     fleet = fleet_config.load(top.table("fleet"))
     releases = load_releases(top.table("releases"))
+    retention, logs = load_state(top.table("state")), load_logs(top.table("logs"))
     top.finish()
     return Config(file=file, app=app, env=app_env, proxy=proxy,
                   fleet=fleet,
                   migrations=migrations, checks=checks, monitor=monitor, resolved=resolved, releases=releases,
-                  dashboard=dashboard)
+                  dashboard=dashboard, retention=retention, logs=logs)
+
+
+def _health_path(t: Table, default: str) -> str:
+    v: str = t.str("health_path", default)
+    if v and (not v.startswith("/") or any(c.isspace() or c in "?#" for c in v)):
+        raise t.error("health_path", "a path starting with '/' (no spaces, '?' or '#'), or \"\" for none", v)
+    return v
 
 
 def _app(t: Table) -> AppConfig:

@@ -13,6 +13,7 @@ never a traceback::
     │   └── SlotStartError           exit 1   a slot did not become ready (last health error, log tail)
     ├── RollbackError                exit 1   nothing to roll back to, or the rollback failed
     ├── CheckFailed                  exit 1   a gate (pre-deploy, smoke, flow...) failed
+    ├── StateWriteError              exit 1   the daemon's state could not be written (disk full, I/O)
     └── MigrationError               exit 1   a migration or its lint failed
         ├── MigrationLockHeld        exit 1   another runner holds the advisory lock
         ├── ChecksumMismatch         exit 1   an applied migration's file changed
@@ -82,3 +83,12 @@ class ChecksumMismatch(MigrationError):
 
 class LintFailed(MigrationError):
     pass
+
+
+class StateWriteError(ChangeoverError):
+    """A write to `.changeover/` failed (sqlite "database or disk is full", ENOSPC, I/O error).
+    `disk_full` says whether freeing space is the cure."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        self.disk_full = disk_full
+        super().__init__(message)

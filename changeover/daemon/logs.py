@@ -1,4 +1,9 @@
-"""Reading app instance logs: the last lines of a file, and following several files (`logs -f`).
+"""Log files: who may read them, rotation, and reading app instance logs (tail, `logs -f`).
+
+Every log the daemon makes (daemon.log, proxy.log, the app's instance logs) may hold what an app
+prints, secrets included, so it is created 0600 in a 0700 directory; with `[logs] group` it is
+0640/0750 and owned by that group (a log shipper's). Existing files and directories are brought to
+that mode, so a host upgraded from a version that made them 0644/0755 is closed too.
 
 Instances write straight into their log files (the supervisor never pipes them), so readers work
 on the files alone: they may not exist yet, may be truncated or replaced (rotation) at any time.
@@ -7,6 +12,10 @@ on the files alone: they may not exist yet, may be truncated or replaced (rotati
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
+import io
+import logging.handlers
 import os
 import re
 import shutil
@@ -18,6 +27,60 @@ from typing import BinaryIO
 _BLOCK = 8192
 _MAX_LINE = 64 * 1024  # a partial line longer than this is emitted as is, so memory stays bounded
 _RELEASE_LOG = re.compile(r"^(?P<release>.+)\.\d+\.log(?:\.\d+)?$")  # <release>.<n>.log[.k]
+
+
+_group: int | None = None   # gid of [logs] group, set once by the daemon (configure)
+
+
+def configure(group: str | None) -> None:
+    """Set the group that may read the logs (None: only the daemon's user)."""
+    global _group
+    _group = grp.getgrnam(group).gr_gid if group else None
+
+
+def file_mode() -> int:
+    return 0o640 if _group is not None else 0o600
+
+
+def dir_mode() -> int:
+    return 0o750 if _group is not None else 0o700
+
+
+def _own(fd_or_path: int | Path, mode: int) -> None:
+    if isinstance(fd_or_path, int):
+        if _group is not None:
+            os.fchown(fd_or_path, -1, _group)
+        os.fchmod(fd_or_path, mode)
+        return
+    with contextlib.suppress(PermissionError):   # a directory of another user: leave it as it is
+        if _group is not None:
+            os.chown(fd_or_path, -1, _group)
+        os.chmod(fd_or_path, mode)
+
+
+def private_dir(path: Path) -> Path:
+    """Create path (and parents) if needed; path itself gets the log directory mode."""
+    path.mkdir(parents=True, exist_ok=True, mode=dir_mode())
+    _own(path, dir_mode())
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create path if needed (never truncating it) with the log file mode, and fix an existing one's."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, file_mode())
+    try:
+        _own(fd, file_mode())
+    finally:
+        os.close(fd)
+    return path
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """daemon.log: rotated past max_bytes (0: never), and every file it opens is private."""
+
+    def _open(self) -> io.TextIOWrapper:
+        private_file(Path(self.baseFilename))
+        return super()._open()
 
 
 def _decode(raw: bytes) -> str:
@@ -63,7 +126,7 @@ def rotate(path: Path, max_bytes: int, keep: int = 1) -> bool:
         older = Path(f"{path}.{i}")
         if older.exists():
             os.replace(older, f"{path}.{i + 1}")
-    tmp = Path(f"{path}.1.tmp")
+    tmp = private_file(Path(f"{path}.1.tmp"))
     with open(path, "rb") as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     os.replace(tmp, f"{path}.1")

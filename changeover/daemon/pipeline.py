@@ -29,13 +29,21 @@ from typing import Any
 from changeover.checks.flows import SessionProbe
 from changeover.config import Config, release_env, require_app
 from changeover.daemon import builds
-from changeover.daemon.model import DeploymentKind, DeploymentState, StepKind, other
+from changeover.daemon.model import DeploymentKind, DeploymentState, SlotState, StepKind, other
 from changeover.daemon.observation import Observation
 from changeover.daemon.slots import SlotManager
 from changeover.daemon.steps import StepFailed, StepRunner, Undo
 from changeover.daemon.telemetry import Telemetry
 from changeover.daemon.verification import Verification
-from changeover.errors import ChangeoverError, DeployError, DeployInProgress, RollbackError, UsageError
+from changeover.errors import (
+    ChangeoverError,
+    DeployError,
+    DeployInProgress,
+    RollbackError,
+    StateWriteError,
+    UsageError,
+)
+from changeover.redact import redact_json
 from changeover.rpc import Emit
 from changeover.state import Release, State
 
@@ -71,6 +79,7 @@ class Active:
     source: builds.Source | None = None       # deploy --git/--archive: exported by the prepare phase
 
     async def emit(self, event: dict[str, Any]) -> None:
+        event = redact_json(event)   # secrets of any release env, by value (changeover.redact)
         for fn in list(self.listeners):
             try:
                 await fn(event)
@@ -455,22 +464,71 @@ class Pipeline:
         else:
             reason = f"{a.steps.current or a.kind}: {e}"
         switched = a.phase == D.OBSERVING
-        if switched:
-            self._transition(a, D.ROLLING_BACK, reason)
-        problems = await a.steps.unwind()
-        if switched and a.previous is not None and self.state.live_slot() == a.previous:
-            if aborted and a.stop is not None:
-                who = f" (by {a.stop['actor']})" if a.stop.get("actor") else ""
-                return await self._rolled_back(a, f"manual: {a.stop.get('reason')}{who}", None, manual=True)
-            return await self._rolled_back(a, reason, None, manual=False)
-        new = D.ABORTED if aborted and not switched else D.FAILED
-        self._transition(a, new, reason + (f" (undo: {'; '.join(problems)})" if problems else ""))
+        try:
+            if switched:
+                self._transition(a, D.ROLLING_BACK, reason)
+            problems = await a.steps.unwind()
+            if switched and a.previous is not None and self.state.live_slot() == a.previous:
+                if aborted and a.stop is not None:
+                    who = f" (by {a.stop['actor']})" if a.stop.get("actor") else ""
+                    return await self._rolled_back(a, f"manual: {a.stop.get('reason')}{who}", None, manual=True)
+                return await self._rolled_back(a, reason, None, manual=False)
+            new = D.ABORTED if aborted and not switched else D.FAILED
+            self._transition(a, new, reason + (f" (undo: {'; '.join(problems)})" if problems else ""))
+        except StateWriteError as w:   # a full disk: unwind without the state, record it later
+            return await self._unwritable(a, w, reason, where, switched)
         await self.telemetry.notify("failed", {"version": a.version, "reason": reason})
         live = self.slots.version(self.state.live_slot())
         still = f"{live} is still live" if live else "nothing was live before and nothing is now"
         verb = "aborted" if new == D.ABORTED else "failed"
         raise DeployError(f"{a.kind} of {a.version} {verb} at step '{where}': "
                           f"{getattr(e, 'cause', None) or reason}\n{still}")
+
+    async def _unwritable(self, a: Active, w: StateWriteError, reason: str, where: str | None,
+                          switched: bool) -> dict[str, Any]:
+        """The state cannot be written (disk full) while unwinding: do what the undo steps would
+        have done without recording it (the old slot serves, the new one is stopped), and record
+        the outcome as soon as a write succeeds again (`_settle_unwritten`)."""
+        log.error("deployment=%d: unwinding without the state: %s", a.id, w)
+        back = switched and a.previous is not None and self.slots.warm(a.previous)
+        if back and a.previous is not None:
+            with contextlib.suppress(ChangeoverError):
+                await self.slots.proxy.switch(a.previous)
+        if a.target != a.previous and (back or not switched):
+            with contextlib.suppress(ChangeoverError):
+                await self.slots.proxy.remove_slot(a.target)
+            await self.slots.supervisor.stop_slot(a.target)
+        a.steps.undos.clear()
+        self.telemetry.set_deploy_state("idle")
+        failed = f"{reason} ({w})" if "disk full" not in reason else reason
+        self.spawn(self._settle_unwritten(a, failed, a.previous if back else None))
+        live = self.slots.version(a.previous if back or not switched else a.target)
+        still = f"{live} is still live" if live else "nothing was live before and nothing is now"
+        what = "disk full" if w.disk_full else "the state could not be written"
+        raise DeployError(f"{a.kind} of {a.version} failed at step '{where}': {what}: {w}\n{still}; "
+                          "the deployment is recorded as failed once the state can be written again")
+
+    async def _settle_unwritten(self, a: Active, reason: str, back_to: str | None) -> None:
+        """Record what `_unwritable` did, retrying until a write succeeds (or the daemon stops)."""
+        while True:
+            try:
+                async with self._lock:
+                    if back_to is not None and self.state.live_slot() != back_to:
+                        self.state.swap_live(back_to, f"switch back: {reason}")
+                    slot = self.state.slot(a.target)
+                    if self.state.live_slot() != a.target and slot.state != "empty" \
+                            and not self.slots.supervisor.records(a.target):
+                        if slot.state != SlotState.STOPPING:
+                            self.slots.transition(a.target, SlotState.STOPPING, why=f"{a.kind} of {a.version} failed")
+                        self.slots.transition(a.target, SlotState.EMPTY, release_id=None, instances=[],
+                                              why=f"{a.kind} of {a.version} failed")
+                    row = self.state.deployment(a.id)
+                    if row is not None and not row.status.finished:
+                        self.state.transition_deployment(a.id, D.FAILED, reason)
+                log.info("deployment=%d recorded as failed now that the state can be written", a.id)
+                return
+            except StateWriteError:
+                await asyncio.sleep(1.0)
 
     async def _aborted(self, a: Active) -> dict[str, Any]:
         return await self._failed(a, asyncio.CancelledError())

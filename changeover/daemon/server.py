@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from changeover import config as config_mod
 from changeover.api import Op
 from changeover.config import Config
 from changeover.daemon import builds
+from changeover.daemon import logs as logfiles
 from changeover.daemon.model import SlotState, other
 from changeover.daemon.pipeline import Pipeline
 from changeover.daemon.recovery import configure_proxy, recover, routing
@@ -38,6 +40,8 @@ from changeover.daemon.telemetry import Telemetry
 from changeover.daemon.verification import Verification
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy.control import ProxyControl
+from changeover.redact import RedactingFormatter
+from changeover.retention import LogsConfig
 from changeover.state import SLOTS, State
 
 log = logging.getLogger("changeover.daemon")
@@ -67,6 +71,7 @@ class Daemon:
         self.config = config
         self.state_dir = config.state_dir
         self.state = State(self.state_dir / "state.db")
+        self.state.retention = config.retention   # [state] keep_*: the state prunes itself (state.py)
         self.proxy = make_control(config)
         self.slots = SlotManager(config, self.state, self.proxy)
         self.telemetry = Telemetry(config.monitor, self.proxy, str(config.file))
@@ -77,6 +82,7 @@ class Daemon:
         self._server: asyncio.AbstractServer | None = None
         self._down = False
         self._handover = False
+        self._pidfd: int | None = None
 
     def _proxy_url(self) -> str:
         host = self.config.proxy.host
@@ -189,7 +195,10 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             self.config.socket_path.unlink()
         with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / "daemon.pid").unlink()
+            (self.state_dir / "daemon.pid").unlink()   # still locked: a successor re-checks the inode
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     @staticmethod
     async def _bounded(what: str, work: Awaitable[None]) -> None:
@@ -202,22 +211,29 @@ class Daemon:
             log.error("stopping %s took over %gs; going on (tasks: %s)", what, CLOSE_TIMEOUT, stuck)
 
     def _claim_pidfile(self) -> None:
+        """Hold an exclusive flock on daemon.pid for the daemon's life. The lock, not the pid in the
+        file, says whether a daemon runs: a stale file (a recycled pid after a reboot, a killed
+        daemon not yet reaped) holds no lock, so it never keeps the site unsupervised."""
         pidfile = self.state_dir / "daemon.pid"
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            pid = 0
-        if pid and pid != os.getpid():
+        while True:
+            fd = os.open(pidfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                raise DaemonError(f"a daemon is already running for this config (pid {pid})") from None
-            else:
-                raise DaemonError(f"a daemon is already running for this config (pid {pid}); "
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise DaemonError(f"a daemon is already running for this config (pid {held or '?'}); "
                                   "stop it first") from None
-        pidfile.write_text(f"{os.getpid()}\n")
+            try:   # the daemon that held it may have unlinked the file just before we locked it
+                same = os.fstat(fd).st_ino == os.stat(pidfile).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._pidfd = fd   # kept open (not inherited by children): the lock lasts as long as we do
 
     # -- the config, read at every deploy ----------------------------------------------------------
     async def fresh_config(self) -> Config:
@@ -433,13 +449,17 @@ async def _silent(event: dict[str, Any]) -> None:
     return None
 
 
-def setup_logging(state_dir: Path, verbose: bool = False) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(state_dir: Path, verbose: bool = False, logs: LogsConfig | None = None) -> None:
+    """daemon.log (private, rotated per [logs]) and stderr, both masked (changeover.redact)."""
+    logs = logs or LogsConfig()
+    logfiles.configure(logs.group)
+    logfiles.private_dir(state_dir)
+    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
-    fh = logging.FileHandler(state_dir / "daemon.log")
+    fh = logfiles.PrivateRotatingFileHandler(state_dir / "daemon.log", maxBytes=logs.max_bytes,
+                                             backupCount=logs.backups)
     fh.setFormatter(fmt)
     root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
@@ -451,7 +471,7 @@ def setup_logging(state_dir: Path, verbose: bool = False) -> None:
 
 def serve(config: Config) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT or `changeover down`."""
-    setup_logging(config.state_dir)
+    setup_logging(config.state_dir, logs=config.logs)
 
     async def main() -> None:
         daemon = Daemon(config)

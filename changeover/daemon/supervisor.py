@@ -31,7 +31,7 @@ from typing import Any
 
 from changeover.config import AppConfig, process_env
 from changeover.daemon import procs
-from changeover.daemon.logs import prune_release_logs, rotate, tail_lines
+from changeover.daemon.logs import private_dir, private_file, prune_release_logs, rotate, tail_lines
 from changeover.daemon.readiness import wait_ready
 from changeover.errors import SlotStartError
 from changeover.redact import redact_text
@@ -267,6 +267,8 @@ class Supervisor:
 
     def _spawn(self, slot: str, release: ReleaseSpec, inst: _Instance, executable: str) -> None:
         argv = procs.substitute_port(release.command, inst.port)
+        private_dir(self.logs_dir)   # the app's logs may hold what it prints: 0600 in 0700 (daemon/logs.py)
+        private_file(private_dir(inst.log_path.parent) / inst.log_path.name)
         inst.proc = procs.spawn(argv, executable, Path(release.path), self._env(release, inst.port, slot, inst.index),
                                 inst.log_path)
         self._emit(slot, "started", inst, f"pid {inst.proc.pid} on port {inst.port}")

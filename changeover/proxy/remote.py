@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from changeover import rpc
+from changeover.daemon.logs import private_dir, private_file
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
@@ -139,7 +140,7 @@ class ProxyProcess:
     async def _start(self, check_port: bool = True, initial: dict[str, Any] | None = None) -> None:
         if check_port:
             self._check_port_free()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(private_dir(self.log_path.parent) / self.log_path.name)   # 0600 (daemon/logs.py)
         cmd = [sys.executable, "-m", "changeover.proxy.worker", "--socket", str(self.socket),
                "--settings", json.dumps(dataclasses.asdict(self.settings))]
         if initial is not None:
@@ -215,6 +216,13 @@ class ProxyProcess:
 
     async def set_version(self, slot: str, version: str | None) -> None:
         await self._call(ops.SET_VERSION, slot=slot, version=version)
+
+    async def set_route(self, route: str, slot: str | None, token: str | None = None,
+                        fault: dict[str, float] | None = None) -> None:
+        await self._call(ops.SET_ROUTE, route=route, slot=slot, token=token, fault=fault)
+
+    async def set_health(self, ok: bool, reason: str = "") -> None:
+        await self._call(ops.SET_HEALTH, ok=ok, reason=reason)
 
     async def metrics(self, since: Any = None) -> dict[str, Any]:
         return dict(await self._call(ops.METRICS, wait=5, since=since))
