@@ -1,0 +1,115 @@
+"""A full filesystem under .changeover/ in the middle of a deploy, on a real size-limited tmpfs:
+the new slot is stopped, the old one stays live, the output says "disk full", and the deployment
+is recorded as failed as soon as the state can be written again."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from changeover.state import State
+from tests.daemon.harness import Project
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    p = Project(tmp_path)
+    p.write()
+    state_dir = tmp_path / ".changeover"
+    state_dir.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(state_dir)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    # The start step is held 2 s after it acted: the disk fills while it runs.
+    monkeypatch.setenv("CHANGEOVER_TEST_STEP_DELAY", "start:2")
+    try:
+        yield p
+    finally:
+        with contextlib.suppress(OSError):
+            (state_dir / "filler").unlink()
+        p.teardown()
+        if subprocess.run(["umount", str(state_dir)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(state_dir)], capture_output=True)
+
+
+def fill(path: Path) -> None:
+    """Write until the filesystem says ENOSPC, in big then small blocks."""
+    with open(path, "wb", buffering=0) as f:
+        for block in (1 << 20, 4096, 512):
+            while True:
+                try:
+                    f.write(b"\0" * block)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                    break
+
+
+def health(p: Project) -> dict[str, object]:
+    with urllib.request.urlopen(p.url("/health"), timeout=10) as r:
+        return dict(json.loads(r.read()))
+
+
+def pids_in(directory: Path) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if d.name.isdigit() and os.readlink(d / "cwd") == str(directory):
+                out.append(int(d.name))
+    return out
+
+
+def test_disk_full_during_a_deploy_stops_the_new_slot_and_keeps_the_old_one(small_disk: Project) -> None:
+    p = small_disk
+    p.start_daemon()
+    p.deploy("v1")
+    assert health(p)["version"] == "v1"
+    v2 = p.release("v2")
+    deploy = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "v2", "--path", str(v2), "-c",
+                               str(p.config)], cwd=p.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    p.wait_for_step("start")
+    filler = p.root / ".changeover" / "filler"
+    fill(filler)
+    out, _ = deploy.communicate(timeout=120)
+    assert deploy.returncode == 1, out
+    assert "disk full" in out and "internal error" not in out and "OperationalError:" not in out, out
+    assert "v1 is still live" in out, out
+
+    # The old slot serves; the new one's processes are gone (not left "starting" until the next deploy).
+    assert health(p)["version"] == "v1"
+    deadline = time.monotonic() + 30
+    while pids_in(v2):
+        assert time.monotonic() < deadline, f"v2 still runs: {pids_in(v2)}"
+        time.sleep(0.1)
+
+    # Space comes back: the deployment is recorded as failed and the slot as empty, without a deploy.
+    filler.unlink()
+    deadline = time.monotonic() + 30
+    while True:
+        st = State(p.root / ".changeover" / "state.db", readonly=True)
+        try:
+            dep = st.deployments(1)[0]
+            slot = st.slot(dep.slot or "")
+        finally:
+            st.close()
+        if dep.state == "failed" and slot.state == "empty":
+            break
+        assert time.monotonic() < deadline, f"deployment {dep.state}, slot {slot.state}"
+        time.sleep(0.2)
+    assert dep.version == "v2" and "disk full" in (dep.reason or "")
+    assert p.status()["live"]["version"] == "v1"
+    assert p.deploy("v3").returncode == 0   # and the next deploy works
+    assert health(p)["version"] == "v3"
