@@ -74,6 +74,8 @@ url = "https://hooks.example.com/x"
 [dashboard]
 [fleet]
 etcd = ["http://127.0.0.1:2379"]
+[state]
+[logs]
 """
 
 # Defaults that depend on where changeover runs, or on another key, said in words.
@@ -106,6 +108,7 @@ DOCS = {
     "app": "configuration.md", "env": "configuration.md", "proxy": "configuration.md",
     "releases": "getting-started.md", "migrations": "migrations.md", "checks": "checks.md",
     "monitor": "monitoring.md", "notify": "monitoring.md", "dashboard": "operations.md", "fleet": "operations.md",
+    "state": "security.md", "logs": "security.md",
 }
 
 KIND = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "duration": "duration",
