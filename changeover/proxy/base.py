@@ -24,6 +24,7 @@ DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024  # -> 413 (0 = unlimited)
 DEFAULT_RETRIES = 2                    # other instances tried when connect fails before any byte was sent
 DEFAULT_ENGINE = "embedded"            # or "haproxy"
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")  # peers whose X-Forwarded-* headers are kept
+DEFAULT_HEALTH_PATH = "/_changeover/health"  # answered by the proxy for the load balancer ("" = off)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ProxySettings:
     engine: str = DEFAULT_ENGINE
     haproxy_socket: str | None = None      # attach to a running HAProxy's admin socket instead of starting one
     trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
+    health_path: str = DEFAULT_HEALTH_PATH  # the host's health for a load balancer, never forwarded
 
     @property
     def host(self) -> str:

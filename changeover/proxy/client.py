@@ -17,9 +17,11 @@ from changeover.proxy.exchange import (
     D_BODY,
     D_HEAD,
     D_IDLE,
+    D_NONE,
     D_RESPONSE,
     MAX_PENDING,
     P_CONNECT,
+    P_DELAY,
     P_PIPELINE,
     REPLAYABLE,
     S_BODY,
@@ -40,6 +42,7 @@ from changeover.proxy.http1 import (
     origin_form,
     rewrite_request,
 )
+from changeover.proxy.upstream import Slot
 
 # connections from one untrusted address that may hold an unfinished request head at once: a
 # head normally arrives in one read, so only a slow (slowloris) client holds many
@@ -139,6 +142,7 @@ class ClientConn(Exchange):
                     return self.reject(400)    # two Hosts: which one would the app believe?
                 out = head[:-2] + self.fwd + b"X-Forwarded-Host: " + m.group(1) + b"\r\n\r\n"
             self.req_upgrade = False
+            drill = b""
         else:
             try:
                 r = rewrite_request(head, self.ip, upgrade, http11, self.trusted)
@@ -155,7 +159,34 @@ class ClientConn(Exchange):
                 return self.reject(413)
             if length or chunked or upgrade:
                 self.parser = httptools.HttpRequestParser(VALIDATE)   # llhttp now expects a body
-        self._route(method, out, rest, length, chunked)
+            drill = r.drill
+        hp = proxy.health_path
+        if hp and head.startswith(hp, target) and head[target + len(hp)] in b" ?":
+            return self._health(method, rest, length, chunked)
+        slot = proxy.live_slot
+        self.req_drill = False
+        if drill:                          # X-Changeover-Drill: only its own token opens the route
+            ds = proxy.drill_match(drill)
+            if ds is not None:
+                slot = ds
+                self.req_drill = True
+        self._route(method, out, rest, length, chunked, slot)
+
+    def _health(self, method: bytes, rest: bytes, length: int, chunked: bool) -> None:
+        """The load balancer's health check: answered here, never forwarded, not recorded."""
+        if method != b"GET" and method != b"HEAD":
+            return self.reject(405)
+        if length or chunked:
+            self.req_keep = False          # its body is not read: the connection ends
+        elif rest:
+            self.buf += rest
+        close = not self.req_keep or self.proxy.retiring
+        self.transport.write(self.proxy.health_response(self.req_head_only, close))
+        if close:
+            return self._close()
+        self.state = S_WAIT
+        self.dkind = D_NONE
+        self.proxy.loop.call_soon(self._resume)
 
     def _wait_head(self, keep: bytes) -> None:
         """Only empty lines so far: the head timeout runs from now, whatever came before."""
@@ -218,9 +249,9 @@ class ClientConn(Exchange):
         lf = data.find(b"\n")
         self.reject(414 if lf < 0 or lf >= self.proxy.settings.max_header_bytes else 431)
 
-    def _route(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool) -> None:
+    def _route(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool,
+               slot: Slot | None, t0: float = 0.0) -> None:
         proxy = self.proxy
-        slot = proxy.live_slot
         self.resp_started = self.resp_close = self.upstream_failed = False
         self.attempts = 0
         if slot is None or not slot.upstreams:
@@ -230,7 +261,9 @@ class ClientConn(Exchange):
                 self.buf += rest
             proxy.record("" if slot is None else slot.name, 503, 0.0, False)
             return self._write_error(503)
-        self.req_t0 = perf()
+        if self.req_drill and not t0 and (proxy.drill_status or proxy.drill_delay):
+            return self._drill_fault(method, out, rest, length, chunked, slot)
+        self.req_t0 = t0 or perf()
         self.req_seq += 1
         self.req_slot = slot
         slot.inflight += 1
@@ -284,6 +317,31 @@ class ClientConn(Exchange):
             self.pending = [out, part] if part else [out]
             self.pending_size = len(part)
             self._connect(upstream)
+
+    def _drill_fault(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool,
+                     slot: Slot) -> None:
+        """The fault set on the drill route: an error answered here, or the request held back
+        (reading paused) and forwarded after the delay; recorded against the drill slot."""
+        proxy = self.proxy
+        if proxy.drill_status:
+            if length or chunked:
+                self.req_keep = False
+            elif rest:
+                self.buf += rest
+            proxy.record(slot.name, proxy.drill_status, 0.0, False, out)
+            return self._write_error(proxy.drill_status)
+        t0 = perf()
+        self.pause(P_DELAY)
+        self.state = S_WAIT
+        self.dkind = D_NONE
+
+        def forward() -> None:
+            self.unpause(P_DELAY)
+            if self.closed:
+                return
+            self._route(method, out, rest, length, chunked, proxy.drill_slot or slot, t0)
+
+        proxy.loop.call_later(proxy.drill_delay, forward)
 
     # -- request body ------------------------------------------------------------------------
     def _body(self, data: bytes) -> None:

@@ -15,13 +15,13 @@ engine the same way.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from changeover.proxy.base import ProxySettings
 
 # Bumped whenever an op, an argument or a result of the control protocol changes: a daemon and a
 # proxy worker of different protocol versions refuse to talk (a clear error, never a misread).
-PROXY_PROTOCOL = 2
+PROXY_PROTOCOL = 3
 
 Engine = Literal["embedded", "haproxy"]
 ENGINES: tuple[str, ...] = ("embedded", "haproxy")
@@ -74,3 +74,23 @@ class ProxyControl(Protocol):
 
     async def shutdown(self) -> None:
         """Stop the data plane (`changeover down`), removing its sockets."""
+
+
+@runtime_checkable
+class RouteControl(Protocol):
+    """What `changeover drill` needs on top of `ProxyControl` (the embedded proxy and the fake
+    have it; a data plane without it cannot run a drill)."""
+
+    async def set_route(self, route: str, slot: str | None, token: str | None = None,
+                        fault: dict[str, float] | None = None) -> None:
+        """Point the private route `route` ("drill") at `slot` for requests carrying
+        `X-Changeover-Drill: <token>`; `fault` {"status": 500} or {"delay": seconds} is applied
+        by the data plane to that route's requests. slot None closes the route."""
+
+
+@runtime_checkable
+class HealthControl(Protocol):
+    """A data plane that answers the load balancer's health check (`[proxy] health_path`)."""
+
+    async def set_health(self, ok: bool, reason: str = "") -> None:
+        """Whether this host serves what it should (a fleet host in sync): 200 or 503."""

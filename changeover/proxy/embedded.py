@@ -17,6 +17,16 @@ already under way have completed (`RETIRE_LISTEN_SETTLE`; what is in its accept 
 over, not reset) and lets every client connection end cleanly: responses carry
 `Connection: close`, idle keep-alive connections get `RETIRE_IDLE_GRACE` to send one more request,
 tunnels run until they close or the timeout. Clients reconnect, and only the successor accepts them.
+
+The drill route (`changeover drill`): a request carrying `X-Changeover-Drill: <token>` with the
+drill's token goes to `drill_slot` instead of the live slot; any other value is a public request
+(the header is dropped either way: the app never sees it). A fault set on the route makes the
+proxy answer its requests with an error itself, or hold them `delay` seconds before forwarding,
+recorded against the drill slot as usual, so the monitor's triggers can be rehearsed on any app.
+The header is one of the names the head scan already looks for: a request without it pays nothing.
+
+The health check (`[proxy] health_path`, for a load balancer in front): answered by the proxy,
+never forwarded; 200 while the daemon says the host is in sync and a slot is live, else 503.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hmac
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -91,6 +103,15 @@ class EmbeddedProxy:
         shortest = min(settings.header_timeout, settings.body_timeout, settings.idle_timeout,
                        settings.response_timeout)
         self._tick = max(0.01, min(0.25, shortest / 5))
+        # the drill route: see the module docstring
+        self.drill_slot: Slot | None = None
+        self.drill_token = b""
+        self.drill_status = 0              # fault: answer every drill request with this status
+        self.drill_delay = 0.0             # fault: hold every drill request this long
+        # the health check: path (b"" = off) and what the daemon last said about the host
+        self.health_path = settings.health_path.encode()
+        self.health_ok = True
+        self.health_reason = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -313,6 +334,8 @@ class EmbeddedProxy:
             return
         if s is self.live_slot:
             raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
+        if s is self.drill_slot:
+            self.set_route("drill", None)  # a drill copy that is stopped takes its route with it
         del self.slots[slot]
         for up in s.upstreams:
             up.retire()                    # idle ones now, busy ones as their requests end
@@ -330,6 +353,61 @@ class EmbeddedProxy:
     def live(self) -> str | None:
         s = self.live_slot
         return None if s is None else s.name
+
+    # -- the drill route and the health check ------------------------------------------------------
+    def set_route(self, route: str, slot: str | None, token: str | None = None,
+                  fault: dict[str, float] | None = None) -> None:
+        """Point the private route `route` (only "drill" exists) at `slot` for requests carrying
+        `token`, with an optional fault ({"status": 500} or {"delay": seconds}); slot None closes it."""
+        if route != "drill":
+            raise ChangeoverError(f"unknown route {route!r} (known: drill)")
+        if slot is None:
+            self.drill_slot, self.drill_token, self.drill_status, self.drill_delay = None, b"", 0, 0.0
+            return
+        s = self.slots.get(slot)
+        if s is None:
+            raise ChangeoverError(f"unknown slot {slot!r} (known: {', '.join(sorted(self.slots)) or 'none'})")
+        if not token or len(token) < 16:
+            raise ChangeoverError("the drill route needs a token of at least 16 characters")
+        fault = fault or {}
+        status = int(fault.get("status", 0))
+        delay = float(fault.get("delay", 0.0))
+        if (status and not 500 <= status <= 599) or not 0 <= delay <= 60 or set(fault) - {"status", "delay"}:
+            raise ChangeoverError(f"fault {fault!r}: expected {{'status': 500-599}} or {{'delay': 0-60 seconds}}")
+        self.drill_token, self.drill_status, self.drill_delay = token.encode(), status, delay
+        self.drill_slot = s
+
+    def drill_match(self, token: bytes) -> Slot | None:
+        """The drill slot for a request that carried `token`, or None (a public request)."""
+        s = self.drill_slot
+        if s is None or not hmac.compare_digest(token, self.drill_token):
+            return None
+        return s
+
+    @property
+    def drill(self) -> dict[str, object] | None:
+        s = self.drill_slot
+        if s is None:
+            return None
+        return {"slot": s.name, "status": self.drill_status, "delay": self.drill_delay}
+
+    def set_health(self, ok: bool, reason: str = "") -> None:
+        self.health_ok, self.health_reason = bool(ok), str(reason)
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        live = self.live_slot
+        ok, reason = self.health_ok, self.health_reason
+        if ok and (live is None or not live.upstreams):
+            ok, reason = False, "nothing is live on this host"
+        return ok, {"ok": ok, "live": live.name if live else None, **({"reason": reason} if reason else {})}
+
+    def health_response(self, head_only: bool, close: bool) -> bytes:
+        ok, body = self.health()
+        data = json.dumps(body).encode() + b"\n"
+        head = (b"HTTP/1.1 200 OK\r\n" if ok else b"HTTP/1.1 503 Service Unavailable\r\n") + \
+            b"Content-Type: application/json\r\nCache-Control: no-store\r\nContent-Length: " + \
+            str(len(data)).encode() + (b"\r\nConnection: close" if close else b"") + b"\r\n\r\n"
+        return head if head_only else head + data
 
     def inflight(self, slot: str) -> int:
         """Requests and tunnels open to the slot (for tests and the drain)."""

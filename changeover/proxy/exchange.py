@@ -25,7 +25,7 @@ S_HEAD, S_BODY, S_WAIT, S_TUNNEL, S_CLOSED = range(5)
 # deadline kinds, checked by the sweeper
 D_NONE, D_HEAD, D_IDLE, D_BODY, D_RESPONSE = range(5)
 # reasons to pause reading from the client (bit mask)
-P_PIPELINE, P_UPSTREAM, P_CONNECT = 1, 2, 4
+P_PIPELINE, P_UPSTREAM, P_CONNECT, P_DELAY = 1, 2, 4, 8   # P_DELAY: a drill fault holds the request
 MAX_PENDING = 256 * 1024
 SAFE_REUSE_IDLE = 1.0
 REPLAYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
@@ -41,9 +41,9 @@ VALIDATE = _Validate()
 
 class Exchange(asyncio.Protocol):
     __slots__ = ("attempts", "body_chunked", "body_remaining", "buf", "closed", "deadline", "dkind", "fwd",
-                 "ip", "parser", "partial", "pending", "pending_size", "proxy", "req_head_only", "req_http11",
-                 "req_keep", "req_out", "req_replayable", "req_seq", "req_slot", "req_t0", "req_upgrade",
-                 "resp_close", "resp_started", "resp_status", "rpause", "scanner", "state", "transport",
+                 "ip", "parser", "partial", "pending", "pending_size", "proxy", "req_drill", "req_head_only",
+                 "req_http11", "req_keep", "req_out", "req_replayable", "req_seq", "req_slot", "req_t0",
+                 "req_upgrade", "resp_close", "resp_started", "resp_status", "rpause", "scanner", "state", "transport",
                  "trusted", "up", "upstream_failed", "wpaused")
 
     transport: asyncio.Transport
@@ -67,6 +67,7 @@ class Exchange(asyncio.Protocol):
         self.req_t0 = 0.0
         self.req_out = b""
         self.req_keep = self.req_http11 = True
+        self.req_drill = False             # on the drill route: the response names its slot
         self.req_head_only = self.req_upgrade = self.req_replayable = False
         self.body_remaining = 0
         self.body_chunked = False
@@ -188,6 +189,8 @@ class Exchange(asyncio.Protocol):
     def response_head(self, head: bytes, close_delimited: bool) -> bytes:
         """The client's copy of a response head (`head` ends with the last header's CRLF)."""
         self.resp_started = True
+        if self.req_drill and self.req_slot is not None:
+            head += b"X-Changeover-Slot: " + self.req_slot.name.encode() + b"\r\n"
         if close_delimited or not self.req_keep or self.state == S_BODY or self.proxy.retiring:
             self.resp_close = True
             return head + b"Connection: close\r\nVia: 1.1 changeover\r\n\r\n"

@@ -5,7 +5,8 @@ It behaves like the embedded proxy towards the daemon (kamal-proxy tests its rou
 way): `switches` lists every `switch()` target in order, `drains` every (slot, timeout, result).
 `request(slot, status, seconds)` records a simulated request for the monitor; `begin(slot)` /
 `end(slot)` move the in-flight count that `drain()` waits for. `fail_next(op)` makes the next
-call of that op raise, to test what a data-plane failure does to a deploy.
+call of that op raise, to test what a data-plane failure does to a deploy. `routes` holds the
+private routes (`set_route`: the drill's), `health` what the health check would answer.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class FakeControl:
         self._inflight: dict[str, int] = {}
         self._fail: dict[str, str] = {}
         self._running_settings = dataclasses.asdict(self.settings)
+        self.routes: dict[str, dict[str, Any]] = {}     # route -> {"slot", "token", "fault"}
+        self.health: tuple[bool, str] = (True, "")
 
     # -- test controls ------------------------------------------------------------------------
     def fail_next(self, op: str, message: str = "the proxy did not answer") -> None:
@@ -98,6 +101,36 @@ class FakeControl:
         if slot == self._live:
             raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
         self.slots.pop(slot, None)
+        self.routes = {r: v for r, v in self.routes.items() if v["slot"] != slot}
+
+    async def set_route(self, route: str, slot: str | None, token: str | None = None,
+                        fault: dict[str, float] | None = None) -> None:
+        self._call("set_route")
+        if route != "drill":
+            raise ChangeoverError(f"unknown route {route!r} (known: drill)")
+        if slot is None:
+            self.routes.pop(route, None)
+            return
+        if slot not in self.slots:
+            raise ChangeoverError(f"unknown slot {slot!r}")
+        self.routes[route] = {"slot": slot, "token": token, "fault": dict(fault or {})}
+
+    def route_request(self, token: str | None, status: int = 200, seconds: float = 0.001) -> str | None:
+        """A simulated request through the data plane, as the embedded proxy routes it: with the
+        drill's token to the drill slot (its fault applied), else to the live slot. Returns the slot."""
+        drill = self.routes.get("drill")
+        if drill is not None and token is not None and token == drill["token"]:
+            fault = drill["fault"]
+            status = int(fault.get("status") or status)
+            self.request(drill["slot"], status, seconds + float(fault.get("delay", 0.0)))
+            return str(drill["slot"])
+        if self._live is not None:
+            self.request(self._live, status, seconds)
+        return self._live
+
+    async def set_health(self, ok: bool, reason: str = "") -> None:
+        self._call("set_health")
+        self.health = (bool(ok), reason)
 
     async def switch(self, slot: str | None) -> dict[str, Any]:
         self._call("switch")

@@ -11,12 +11,15 @@ import re
 from http import HTTPStatus
 
 VIA = b"1.1 changeover"
+# `changeover drill`: a request with this header and the drill's token goes to the drill route
+DRILL_HEADER = b"x-changeover-drill"
 
 # Request header names that need more than pass-through. A head without any of them (the
 # common case) takes the fast path: append our forwarding headers and go.
 REQ_SPECIAL = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-[!#-'*+.^-z|~0-9-]*|te|trailer|transfer-encoding|content-length"
-    rb"|upgrade|x[-_]forwarded[-_](?:for|proto|host)|forwarded|x[-_]real[-_]ip|via|expect):",
+    rb"|upgrade|x[-_]forwarded[-_](?:for|proto|host)|forwarded|x[-_]real[-_]ip|via|expect"
+    rb"|x[-_]changeover[-_]drill):",
     re.IGNORECASE,
 )
 HOST = re.compile(rb"\r\nhost:[ \t]*([^\r]*?)[ \t]*\r\n", re.IGNORECASE)
@@ -65,7 +68,7 @@ def connection_tokens(value: bytes) -> set[bytes]:
 class RequestHead:
     """What the slow path learns from a request head that has special headers."""
 
-    __slots__ = ("chunked", "expect_continue", "keep_alive", "length", "out", "upgrade")
+    __slots__ = ("chunked", "drill", "expect_continue", "keep_alive", "length", "out", "upgrade")
 
     def __init__(self) -> None:
         self.length = 0          # Content-Length, 0 when absent
@@ -74,6 +77,7 @@ class RequestHead:
         self.expect_continue = False
         self.keep_alive = True
         self.out = b""
+        self.drill = b""         # the X-Changeover-Drill token (never forwarded to the app)
 
 
 def rewrite_request(head: bytes, client_ip: bytes, want_upgrade: bool, http11: bool,
@@ -127,6 +131,9 @@ def rewrite_request(head: bytes, client_ip: bytes, want_upgrade: bool, http11: b
             kept_host = kept_host or lname == b"x-forwarded-host"
         elif lname.replace(b"_", b"-") in _FORWARDED:
             continue                      # X_Forwarded_For would spoof ours in WSGI/CGI
+        elif lname.replace(b"_", b"-") == DRILL_HEADER:
+            r.drill = value               # the proxy's own: judged by the caller, never forwarded
+            continue
         elif lname == b"expect":
             if value.lower() != b"100-continue":
                 raise HttpError(417)

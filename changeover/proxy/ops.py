@@ -12,12 +12,14 @@ versioning (its ping has no "protocol") is version 1.
 
 Version 1 (the first embedded worker) differs from 2 only in what 2 adds: `protocol` and
 `routing` in the ping result; its other ops take and return the same. A daemon may therefore
-drive a version-1 worker until it has replaced it (`ADOPTABLE`).
+drive a version-1 worker until it has replaced it (`ADOPTABLE`). Version 3 adds `set_route`
+(the drill route), `set_health` (the load balancer's health check), and `drill` and `health`
+in the ping result.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from changeover.proxy.control import PROXY_PROTOCOL
 
@@ -38,8 +40,15 @@ SET_VERSION = "set_version"  # {"slot", "version"}
 SWITCH = "switch"            # {"slot": name | None} -> SwitchResult
 DRAIN = "drain"              # {"slot", "timeout"} -> bool (drained cleanly)
 METRICS = "metrics"          # {"since": second | None} -> monitor.mirror.export()
+SET_ROUTE = "set_route"      # {"route": "drill", "slot": name | None, "token", "fault": {...} | None}
+SET_HEALTH = "set_health"    # {"ok": bool, "reason": str}
 
-OPS = (*HANDOVER_OPS, SET_SLOT, REMOVE_SLOT, SET_VERSION, SWITCH, DRAIN, METRICS)
+OPS = (*HANDOVER_OPS, SET_SLOT, REMOVE_SLOT, SET_VERSION, SWITCH, DRAIN, METRICS, SET_ROUTE, SET_HEALTH)
+
+
+class Health(TypedDict):
+    ok: bool
+    reason: str
 
 
 class Routing(TypedDict):
@@ -48,6 +57,7 @@ class Routing(TypedDict):
     slots: dict[str, list[list[Any]]]     # slot -> [[host, port], ...]
     versions: dict[str, str]
     live: str | None
+    health: NotRequired[Health]           # preloaded into a successor when given (the daemon re-asserts it)
 
 
 class HandoverPing(TypedDict):
@@ -62,6 +72,8 @@ class PingResult(HandoverPing):
     protocol: int
     settings: dict[str, Any]              # ProxySettings as a dict
     routing: Routing                      # lets a daemon of another version hand over without the state
+    drill: NotRequired[dict[str, Any] | None]   # the drill route: {"slot", "status", "delay"}
+    health: NotRequired[Health]           # what the health check answers now
 
 
 class SwitchResult(TypedDict):

@@ -55,6 +55,9 @@ class Worker:
         for slot, version in initial.get("versions", {}).items():
             self.recorder.set_version(slot, str(version))
         self.proxy.switch(initial.get("live"))
+        health = initial.get("health")
+        if isinstance(health, dict):
+            self.proxy.set_health(bool(health.get("ok", True)), str(health.get("reason", "")))
 
     async def run(self) -> None:
         await self.proxy.start()
@@ -62,6 +65,7 @@ class Worker:
             ops.PING: self.ping, ops.RETIRE: self.retire, ops.SHUTDOWN: self.shutdown,
             ops.SET_SLOT: self.set_slot, ops.REMOVE_SLOT: self.remove_slot, ops.SET_VERSION: self.set_version,
             ops.SWITCH: self.switch, ops.DRAIN: self.drain, ops.METRICS: self.metrics,
+            ops.SET_ROUTE: self.set_route, ops.SET_HEALTH: self.set_health,
         })
         inode = os.stat(self.socket_path).st_ino
         log.info("proxy listening on %s (pid %d)", self.settings.listen, os.getpid())
@@ -77,7 +81,8 @@ class Worker:
 
     async def ping(self, args: dict[str, Any], emit: rpc.Emit) -> ops.PingResult:
         return {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live, "protocol": ops.PROTOCOL,
-                "settings": dataclasses.asdict(self.settings), "routing": self.routing()}
+                "settings": dataclasses.asdict(self.settings), "routing": self.routing(), "drill": self.proxy.drill,
+                "health": {"ok": self.proxy.health_ok, "reason": self.proxy.health_reason}}
 
     def routing(self) -> ops.Routing:
         slots = self.proxy.slots
@@ -96,6 +101,15 @@ class Worker:
         self.proxy.switch(args["slot"])
         log.info("switch state=%s was=%s", args["slot"], was)
         return {"live": self.proxy.live, "was": was}
+
+    async def set_route(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        fault = args.get("fault")
+        self.proxy.set_route(str(args["route"]), args.get("slot"), args.get("token"),
+                             dict(fault) if isinstance(fault, dict) else None)
+        log.info("route=%s slot=%s fault=%s", args["route"], args.get("slot"), fault)
+
+    async def set_health(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        self.proxy.set_health(bool(args["ok"]), str(args.get("reason") or ""))
 
     async def drain(self, args: dict[str, Any], emit: rpc.Emit) -> bool:
         return await self.proxy.drain(args["slot"], float(args["timeout"]))
