@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from changeover import api
 from changeover.errors import ChangeoverError
 from changeover.fleet.config import FleetConfig
 from changeover.fleet.etcd import Etcd, EtcdError, EtcdUnavailable
+from changeover.fleet.figures import FleetFigures
 from changeover.fleet.health import HealthServer
 from changeover.fleet.model import ABORT, PROMOTE, ROLLBACK, SWITCH, Desired, Facts, Keys, decide
 
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("changeover.fleet")
 RETRY = 0.3          # seconds between attempts to reach etcd again
+CONVERGE_FIRST, CONVERGE_MAX = 1.0, 60.0   # backoff of a failed converge: 1 s, 2 s, 4 s ... 60 s
+SWITCH_GRACE = 1.0   # a host flipping to a new desired release is not "lagging" for this long
+MIGRATION_LOCK_TRIES = 10
 
 
 class Agent:
@@ -55,6 +60,10 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._lease = 0
         self.health: HealthServer | None = None
+        self.retry: dict[str, Any] | None = None        # the failed converge being retried
+        self.was_live: str | None = None                # the fleet's release before the last change
+        self.changed_at = 0.0                           # when the fleet's release last changed
+        self.figures = FleetFigures(self)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -66,6 +75,7 @@ class Agent:
         for name, coro in (("session", self._session()), ("reconcile", self._reconcile()),
                            ("events", self._send_events())):
             self._tasks.append(loop.create_task(coro, name=f"fleet-{name}"))
+        self._add_figures()
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -109,7 +119,7 @@ class Agent:
             return False, {**body, "in_sync": False, "why": "etcd unreachable: serving what it has, out of sync"}
         if f.live is None:
             return False, {**body, "in_sync": False, "why": "nothing is live on this host"}
-        if f.live != want:
+        if f.live != want and not self._switching(f):
             return False, {**body, "in_sync": False, "why": f"serves {f.live}, the fleet wants {want}"}
         return True, {**body, "in_sync": True}
 
@@ -126,6 +136,7 @@ class Agent:
                            "warm": slots.warm(other(live))}
         a = self.d.pipeline.active
         ok, why = self.judge()
+        why = self._retry_why(why)
         obs = self.d.telemetry.live_metrics().get("observing") if a is not None else None
         return {
             "name": self.cfg.name, "pid": os.getpid(), "heartbeat": time.time(),
@@ -135,6 +146,7 @@ class Agent:
             "deployment": {"id": a.id, "version": a.version, "phase": str(a.phase), "step": a.steps.current}
             if a is not None else None,
             "in_sync": ok, "why": why.get("why"), "desired": self.desired.id if self.desired else None,
+            "retry": self.retry,
             "results": {self.results_id: self.results} if self.results_id else {},
             "observing": {k: obs.get(k) for k in ("requests", "errors", "error_rate", "elapsed", "remaining")}
             if isinstance(obs, dict) else None,
@@ -195,9 +207,11 @@ class Agent:
 
     def _set_desired(self, data: Any, rev: int) -> None:
         d = Desired.from_wire(data)
+        self._note_change(d)
         self.desired, self.desired_rev = d, rev
         if d is not None and d.id != self.results_id:
             self.results_id, self.results = d.id, {}
+            self.retry = None
             self.done = {k for k in self.done if k.startswith(d.id + ":")}
         self._changed.set()
         self._publish.set()
@@ -230,8 +244,7 @@ class Agent:
         key = SWITCH if verb == "converge" else verb
 
         async def emit(ev: dict[str, Any]) -> None:
-            if ev.get("type") == "live":
-                self._report(d, key, state="live", live_at=time.time(), live_version=ev.get("version"))
+            await self._on_event(d, key, ev)
             with contextlib.suppress(asyncio.QueueFull):
                 self._events.put_nowait({"id": d.id, "verb": key, "host": self.cfg.name, "ts": time.time(),
                                          "event": ev})
@@ -239,17 +252,23 @@ class Agent:
         try:
             result = await run(d, emit)
             self._report(d, key, state=str(result.get("state")), error=None)
+            if verb == "converge":
+                self.retry = None
         except ChangeoverError as e:
             last = self.d.state.history(1)
             state = last[0]["state"] if last and last[0]["version"] == d.version else "failed"
             self._report(d, key, state=state, error=str(e))
             if verb in (SWITCH, "converge") and state == "rolled_back":
                 await self._roll_back_fleet(d, last[0])
+            elif verb == "converge":
+                self._retry_later(d, str(e))
         except asyncio.CancelledError:
             raise
         except Exception as e:   # a bug must not stop the agent; the host reports it
             log.exception("fleet: %s failed", verb)
             self._report(d, key, state="failed", error=f"internal error: {e}")
+            if verb == "converge":
+                self._retry_later(d, f"internal error: {e}")
         finally:
             self._changed.set()
 
@@ -265,7 +284,26 @@ class Agent:
     async def _prepare(self, d: Desired, emit: Any) -> dict[str, Any]:
         args = api.DeployArgs(version=d.version, path=d.path, wait=True, env=dict(d.env), actor=self._actor(d),
                               no_switch=True)
-        return await self.d.h_prepare(api.encode(args), emit)
+        return await self._migration_lock_retried(d, emit, lambda: self.d.h_prepare(api.encode(args), emit))
+
+    async def _migration_lock_retried(self, d: Desired, emit: Any,
+                                      run: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """The coordinator ran the fleet's migrations before any host prepared; each host's own
+        migrations step then finds nothing to apply, but the hosts take the migration runner lock
+        at the same moment and all but one are refused. Such a prepare is run again (it failed
+        before starting anything), a few times, a fraction of a second apart."""
+        for attempt in range(MIGRATION_LOCK_TRIES):
+            try:
+                return await run()
+            except ChangeoverError as e:
+                text = str(e)
+                if "migrations (expand)" not in text or "holds the lock" not in text \
+                        or attempt == MIGRATION_LOCK_TRIES - 1:
+                    raise
+                await emit({"type": "check", "name": "migrate", "ok": True,
+                            "detail": "another host holds the migration lock: preparing again"})
+                await asyncio.sleep(0.1 + random.random() * 0.4)
+        raise AssertionError("unreachable")
 
     async def _switch(self, d: Desired, emit: Any) -> dict[str, Any]:
         self._report(d, SWITCH, state="switching", event_at=time.time())
@@ -273,7 +311,7 @@ class Agent:
 
     async def _converge(self, d: Desired, emit: Any) -> dict[str, Any]:
         args = api.DeployArgs(version=d.version, path=d.path, wait=True, env=dict(d.env), actor=self._actor(d))
-        return await self.d.h_deploy(api.encode(args), emit)
+        return await self._migration_lock_retried(d, emit, lambda: self.d.h_deploy(api.encode(args), emit))
 
     async def _promote(self, d: Desired, emit: Any) -> dict[str, Any]:
         return await self.d.h_promote(api.encode(api.PromoteArgs(actor=self._actor(d))), emit)
@@ -314,3 +352,79 @@ class Agent:
                 continue
             with contextlib.suppress(EtcdUnavailable, EtcdError):
                 await self.etcd.put(self.keys.event(self.cfg.name), ev)
+
+    # -- the switch acknowledged at the proxy ------------------------------------------------------
+    async def _on_event(self, d: Desired, key: str, ev: dict[str, Any]) -> None:
+        """A step event of a fleet verb here. The fleet's switch skew is when the proxies flip, so
+        this host tells the proxy itself as soon as the daemon's switch step has begun (the step is
+        in the state: a daemon killed now finds the switch and the proxy's live slot, and carries
+        on from there as after its own switch) and reports the acknowledgement at once; the daemon's
+        own switch then finds the proxy switched and writes its bookkeeping."""
+        kind = ev.get("type")
+        if kind == "step" and key == SWITCH and ev.get("kind") == "switch" and ev.get("state") == "running":
+            a = self.d.pipeline.active
+            if a is None or a.version != d.version or not self.d.slots.warm(a.target):
+                return
+            try:
+                await self.d.proxy.switch(a.target)
+            except ChangeoverError:
+                return   # the daemon's own switch step fails the same way and says why
+            self._report(d, key, state="live", live_at=time.time(), live_version=d.version, acked="proxy")
+        elif kind == "live":
+            mine = self.results.get(key, {}) if d.id == self.results_id else {}
+            if mine.get("acked") and mine.get("live_version") == ev.get("version"):
+                self._report(d, key, booked_at=time.time())   # the bookkeeping after the flip is done
+            else:
+                self._report(d, key, state="live", live_at=time.time(), live_version=ev.get("version"),
+                             acked=None)
+
+    # -- in sync while flipping --------------------------------------------------------------------
+    def _note_change(self, d: Desired | None) -> None:
+        old = self.desired.live if self.desired is not None else None
+        new = d.live if d is not None else None
+        if new != old:
+            self.was_live, self.changed_at = old, time.monotonic()
+
+    def _switching(self, f: Facts) -> bool:
+        """Right after the fleet's release changed, a host still serving the release wanted just
+        before is flipping, not lagging: every host would otherwise answer 503 at once until its
+        switch, and a load balancer checking in that moment would take the whole fleet out."""
+        return f.live is not None and f.live == self.was_live and time.monotonic() - self.changed_at < SWITCH_GRACE
+
+    # -- a failed converge is retried --------------------------------------------------------------
+    def _retry_later(self, d: Desired, error: str) -> None:
+        """Converging failed (the release missing on this host, an instance that did not start...):
+        try again with backoff for as long as the fleet wants that release."""
+        r = self.retry if self.retry is not None and self.retry.get("deployment") == d.id else {}
+        attempt = int(r.get("attempt", 0)) + 1
+        delay = min(CONVERGE_MAX, CONVERGE_FIRST * 2 ** (attempt - 1))
+        self.retry = {"deployment": d.id, "version": d.version, "attempt": attempt,
+                      "error": (error.splitlines() or ["failed"])[0], "delay": delay, "next_at": time.time() + delay}
+        log.warning("fleet: converging to %s failed (attempt %d: %s); trying again in %gs", d.version, attempt,
+                    self.retry["error"], delay)
+        self._publish.set()
+        asyncio.get_running_loop().call_later(delay, self._retry_now, d.id)
+
+    def _retry_now(self, dep_id: str) -> None:
+        if self.desired is None or self.desired.id != dep_id:
+            return
+        self.done.discard(f"{dep_id}:converge")
+        self._changed.set()
+
+    def _retry_why(self, why: dict[str, Any]) -> dict[str, Any]:
+        r = self.retry
+        if r is None or why.get("in_sync"):
+            return why
+        left = max(0.0, float(r["next_at"]) - time.time())
+        return {**why, "why": f"{why.get('why')}; converging to {r['version']} failed {r['attempt']} time(s) "
+                              f"({r['error']}), next try in {left:.0f}s"}
+
+    # -- /metrics ------------------------------------------------------------------------------------
+    def _add_figures(self) -> None:
+        """The fleet's figures on the daemon's /metrics, when it serves one."""
+        telemetry = getattr(self.d, "telemetry", None)
+        collector = getattr(telemetry, "collector", None)
+        if collector is None or not self.d.config.monitor.metrics_listen:
+            return
+        collector.add_source(self.figures.collect)
+        self._tasks.append(asyncio.get_running_loop().create_task(self.figures.run(), name="fleet-figures"))

@@ -142,6 +142,8 @@ def status(path: Path, fleet: FleetConfig, json_out: bool) -> None:
     if d:
         out.print(f"fleet {f['prefix']}: deployment {d['id']} of {d['version']} ({d['action']}"
                   f"{', held for switch' if d.get('held') else ''}); the fleet's release: {f.get('live') or '-'}")
+    if f.get("note"):
+        out.print(f"  {escape(str(f['note']))}")
     if f.get("lock"):
         lk = f["lock"]
         out.print(f"locked by {lk.get('holder')} (pid {lk.get('pid')} on {lk.get('host')}): {lk.get('what')}")

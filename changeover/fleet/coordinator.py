@@ -41,6 +41,25 @@ class FleetLocked(DeployInProgress):
     """Another coordinator holds the fleet deploy lock (the message names it)."""
 
 
+def _test_pauses() -> dict[str, float]:
+    """CHANGEOVER_TEST_FLEET_PAUSE="barrier:30,switch:30": the coordinator waits that long after the
+    barrier passed / after the switch write, so the fault tests can kill it exactly there."""
+    out: dict[str, float] = {}
+    for part in os.environ.get("CHANGEOVER_TEST_FLEET_PAUSE", "").split(","):
+        point, _, secs = part.partition(":")
+        if point and secs:
+            out[point.strip()] = float(secs)
+    return out
+
+
+PAUSES = _test_pauses()
+
+
+async def _pause(point: str) -> None:
+    if PAUSES.get(point):
+        await asyncio.sleep(PAUSES[point])
+
+
 def actor() -> str:
     try:
         return f"{getpass.getuser()}@{os.uname().nodename}"
@@ -208,6 +227,7 @@ class Coordinator:
                              "every host; nothing users see changed")
         for h, e in failed.items():
             self.say(f"{h} is not prepared ({e}): it converges when it can", ok=False)
+        await _pause("barrier")
         if no_switch:
             await self.write(d.but(held=True))
             await self.record(d, "prepared")
@@ -249,10 +269,12 @@ class Coordinator:
         sw = d.but(action=SWITCH, held=False)
         written = time.time()
         await self.write(sw)
+        await _pause("switch")
         deadline = time.monotonic() + self.cfg.switch_timeout
         while True:
             lives = {h: self.result(h, d.id, SWITCH) for h in ready}
-            if all(r.get("live_at") or r.get("state") in FINAL for r in lives.values()) \
+            if all((r.get("live_at") and (r.get("booked_at") or not r.get("acked"))) or r.get("state") in FINAL
+                   for r in lives.values()) \
                     or time.monotonic() > deadline:
                 break
             await self.changed(deadline)
@@ -261,6 +283,9 @@ class Coordinator:
         # The watch event's arrival on each host (before its own switch work): etcd's part of the skew.
         heard = [float(r["event_at"]) for r in lives.values() if r.get("event_at")]
         notify = (max(heard) - min(heard)) * 1000 if heard else None
+        # Each host's bookkeeping after its flip (state writes): not seen by users, shown apart.
+        booked = [float(r["booked_at"]) for r in lives.values() if r.get("booked_at")]
+        books = (max(booked) - min(booked)) * 1000 if booked else None
         lagging = [h for h in ready if h not in at]
         self.say(f"{d.version} is live on {len(at)} host(s) ({', '.join(sorted(at))}); switch skew "
                  f"{skew or 0:.1f} ms, last host {1000 * (max(at.values()) - written) if at else 0:.1f} ms after "
@@ -268,7 +293,7 @@ class Coordinator:
         for h in lagging:
             self.say(f"{h} has not switched: out of sync (its health check says 503); it converges when back",
                      ok=False)
-        await self.record(sw, "observing", skew_ms=skew, notify_skew_ms=notify)
+        await self.record(sw, "observing", skew_ms=skew, notify_skew_ms=notify, booked_skew_ms=books)
         return await self.observe(sw, sorted(at), skew, monitor)
 
     async def observe(self, d: Desired, switched: list[str], skew: float | None, monitor: Any) -> dict[str, Any]:
@@ -340,6 +365,23 @@ class Coordinator:
             raise FleetError(f"{d.version} (deployment {d.id}) is still in its observation window on "
                              f"{', '.join(observing)} and its coordinator is gone: `changeover promote` ends the "
                              "window, `changeover rollback` undoes it")
+        await self.close_record(d)
+
+    async def close_record(self, d: Desired) -> None:
+        """A deployment whose coordinator died after its switch (every host finalised on its own) or
+        during a rollback: its record still says it is running; write how it ended."""
+        kv, _ = await self.etcd.get(self.keys.deploy(d.id))
+        rec = (kv.json() if kv else None) or {}
+        if rec.get("state") in FINAL:
+            return
+        if d.action in (SWITCH, PROMOTE):
+            reached = [h for h in d.hosts if h in self.records]
+            state = "succeeded" if reached and all(self.live_of(h) == d.version for h in reached) else "failed"
+        else:
+            state = "aborted" if d.action == ABORT else "rolled_back"
+        self.say(f"settling deployment {d.id} of {d.version}: its coordinator stopped after the "
+                 f"{'switch' if d.action in (SWITCH, PROMOTE) else d.action}; recorded as {state}")
+        await self.record(d, state)
 
     async def control(self, verb: str, reason: str | None = None) -> dict[str, Any]:
         """promote / abort / rollback of the fleet: one write of the desired state, then wait until
@@ -399,8 +441,10 @@ class Coordinator:
                                "why": f"no heartbeat for {self.cfg.host_ttl:g}s (cut off or stopped)"}
                 continue
             hosts[name] = {**r, "reachable": True, "heartbeat_age": round(now - float(r.get("heartbeat", now)), 2)}
+        rec = next((kv.json() for kv in kvs if d is not None and kv.key == self.keys.deploy(d.id)), None)
         return {"fleet": {"prefix": self.cfg.prefix, "etcd": list(self.cfg.etcd), "lock": lock,
-                          "desired": d.wire() if d else None, "live": d.live if d else None},
+                          "desired": d.wire() if d else None, "live": d.live if d else None,
+                          "note": explain(d, lock, hosts, rec)},
                 "hosts": hosts}
 
     async def history(self, limit: int) -> list[dict[str, Any]]:
@@ -408,6 +452,36 @@ class Coordinator:
         rows = [kv.json() for kv in kvs]
         rows.sort(key=lambda r: str(r.get("id")), reverse=True)
         return rows[:limit]
+
+
+def explain(d: Desired | None, lock: Any, hosts: dict[str, Any], record: Any) -> str | None:
+    """What `status` says about the deployment in etcd: running, or left by a coordinator that
+    stopped, and what settles it."""
+    if d is None:
+        return None
+    if isinstance(lock, dict):
+        return f"{lock.get('what')} in progress ({lock.get('holder')}, pid {lock.get('pid')} on {lock.get('host')})"
+    if d.action == PREPARE and d.held:
+        return (f"{d.version} is prepared fleet-wide: `changeover switch` puts it live, `changeover abort` "
+                "drops it")
+    if d.action == PREPARE:
+        return (f"deployment {d.id} of {d.version} was left before its switch (its coordinator stopped); nothing "
+                "users see changed: the next deploy aborts it, `changeover abort` drops it now")
+    state = record.get("state") if isinstance(record, dict) else None
+    if d.action in (SWITCH, PROMOTE):
+        observing = sorted(h for h, r in hosts.items() if (r.get("deployment") or {}).get("version") == d.version
+                           and (r.get("deployment") or {}).get("phase") == "observing")
+        if observing:
+            return (f"{d.version} is live, in its observation window on {', '.join(observing)} without a "
+                    "coordinator: each host still judges its own traffic and rolls the fleet back on a trigger; "
+                    "`changeover promote` ends the window, `changeover rollback` undoes it")
+        if state not in FINAL:
+            return (f"{d.version} is live; its coordinator stopped after the switch, before recording the end "
+                    "(the next deploy records it)")
+        return None
+    if state not in FINAL:
+        return f"{d.action} of {d.version} left by a process that stopped; the next deploy records it"
+    return None
 
 
 def fleet_trigger(records: dict[str, dict[str, Any]], hosts: list[str], monitor: Any) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -62,6 +62,7 @@ class ChangeoverCollector(Collector):
         self.state = "idle"
         self._states: set[str] = {"idle"}
         self.rollbacks: dict[str, int] = {}
+        self._sources: list[Callable[[], Iterable[Metric]]] = []
 
     # -- setters for the daemon ---------------------------------------------------------------
     def set_live(self, slot: str | None) -> None:
@@ -73,6 +74,11 @@ class ChangeoverCollector(Collector):
 
     def count_rollback(self, reason: str) -> None:
         self.rollbacks[reason] = self.rollbacks.get(reason, 0) + 1
+
+    def add_source(self, source: Callable[[], Iterable[Metric]]) -> None:
+        """Extra metric families another part of the daemon computes at scrape time (the fleet
+        agent's figures). A source that fails is logged and left out; the scrape still answers."""
+        self._sources.append(source)
 
     # -- scrape -------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
@@ -112,6 +118,13 @@ class ChangeoverCollector(Collector):
         for reason, n in sorted(self.rollbacks.items()):
             rb.add_metric([reason], n)
         yield rb
+        for source in list(self._sources):
+            try:
+                extra = list(source())
+            except Exception:
+                log.exception("metrics source %r failed", source)
+                continue
+            yield from extra
 
 
     def _routes(self) -> Iterator[Metric]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -61,9 +62,17 @@ class Host(Project):
         r = httpx.get(f"http://{self.listen_host}:{self.health_port}/_changeover/health", timeout=2)
         return r.status_code, r.json()
 
+    def local_status(self) -> dict[str, Any]:
+        """The daemon's own status, straight from its control socket (no CLI start per poll)."""
+        import asyncio
+
+        from changeover import api, rpc
+
+        sock = self.root / ".changeover" / "control.sock"
+        return dict(asyncio.run(rpc.call(sock, "status", {}, timeout=10, protocol=api.PROTOCOL)))
+
     def live_version(self) -> str | None:
-        st = self.status()
-        return (st.get("live") or {}).get("version")
+        return (self.local_status().get("live") or {}).get("version")
 
 
 class Fleet:
@@ -94,17 +103,44 @@ class Fleet:
             ) -> subprocess.CompletedProcess[str]:
         return self.hosts[host].cli(*args, check=check, timeout=timeout)
 
-    def spawn(self, *args: str, host: int = 0) -> subprocess.Popen[str]:
+    def spawn(self, *args: str, host: int = 0, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         h = self.hosts[host]
         return subprocess.Popen([sys.executable, "-m", "changeover", *args, "-c", str(h.config)], cwd=h.root,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, **(env or {})})
 
     def deploy(self, version: str, *extra: str, check: bool = True, host: int = 0
                ) -> subprocess.CompletedProcess[str]:
         return self.cli("deploy", version, "--path", self.releases(version), *extra, check=check, host=host)
 
     def status(self) -> dict[str, Any]:
-        return dict(json.loads(self.cli("status", "--json").stdout))
+        """The fleet as `status --json` shows it ("fleet", "hosts"), read from etcd in this process."""
+        from changeover.fleet.config import peek
+        from changeover.fleet.coordinator import Coordinator, run
+
+        cfg = peek(self.hosts[0].config)
+        assert cfg is not None
+
+        async def read(c: Coordinator) -> dict[str, Any]:
+            return await c.status()
+
+        return dict(run(cfg, None, read))
+
+    def history(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The fleet's deployments as `history --json` lists them, newest first (read in this process)."""
+        from changeover.fleet.config import peek
+        from changeover.fleet.coordinator import Coordinator, run
+
+        cfg = peek(self.hosts[0].config)
+        assert cfg is not None
+
+        async def read(c: Coordinator) -> list[dict[str, Any]]:
+            return await c.history(limit)
+
+        return list(run(cfg, None, read))
+
+    def cli_status(self, host: int = 0) -> dict[str, Any]:
+        return dict(json.loads(self.cli("status", "--json", host=host).stdout))
 
     def lives(self) -> list[str | None]:
         return [h.live_version() for h in self.hosts]
@@ -116,7 +152,7 @@ class Fleet:
             with contextlib.suppress(Exception):
                 if cond():
                     return
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise AssertionError(f"timed out waiting for: {what}")
 
     def teardown(self) -> None:

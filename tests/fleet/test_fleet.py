@@ -52,8 +52,8 @@ def test_deploy_manual_and_automatic_rollback_fleet_wide_fail_no_request(fleet: 
             out = fleet.deploy("v2", host=1)            # from any host
             t_v2 = time.time()
             assert "v2 finalised fleet-wide" in out.stderr and "switch skew" in out.stderr, out.stderr
-            for h in ("h1", "h2", "h3"):   # each host's steps were streamed back
-                assert f"{h}" in out.stderr and "start green" in out.stderr
+            for name in ("h1", "h2", "h3"):   # each host's steps were streamed back
+                assert name in out.stderr and "start green" in out.stderr
             assert fleet.lives() == ["v2", "v2", "v2"]
             load.wait_for(200)
 

@@ -1,0 +1,249 @@
+"""The fleet's verbs and faults on one shared fleet (three real daemons with the example app, a real
+three-member etcd, real PostgreSQL): min_ready with a host left out that retries converging with
+backoff, the fleet's figures on /metrics, promote, abort of a prepared release, standby expiry,
+migrations run once, and the coordinator SIGKILLed after the barrier, mid-switch and during
+observation. Each test rewrites the hosts' config (a daemon reads it for every deploy) and
+deploys its own versions, so the fleet is started once for the module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from changeover.daemon.procs import free_port
+from tests.fleet.cluster import Cluster
+from tests.fleet.harness import Fleet
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+METRICS: dict[str, int] = {}
+
+
+def configure(fleet: Fleet, monitor: str = 'observe = "0s"', fleet_extra: str = "", extra: str = "") -> None:
+    """Every host's config: its own /metrics port, `monitor` lines, `fleet_extra` under [fleet]."""
+    for h in fleet.hosts:
+        port = METRICS.setdefault(f"{fleet.prefix}/{h.name}", free_port())
+        h.write(f'{extra}\n[monitor]\nmetrics_listen = "127.0.0.1:{port}"\n{monitor}\n'
+                + h.fleet_section(fleet.etcd, fleet.prefix, fleet_extra))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, etcd: Cluster) -> Iterator[Fleet]:
+    f = Fleet(tmp_path_factory.mktemp("verbs"), etcd.endpoints, prefix=f"v{uuid.uuid4().hex[:8]}")
+    configure(f)
+    try:
+        f.start()
+        f.deploy("v0")
+        yield f
+    finally:
+        f.teardown()
+
+
+@pytest.fixture
+def fleet(shared: Fleet) -> Fleet:
+    configure(shared)
+    Fleet.wait(lambda: all(h["in_sync"] and h.get("deployment") is None for h in shared.status()["hosts"].values()),
+               "the fleet idle and in sync")
+    return shared
+
+
+def metrics(fleet: Fleet, host: int) -> str:
+    port = METRICS[f"{fleet.prefix}/{fleet.hosts[host].name}"]
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one series in Prometheus text (labels matched as given)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+def hosts(fleet: Fleet) -> dict[str, Any]:
+    return dict(fleet.status()["hosts"])
+
+
+def phases(fleet: Fleet, version: str) -> list[str | None]:
+    return [(h.get("deployment") or {}).get("phase") if (h.get("deployment") or {}).get("version") == version
+            else None for h in hosts(fleet).values()]
+
+
+def kill(p: subprocess.Popen[str]) -> str:
+    """SIGKILL the coordinator; what it had printed."""
+    os.killpg(p.pid, signal.SIGKILL)
+    return p.communicate(timeout=30)[1]
+
+
+def test_min_ready_leaves_a_host_out_that_retries_converging_with_backoff_and_metrics_show_the_fleet(
+        fleet: Fleet) -> None:
+    configure(fleet, fleet_extra="min_ready = 2")
+    was = fleet.lives()[2]
+    for h in fleet.hosts[:2]:
+        h.release("m1")                               # h3 lacks the release
+    out = fleet.cli("deploy", "m1", "--path", "releases/m1")
+    assert "h3 is not prepared" in out.stderr and "m1 finalised fleet-wide" in out.stderr, out.stderr
+    assert fleet.lives() == ["m1", "m1", was]
+
+    # h3 converges on its own, fails (no release there), and tries again with backoff.
+    Fleet.wait(lambda: (hosts(fleet)["h3"].get("retry") or {}).get("attempt", 0) >= 2, "h3 retried converging")
+    h3 = hosts(fleet)["h3"]
+    assert h3["in_sync"] is False and "no such directory" in h3["retry"]["error"], h3
+    assert "converging to m1 failed" in h3["why"] and "next try in" in h3["why"], h3["why"]
+    assert h3["retry"]["delay"] > 1.0                 # the backoff grew
+    assert fleet.hosts[2].health()[0] == 503
+    assert "converging to m1 failed" in fleet.cli("status").stdout
+
+    m = metrics(fleet, 0)
+    assert sample(m, "changeover_fleet_in_sync", host="h1") == 1.0
+    assert sample(m, "changeover_fleet_hosts", state="in_sync") == 2.0
+    assert sample(m, "changeover_fleet_hosts", state="out_of_sync") == 1.0
+    assert sample(m, "changeover_fleet_host_in_sync", host="h3") == 0.0
+    assert sample(m, "changeover_fleet_heartbeat_age_seconds", host="h3") is not None
+    assert sample(m, "changeover_fleet_desired", action="switch", release="m1") == 1.0
+    assert (sample(m, "changeover_fleet_switch_skew_seconds") or -1) >= 0.0
+    assert (sample(metrics(fleet, 2), "changeover_fleet_converge_failures", host="h3") or 0) >= 2
+    assert sample(m, "changeover_live_slot") is not None     # the daemon's own figures are still there
+
+    fleet.hosts[2].release("m1")                      # the release arrives: the next try converges
+    Fleet.wait(lambda: all(h["in_sync"] for h in hosts(fleet).values()), "h3 converged", timeout=60)
+    assert fleet.lives() == ["m1", "m1", "m1"] and hosts(fleet)["h3"]["retry"] is None
+    assert fleet.hosts[2].health()[0] == 200
+    Fleet.wait(lambda: sample(metrics(fleet, 0), "changeover_fleet_hosts", state="in_sync") == 3.0,
+               "/metrics: three hosts in sync")
+
+
+def test_promote_ends_the_observation_window_fleet_wide(fleet: Fleet) -> None:
+    configure(fleet, monitor='observe = "120s"\nwindow = "3s"')
+    bg = fleet.spawn("deploy", "p1", "--path", fleet.releases("p1"))
+    Fleet.wait(lambda: phases(fleet, "p1") == ["observing"] * 3, "every host observes p1", timeout=60)
+    out = fleet.cli("promote", host=2)
+    assert "p1 is the fleet's release" in out.stderr, out.stderr
+    _, err = bg.communicate(timeout=60)
+    assert bg.returncode == 0 and "p1 finalised fleet-wide" in err, err
+    assert fleet.lives() == ["p1", "p1", "p1"]
+    rec = fleet.history()[0]
+    assert rec["version"] == "p1" and rec["state"] == "succeeded"
+    assert {(r.get("switch") or {}).get("state") for r in rec["hosts"].values()} == {"succeeded"}
+    assert all(r.get("promote") for r in rec["hosts"].values()), rec["hosts"]
+
+
+def test_abort_of_a_prepared_fleet_release_unwinds_it_everywhere(fleet: Fleet) -> None:
+    before = fleet.lives()
+    fleet.deploy("a1", "--no-switch")
+    st = fleet.status()
+    assert st["fleet"]["desired"]["held"] and "prepared fleet-wide" in st["fleet"]["note"]
+    assert phases(fleet, "a1") == ["prepared"] * 3
+    refused = fleet.deploy("a2", check=False)
+    assert refused.returncode != 0 and "changeover abort" in refused.stderr, refused.stderr
+    out = fleet.cli("abort", host=1)
+    assert "the fleet's release" in out.stderr, out.stderr
+    Fleet.wait(lambda: phases(fleet, "a1") == [None] * 3, "no host keeps a1")
+    assert fleet.lives() == before
+    assert fleet.history()[0]["state"] == "aborted"
+
+
+def test_standby_expiry_is_each_hosts_own_fleet_wide(fleet: Fleet) -> None:
+    configure(fleet, monitor='observe = "0s"\nkeep_standby = "1s"')
+    fleet.deploy("e1")
+    Fleet.wait(lambda: all(h.get("standby") is None for h in hosts(fleet).values()), "every standby retired")
+    assert fleet.lives() == ["e1", "e1", "e1"]
+    assert all(h["in_sync"] for h in hosts(fleet).values())
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    import psycopg
+
+    name = f"co_fleet_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {e}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_migrations_run_once_for_the_fleet(fleet: Fleet, pg_url: str) -> None:
+    import psycopg
+
+    for h in fleet.hosts:
+        mig = Path(h.root) / "migrations"
+        mig.mkdir(exist_ok=True)
+        (mig / "0001_items.up.sql").write_text("CREATE TABLE items (id bigint PRIMARY KEY);\n")
+        (mig / "0001_items.down.sql").write_text("DROP TABLE items;\n")
+    try:
+        configure(fleet, extra=f'[migrations]\ndatabase = "{pg_url}"\ndir = "migrations"\n')
+        out = fleet.deploy("g1")
+        assert "migrations (expand), once for the fleet: 1 applied" in out.stderr, out.stderr
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute("SELECT version, state FROM changeover_migrations").fetchall()
+        assert len(rows) == 1, rows
+        assert fleet.lives() == ["g1", "g1", "g1"]
+    finally:
+        for h in fleet.hosts:
+            for f in (Path(h.root) / "migrations").glob("*"):
+                f.unlink()
+            (Path(h.root) / "migrations").rmdir()
+        configure(fleet)
+
+
+def test_the_coordinator_killed_after_the_barrier_mid_switch_and_in_observation(fleet: Fleet) -> None:
+    # After the barrier (every host prepared), before the switch: nothing users see changed.
+    before = fleet.lives()
+    bg = fleet.spawn("deploy", "k1", "--path", fleet.releases("k1"), env={"CHANGEOVER_TEST_FLEET_PAUSE": "barrier:60"})
+    Fleet.wait(lambda: phases(fleet, "k1") == ["prepared"] * 3, "every host prepared k1", timeout=60)
+    kill(bg)
+    st = fleet.status()
+    assert st["fleet"]["desired"]["action"] == "prepare" and st["fleet"]["desired"]["version"] == "k1"
+    Fleet.wait(lambda: fleet.status()["fleet"]["lock"] is None, "the dead coordinator's lock expires", timeout=20)
+    note = fleet.status()["fleet"]["note"]
+    assert "left before its switch" in note and "next deploy aborts it" in note, note
+    assert fleet.lives() == before
+    # The next deploy settles it (aborted) and goes on; this one dies right after its switch write.
+    bg = fleet.spawn("deploy", "k2", "--path", fleet.releases("k2"), env={"CHANGEOVER_TEST_FLEET_PAUSE": "switch:60"})
+    Fleet.wait(lambda: fleet.lives() == ["k2", "k2", "k2"], "every host switches on the one write", timeout=60)
+    kill(bg)
+    Fleet.wait(lambda: fleet.status()["fleet"]["lock"] is None, "the lock expires", timeout=20)
+    Fleet.wait(lambda: all(h["in_sync"] and h.get("deployment") is None for h in hosts(fleet).values()),
+               "every host finalised k2 on its own")
+    note = fleet.status()["fleet"]["note"]
+    assert "k2 is live" in note and "the next deploy records it" in note, note
+    hist = fleet.history()
+    assert [(r["version"], r["state"]) for r in hist[:2]] == [("k2", "preparing"), ("k1", "aborted")]
+
+    # In observation: the hosts keep judging; the next deploy is refused until promote/rollback.
+    configure(fleet, monitor='observe = "120s"\nwindow = "3s"')
+    bg = fleet.spawn("deploy", "k3", "--path", fleet.releases("k3"))
+    Fleet.wait(lambda: phases(fleet, "k3") == ["observing"] * 3, "every host observes k3", timeout=60)
+    printed = kill(bg)
+    assert "recorded as succeeded" in printed, printed     # k2, settled by this deploy
+    Fleet.wait(lambda: fleet.status()["fleet"]["lock"] is None, "the lock expires", timeout=20)
+    note = fleet.status()["fleet"]["note"]
+    assert "observation window on h1, h2, h3 without a coordinator" in note, note
+    refused = fleet.deploy("k4", check=False)
+    assert refused.returncode != 0 and "changeover promote" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    back = fleet.cli("rollback", "--reason", "coordinator died")
+    assert "k2 is the fleet's release" in back.stderr, back.stderr
+    assert fleet.lives() == ["k2", "k2", "k2"]
+    configure(fleet)
+    out = fleet.deploy("k4")
+    assert "k4 finalised fleet-wide" in out.stderr, out.stderr
+    hist = fleet.history()
+    assert [(r["version"], r["state"]) for r in hist[:4]] == [
+        ("k4", "succeeded"), ("k3", "rolled_back"), ("k2", "succeeded"), ("k1", "aborted")]
