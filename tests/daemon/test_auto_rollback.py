@@ -157,7 +157,9 @@ def test_faults_after_the_switch_are_rolled_back_with_the_right_reason(project: 
             ("v2", {"error_rate": 1.0}, ("consecutive_failures", "error_rate"), None),
             ("v3", {"error_rate": 0.10}, ("error_rate",), None),
             ("v4", {"latency_ms": 200}, ("latency",), None),
-            ("v5", {"db": "down"}, ("database",), None),
+            # The database down: the database probe, or the app's /health route failing every
+            # request (this test polls it) — each names what is broken.
+            ("v5", {"db": "down"}, ("database", "consecutive_failures: route GET /health"), None),
             ("v6", {}, ("critical",), service.down),
         ]
         for version, spec, reasons, before in cases:
