@@ -27,7 +27,7 @@ from changeover.fleet.config import FleetConfig
 from changeover.fleet.etcd import Etcd, EtcdError, EtcdUnavailable
 from changeover.fleet.figures import FleetFigures
 from changeover.fleet.health import HealthServer
-from changeover.fleet.model import ABORT, PROMOTE, ROLLBACK, SWITCH, Desired, Facts, Keys, decide
+from changeover.fleet.model import ABORT, FOLLOW, PROMOTE, ROLLBACK, SWITCH, Desired, Facts, Keys, decide
 
 if TYPE_CHECKING:
     from changeover.daemon.server import Daemon
@@ -238,10 +238,10 @@ class Agent:
     def _verbs(self) -> dict[str, Callable[[Desired, Callable[[dict[str, Any]], Awaitable[None]]],
                                         Awaitable[dict[str, Any]]]]:
         return {"prepare": self._prepare, SWITCH: self._switch, "converge": self._converge,
-                PROMOTE: self._promote, ABORT: self._abort, ROLLBACK: self._rollback}
+                PROMOTE: self._promote, ABORT: self._abort, ROLLBACK: self._rollback, FOLLOW: self._follow}
 
     async def _call(self, d: Desired, verb: str, run: Callable[..., Awaitable[dict[str, Any]]]) -> None:
-        key = SWITCH if verb == "converge" else verb
+        key = SWITCH if verb in ("converge", FOLLOW) else verb
 
         async def emit(ev: dict[str, Any]) -> None:
             await self._on_event(d, key, ev)
@@ -258,7 +258,7 @@ class Agent:
             last = self.d.state.history(1)
             state = last[0]["state"] if last and last[0]["version"] == d.version else "failed"
             self._report(d, key, state=state, error=str(e))
-            if verb in (SWITCH, "converge") and state == "rolled_back":
+            if verb in (SWITCH, "converge", FOLLOW) and state == "rolled_back":
                 await self._roll_back_fleet(d, last[0])
             elif verb == "converge":
                 self._retry_later(d, str(e))
@@ -312,6 +312,17 @@ class Agent:
     async def _converge(self, d: Desired, emit: Any) -> dict[str, Any]:
         args = api.DeployArgs(version=d.version, path=d.path, wait=True, env=dict(d.env), actor=self._actor(d))
         return await self._migration_lock_retried(d, emit, lambda: self.d.h_deploy(api.encode(args), emit))
+
+    async def _follow(self, d: Desired, emit: Any) -> dict[str, Any]:
+        """The outcome of the deployment this daemon resumed after a restart (see model.FOLLOW)."""
+        a = self.d.pipeline.active
+        if a is not None and a.version == d.version and a.done is not None:
+            result: dict[str, Any] = await asyncio.shield(a.done)
+            return result
+        last = self.d.state.history(1)
+        if last and last[0]["version"] == d.version:
+            return {"state": last[0]["state"]}
+        return {"state": "succeeded" if self.facts().live == d.version else "failed"}
 
     async def _promote(self, d: Desired, emit: Any) -> dict[str, Any]:
         return await self.d.h_promote(api.encode(api.PromoteArgs(actor=self._actor(d))), emit)

@@ -286,7 +286,9 @@ class Coordinator:
         # Each host's bookkeeping after its flip (state writes): not seen by users, shown apart.
         booked = [float(r["booked_at"]) for r in lives.values() if r.get("booked_at")]
         books = (max(booked) - min(booked)) * 1000 if booked else None
-        lagging = [h for h in ready if h not in at]
+        # A host whose daemon restarted inside its switch reports the outcome without a live time.
+        done = {h for h in ready if lives[h].get("state") == "succeeded"}
+        lagging = [h for h in ready if h not in at and h not in done]
         self.say(f"{d.version} is live on {len(at)} host(s) ({', '.join(sorted(at))}); switch skew "
                  f"{skew or 0:.1f} ms, last host {1000 * (max(at.values()) - written) if at else 0:.1f} ms after "
                  "the write", live=True, skew_ms=skew)
@@ -294,7 +296,7 @@ class Coordinator:
             self.say(f"{h} has not switched: out of sync (its health check says 503); it converges when back",
                      ok=False)
         await self.record(sw, "observing", skew_ms=skew, notify_skew_ms=notify, booked_skew_ms=books)
-        return await self.observe(sw, sorted(at), skew, monitor)
+        return await self.observe(sw, sorted(set(at) | done), skew, monitor)
 
     async def observe(self, d: Desired, switched: list[str], skew: float | None, monitor: Any) -> dict[str, Any]:
         """Until every switched host finalised, or a trigger (a host's, or the fleet sum's) rolled
@@ -303,6 +305,11 @@ class Coordinator:
             now = self.desired
             if now is None or now.id != d.id or now.action in (ROLLBACK, ABORT):
                 return await self.rolled_back(now or d, switched)
+            gone = [h for h in switched if h not in self.records]
+            for h in gone:   # cut off or stopped (its lease expired): it converges when back
+                self.say(f"{h} is gone (no heartbeat for {self.cfg.host_ttl:g}s): not waited for; it converges "
+                         "when back", ok=False)
+            switched = [h for h in switched if h not in gone]
             states = {h: self.result(h, d.id, SWITCH).get("state") for h in switched}
             bad = {h: s for h, s in states.items() if s in ("rolled_back", "failed", "aborted")}
             if bad:

@@ -29,6 +29,7 @@ from changeover.fleet.config import FleetConfig
 # desired actions
 PREPARE, SWITCH, PROMOTE, ABORT, ROLLBACK = "prepare", "switch", "promote", "abort", "rollback"
 ACTIONS = (PREPARE, SWITCH, PROMOTE, ABORT, ROLLBACK)
+FOLLOW = "follow"    # a host's verb: report a switched deployment its daemon resumed after a restart
 
 
 class Keys:
@@ -120,6 +121,11 @@ def decide(d: Desired, f: Facts, done: set[str]) -> str | None:
             return once(SWITCH)
         if mine and f.phase == "observing" and d.action == PROMOTE:
             return once(PROMOTE)
+        if not f.busy and ((mine and f.phase == "observing") or (f.active is None and f.live == d.version)) \
+                and not {f"{d.id}:{SWITCH}", f"{d.id}:converge"} & done:
+            # Switched by a daemon before this one (restarted mid-deploy, it carried the deployment
+            # on, or already finished it): report its outcome as this host's switch.
+            return once(FOLLOW)
         if f.live == d.version or mine or f.busy or f.active is not None:
             return None
         # Back from a partition without the release prepared: prepare it and switch (converge).

@@ -32,11 +32,11 @@ class Host(Project):
                 f'health_listen = "{self.listen_host}:{self.health_port}"\nhost_ttl = "2s"\nlock_ttl = "3s"\n'
                 f'switch_timeout = "8s"\nprepare_timeout = "60s"\n{extra}')
 
-    def spawn_daemon(self) -> None:
+    def spawn_daemon(self, env: dict[str, str] | None = None) -> None:
         log = open(self.root / "serve.out", "ab")  # noqa: SIM115
         self.daemon = subprocess.Popen([*self.wrap, sys.executable, "-m", "changeover", "serve", "-c",
                                         str(self.config)], cwd=self.root, stdout=log, stderr=log,
-                                       start_new_session=True)
+                                       start_new_session=True, env={**os.environ, **(env or {})})
         log.close()
 
     def wait_daemon(self, timeout: float = 30) -> None:

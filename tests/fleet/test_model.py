@@ -24,10 +24,16 @@ def test_each_desired_action_maps_to_one_verb_called_once() -> None:
     assert decide(D, facts(active="v2", phase="running", busy=True), set()) is None
     sw = D.but(action="switch")
     assert decide(sw, facts(active="v2", phase="prepared"), set()) == "switch"
-    assert decide(sw, facts(live="v2"), set()) is None                       # in sync
+    assert decide(sw, facts(live="v2"), {"d1:switch"}) is None              # in sync
     assert decide(sw, facts(), set()) == "converge"                          # back without the release
     assert decide(sw, facts(active="v2", phase="running", busy=True), set()) is None   # wait for prepare
     assert decide(D.but(action="promote"), facts(live="v2", active="v2", phase="observing"), set()) == "promote"
+    # A daemon restarted after its switch carries the deployment on: the agent follows it once.
+    assert decide(sw, facts(live="v2", active="v2", phase="observing"), set()) == "follow"
+    assert decide(sw, facts(live="v2", active="v2", phase="observing"), {"d1:follow"}) is None
+    assert decide(sw, facts(live="v2", active="v2", phase="observing"), {"d1:switch"}) is None
+    assert decide(sw, facts(live="v2"), set()) == "follow"        # ... or it had finished it already
+    assert decide(sw, facts(live="v2"), {"d1:converge"}) is None
     assert decide(D.but(action="abort"), facts(active="v2", phase="prepared"), set()) == "abort"
     assert decide(D.but(action="abort"), facts(), set()) is None
     rb = D.but(action="rollback")

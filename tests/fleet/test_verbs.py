@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,67 @@ def kill(p: subprocess.Popen[str]) -> str:
     """SIGKILL the coordinator; what it had printed."""
     os.killpg(p.pid, signal.SIGKILL)
     return p.communicate(timeout=30)[1]
+
+
+def restart(fleet: Fleet, i: int, env: dict[str, str] | None = None) -> None:
+    """SIGKILL one host's daemon (its proxy worker and app instances keep running) and start it again."""
+    h = fleet.hosts[i]
+    assert h.daemon is not None
+    os.kill(h.daemon.pid, signal.SIGKILL)
+    h.daemon.wait(timeout=10)
+    h.spawn_daemon(env)
+    h.wait_daemon()
+    assert h.daemon is not None
+    pid = h.daemon.pid
+    Fleet.wait(lambda: hosts(fleet)[h.name]["pid"] == pid, f"{h.name} registered again")
+
+
+def served(fleet: Fleet, i: int) -> str:
+    """The release a host's own proxy answers with."""
+    h = fleet.hosts[i]
+    return str(httpx.get(f"http://127.0.0.1:{h.port}/", timeout=2).headers.get("x-version", "?"))
+
+
+def test_hosts_flipping_on_the_one_write_never_report_themselves_out_of_sync(fleet: Fleet) -> None:
+    """Between the switch write and its own flip a host serves the release the fleet wanted a moment
+    ago; were it reported lagging then, every host would answer 503 at once and a load balancer
+    checking in that moment would take the whole fleet out."""
+    seen: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=2) as c:
+            while not stop.is_set():
+                for h in fleet.hosts:
+                    seen.append((h.name, c.get(f"http://127.0.0.1:{h.health_port}/_changeover/health").status_code))
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        fleet.deploy("n1")
+        fleet.cli("rollback", "--reason", "flip back")
+        fleet.deploy("n2")
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert len(seen) > 100
+    assert [s for s in seen if s[1] != 200] == []
+
+
+def test_a_host_daemon_killed_mid_switch_carries_on_and_reports_to_the_fleet(fleet: Fleet) -> None:
+    restart(fleet, 0, {"CHANGEOVER_TEST_STEP_DELAY": "switch:60"})   # h1 holds its switch step after the flip
+    try:
+        bg = fleet.spawn("deploy", "r1", "--path", fleet.releases("r1"), host=1)
+        Fleet.wait(lambda: served(fleet, 0) == "r1", "h1's proxy serves r1", timeout=60)
+    finally:
+        restart(fleet, 0)           # killed inside its switch step: it resumes the deployment
+    _, err = bg.communicate(timeout=90)
+    assert bg.returncode == 0 and "r1 finalised fleet-wide" in err, err
+    assert "h1 has not switched" not in err, err
+    assert fleet.lives() == ["r1", "r1", "r1"]
+    rec = fleet.history()[0]
+    assert rec["version"] == "r1" and rec["state"] == "succeeded"
+    assert (rec["hosts"]["h1"].get("switch") or {}).get("state") == "succeeded", (err, rec)   # by h1's new daemon
 
 
 def test_min_ready_leaves_a_host_out_that_retries_converging_with_backoff_and_metrics_show_the_fleet(
