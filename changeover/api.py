@@ -47,6 +47,7 @@ class Op(StrEnum):
     DOWN = "down"
     SERIES = "series"               # read-only: per-second traffic per slot (the dashboard)
     RELEASES = "releases"           # read-only: releases deployed, with their paths (the dashboard)
+    DRILL = "drill"                 # rehearse every rollback path on a drill copy (daemon/drill.py)
 
 
 A = TypeVar("A")
@@ -146,6 +147,12 @@ class SeriesArgs:
 
 
 @dataclass(frozen=True)
+class DrillArgs:
+    actor: str | None = None
+    max_reaction: float | None = None   # seconds a trigger may take to fire (default 30)
+
+
+@dataclass(frozen=True)
 class Empty:
     pass
 
@@ -156,6 +163,7 @@ ARGS: dict[Op, type[Any]] = {
     Op.PING: Empty, Op.STATUS: Empty, Op.METRICS: Empty, Op.STOP_STANDBY: Empty, Op.RELOAD: Empty,
     Op.DOWN: Empty,
     Op.SERIES: SeriesArgs, Op.RELEASES: Empty,
+    Op.DRILL: DrillArgs,
 }
 
 

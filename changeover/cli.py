@@ -418,6 +418,29 @@ def init(example: Annotated[str | None, typer.Option("--example", help="Copy an 
         out.print(f"  {escape(cmd)}")
 
 
+@app.command()
+def drill(max_reaction: Annotated[float | None, typer.Option("--max-reaction", help="Seconds a trigger may take "
+                                                               "to fire before it counts as too slow (30).")] = None,
+          config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Rehearse every rollback path on a copy of the live release, unseen by users; exit 1 if one is broken."""
+    printer = StepPrinter(err)
+    try:
+        result = commands.drill(daemon_at(config), max_reaction=max_reaction, progress=None if json_out else printer)
+    finally:
+        printer._stop()
+    if json_out:
+        _print_json(result)
+    else:
+        table = Table("path", "", "figure", "detail", title=f"rollback drill of {result.get('version')} "
+                      f"(deployment #{result.get('deployment')})")
+        for p in result.get("report", []):
+            mark = {True: "[green]✓[/]", False: "[red]✗[/]"}.get(p.get("ok"), "[dim]-[/]")
+            table.add_row(p["name"], mark, escape(p.get("figure") or ""), escape(p.get("detail") or ""))
+        out.print(table)
+    if not result.get("ok"):
+        raise typer.Exit(1)
+
+
 def _mount() -> None:
     """`migrate` and `check` live with their packages (a broken import there must fail loudly, not
     make the command vanish)."""

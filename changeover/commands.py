@@ -112,6 +112,12 @@ def rollback(config: Daemon, *, reason: str | None = None, schema: bool = False,
     return dict(_stream(config, Op.ROLLBACK, api.encode(args), progress))
 
 
+def drill(config: Daemon, *, max_reaction: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Rehearse every rollback path on a drill copy of the live release (daemon/drill.py)."""
+    args = api.DrillArgs(actor=_actor(), max_reaction=max_reaction)
+    return dict(_stream(config, Op.DRILL, api.encode(args), progress))
+
+
 def status(config: Daemon) -> dict[str, Any]:
     return dict(_stream(config, Op.STATUS, {}, None, timeout=10))
 

@@ -66,6 +66,7 @@ IN_FLIGHT = (DeploymentState.RUNNING, DeploymentState.PREPARED, DeploymentState.
 class DeploymentKind(StrEnum):
     DEPLOY = "deploy"
     ROLLBACK = "rollback"
+    DRILL = "drill"                    # `changeover drill` (daemon/drill.py): rehearses, changes nothing users see
 
 
 class StepKind(StrEnum):
@@ -84,6 +85,7 @@ class StepKind(StrEnum):
     CLEANUP = "cleanup"                # undo of START
     SCHEMA_ROLLBACK = "schema_rollback"
     NOTE = "note"                      # considered and skipped
+    DRILL = "drill"                    # a rollback path rehearsed on the drill copy (undone by its cleanup)
 
 
 # Trigger reasons of an automatic rollback, as the observer names them (monitor.triggers).

@@ -312,6 +312,22 @@ class Pipeline:
         self._run(a, self._warm_rollback(a, schema, allow_data_loss) if warm else self._chain(a, prepare=True))
         return await self._follow(a, emit, wait)
 
+    async def drill(self, config: Config, emit: Emit | None = None, *, actor: str | None = None,
+                    max_reaction: float | None = None) -> dict[str, Any]:
+        """`changeover drill` (daemon/drill.py): every rollback path rehearsed on a copy of the live
+        release in the idle slot, reached by the drill's own requests only, under the one lock."""
+        from changeover.daemon import drill
+
+        release = drill.refuse(self)
+        await self._claim()
+        try:
+            a = self._begin(config, DeploymentKind.DRILL, release, other(self.state.live_slot()), actor, "drill")
+        except BaseException:
+            self._lock.release()
+            raise
+        self._run(a, drill.Drill(self, a, max_reaction or drill.DEFAULT_MAX_REACTION).run())
+        return await self._follow(a, emit, wait=True)
+
     async def stop_standby(self) -> dict[str, Any]:
         if self.active is not None:
             raise self.busy_error()

@@ -111,6 +111,7 @@ class Daemon:
             Op.STOP_STANDBY: self.h_stop_standby, Op.RELOAD: self.h_reload, Op.RELOAD_PROXY: self.h_reload_proxy,
             Op.DOWN: self.h_down,
             Op.SERIES: self.h_series, Op.RELEASES: self.h_releases,
+            Op.DRILL: self.h_drill,
         }
         self._server = await rpc.serve(self.config.socket_path, {str(k): v for k, v in handlers.items()},
                                        protocol=api.PROTOCOL)
@@ -386,6 +387,10 @@ class Daemon:
             config = self.config
         return await self.pipeline.rollback(config, emit, reason=a.reason, actor=a.actor, schema=a.schema,
                                             allow_data_loss=a.allow_data_loss, wait=a.wait)
+
+    async def h_drill(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        a = api.decode(api.DrillArgs, args)
+        return await self.pipeline.drill(await self.fresh_config(), emit, actor=a.actor, max_reaction=a.max_reaction)
 
     async def h_stop_standby(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         return await self.pipeline.stop_standby()

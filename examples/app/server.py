@@ -38,6 +38,7 @@ VERSION = os.environ.get("FAULT_VERSION") or os.environ.get("API_VERSION", "dev"
 FAULT_FILE = os.environ.get("FAULT_FILE")
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 ITEMS_QUERY = os.environ.get("ITEMS_QUERY", "SELECT 1")
+DRILL_COPY = os.environ.get("CHANGEOVER_DRILL") == "1"   # started by `changeover drill`: says so
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 _fault: dict[str, Any] = {}
@@ -129,6 +130,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("X-Version", VERSION)
+        if DRILL_COPY:
+            self.send_header("X-Drill-Copy", "1")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
