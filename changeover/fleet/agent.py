@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("changeover.fleet")
 RETRY = 0.3          # seconds between attempts to reach etcd again
+HEALTH_EVERY, HEALTH_REPEAT = 0.1, 5.0   # the proxy's health check: judged this often, re-told this often
 CONVERGE_FIRST, CONVERGE_MAX = 1.0, 60.0   # backoff of a failed converge: 1 s, 2 s, 4 s ... 60 s
 SWITCH_GRACE = 1.0   # a host flipping to a new desired release is not "lagging" for this long
 MIGRATION_LOCK_TRIES = 10
@@ -73,7 +74,7 @@ class Agent:
             await self.health.start()
         loop = asyncio.get_running_loop()
         for name, coro in (("session", self._session()), ("reconcile", self._reconcile()),
-                           ("events", self._send_events())):
+                           ("events", self._send_events()), ("health", self._tell_proxy())):
             self._tasks.append(loop.create_task(coro, name=f"fleet-{name}"))
         self._add_figures()
 
@@ -105,6 +106,28 @@ class Agent:
         a = self.d.pipeline.active
         return Facts(live=self.d.slots.version(self.d.state.live_slot()), active=a.version if a else None,
                      phase=str(a.phase) if a else None, busy=self._busy is not None and not self._busy.done())
+
+    async def _tell_proxy(self) -> None:
+        """The data plane answers the load balancer's health check on the proxy port ([proxy]
+        health_path): tell it whenever the judgement changes, and again every few seconds (a
+        proxy handed over meanwhile starts out healthy)."""
+        from changeover.proxy.control import HealthControl
+
+        proxy = self.d.proxy
+        if not isinstance(proxy, HealthControl):
+            return
+        told: tuple[bool, str] | None = None
+        since = 0.0
+        while True:
+            ok, body = self.judge()
+            now = (ok, str(body.get("why", "")))
+            if now != told or time.monotonic() - since > HEALTH_REPEAT:
+                try:
+                    await proxy.set_health(*now)
+                    told, since = now, time.monotonic()
+                except ChangeoverError as e:
+                    log.warning("fleet: telling the proxy the host's health failed: %s", e)
+            await asyncio.sleep(HEALTH_EVERY)
 
     def connected(self) -> bool:
         return time.monotonic() - self.reached < self.cfg.host_ttl
