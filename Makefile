@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup services demo test lint typecheck unit bench clean
+.PHONY: setup services demo test lint typecheck unit bench clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ BENCHES := proxy_bench rollback_bench migrations_bench
 
 bench: setup services
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+
+# Coverage-guided fuzzing of the proxy's parsers (tests/fuzz/run.py); `make test` runs a short,
+# seconds-long hypothesis pass over the same targets and the corpus in tests/fuzz/corpus/.
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS := chunks request_head response
+
+fuzz: setup
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/pip install -q atheris || \
+		echo "atheris did not install: hypothesis inputs instead (not coverage-guided)"
+	for t in $(FUZZ_TARGETS); do echo "== fuzz $$t"; \
+		$(BIN)/python -m tests.fuzz.run $$t -max_total_time=$(FUZZ_SECONDS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
