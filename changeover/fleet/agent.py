@@ -38,6 +38,7 @@ HEALTH_EVERY, HEALTH_REPEAT = 0.1, 5.0   # the proxy's health check: judged this
 CONVERGE_FIRST, CONVERGE_MAX = 1.0, 60.0   # backoff of a failed converge: 1 s, 2 s, 4 s ... 60 s
 SWITCH_GRACE = 1.0   # a host flipping to a new desired release is not "lagging" for this long
 MIGRATION_LOCK_TRIES = 10
+ABORT_TRIES = 3
 
 
 class Agent:
@@ -352,7 +353,15 @@ class Agent:
 
     async def _abort(self, d: Desired, emit: Any) -> dict[str, Any]:
         why = f"fleet {d.action}: {d.reason or 'aborted'}"
-        return await self.d.h_abort(api.encode(api.AbortArgs(reason=why, actor=self._actor(d))), emit)
+        for _ in range(ABORT_TRIES):
+            result = await self.d.h_abort(api.encode(api.AbortArgs(reason=why, actor=self._actor(d))), emit)
+            # An abort that lands while the prepare is finishing its start step can find it
+            # prepared afterwards: abort again, or the release would stay prepared here for good.
+            a = self.d.pipeline.active
+            if a is None or a.version != d.version or str(a.phase) not in ("running", "prepared"):
+                return result
+            log.warning("fleet: %s is still %s after the abort: aborting again", d.version, a.phase)
+        return result
 
     async def _rollback(self, d: Desired, emit: Any) -> dict[str, Any]:
         args = api.RollbackArgs(reason=f"fleet rollback: {d.reason or 'manual'}", actor=self._actor(d))

@@ -1,23 +1,31 @@
 """A fleet of three real daemons (each with the example app) on a real three-member etcd, on
 loopback, behind a real HAProxy that health-checks each host: deploy, manual and automatic
 rollback under keep-alive load, the deploy lock, a dead coordinator, a host that cannot prepare,
-and etcd losing members."""
+and etcd losing members.
+
+One fleet serves the whole module and each test deploys versions of its own names. The tests run
+in file order: the operator's comes first (its deploy is the fleet's first release, so rollback
+has nothing to go back to) and the one that kills etcd members last (it leaves the module's
+cluster without quorum)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.fleet.cluster import ETCD, Cluster
+from tests.fleet.cluster import Cluster
 from tests.fleet.front import HAPROXY, Front, Recorder
-from tests.fleet.harness import Fleet
+from tests.fleet.harness import MONITOR_OFF, Fleet
 
 OBSERVE = """
 [env]
@@ -30,6 +38,26 @@ metrics_listen = ""
 """
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, etcd: Cluster) -> Iterator[Fleet]:
+    f = Fleet(tmp_path_factory.mktemp("fleet"), etcd.endpoints, prefix=f"t{uuid.uuid4().hex[:8]}")
+    try:
+        f.start()
+        yield f
+    finally:
+        f.teardown()
+
+
+@pytest.fixture
+def fleet(shared: Fleet) -> Fleet:
+    """The module's fleet, idle and in sync, with the default config."""
+    for h in shared.hosts:
+        h.write(MONITOR_OFF + h.fleet_section(shared.etcd, shared.prefix))
+    Fleet.wait(lambda: all((h["in_sync"] or h.get("live") is None) and h.get("deployment") is None
+                           for h in shared.status()["hosts"].values()), "the fleet idle and in sync")
+    return shared
+
+
 def front_for(fleet: Fleet) -> Front:
     if HAPROXY is None:
         pytest.skip("haproxy is not installed")
@@ -39,8 +67,28 @@ def front_for(fleet: Fleet) -> Front:
     return f
 
 
+def test_status_and_controls_from_an_operator_machine_with_only_the_config(fleet: Fleet, tmp_path: Path) -> None:
+    op = tmp_path / "operator"
+    op.mkdir()
+    (op / "changeover.toml").write_text(fleet.hosts[0].config.read_text())
+    fleet.releases("o1")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "changeover", *args, "-c", str(op / "changeover.toml")],
+                              cwd=op, capture_output=True, text=True, timeout=120)
+
+    out = cli("deploy", "o1", "--path", "releases/o1")
+    assert out.returncode == 0 and "o1 finalised fleet-wide" in out.stderr, out.stderr
+    st = json.loads(cli("status", "--json").stdout)
+    assert st["local"] is None and set(st["hosts"]) == {"h1", "h2", "h3"}
+    assert all(h["in_sync"] for h in st["hosts"].values())
+    text = cli("status").stdout
+    assert "h1" in text and "h3" in text and "o1" in text
+    bad = cli("rollback")
+    assert bad.returncode == 1 and "first release" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_deploy_manual_and_automatic_rollback_fleet_wide_fail_no_request(fleet: Fleet) -> None:
-    fleet.start()
     first = fleet.deploy("v1")
     assert "v1 finalised fleet-wide" in first.stderr, first.stderr
     assert fleet.lives() == ["v1", "v1", "v1"]
@@ -53,7 +101,7 @@ def test_deploy_manual_and_automatic_rollback_fleet_wide_fail_no_request(fleet: 
             t_v2 = time.time()
             assert "v2 finalised fleet-wide" in out.stderr and "switch skew" in out.stderr, out.stderr
             for name in ("h1", "h2", "h3"):   # each host's steps were streamed back
-                assert name in out.stderr and "start green" in out.stderr
+                assert any(line.startswith(name) and "✓ start " in line for line in out.stderr.splitlines())
             assert fleet.lives() == ["v2", "v2", "v2"]
             load.wait_for(200)
 
@@ -104,97 +152,63 @@ def test_deploy_manual_and_automatic_rollback_fleet_wide_fail_no_request(fleet: 
 
 
 def test_second_deploy_names_the_holder_and_a_dead_coordinators_lock_expires(fleet: Fleet) -> None:
-    fleet.start()
-    fleet.deploy("v1")
-    path = fleet.releases("v2")
-    first = fleet.spawn("deploy", "v2", "--path", path, "--env", "FAULT_START_DELAY=20")
+    fleet.deploy("l1")
+    path = fleet.releases("l2")
+    first = fleet.spawn("deploy", "l2", "--path", path, "--env", "FAULT_START_DELAY=20")
     Fleet.wait(lambda: fleet.status()["fleet"]["lock"] is not None, "the first deploy holds the lock")
-    second = fleet.deploy("v3", check=False, host=1)
+    second = fleet.deploy("l3", check=False, host=1)
     assert second.returncode != 0, second.stderr
     assert f"pid {first.pid}" in second.stderr and "locked by" in second.stderr, second.stderr
     assert "Traceback" not in second.stderr
 
-    Fleet.wait(lambda: any((h.get("deployment") or {}).get("version") == "v2"
-                           for h in fleet.status()["hosts"].values()), "the hosts prepare v2")
+    Fleet.wait(lambda: any((h.get("deployment") or {}).get("version") == "l2"
+                           for h in fleet.status()["hosts"].values()), "the hosts prepare l2")
     os.killpg(first.pid, signal.SIGKILL)         # the coordinator dies mid-deploy
     first.wait(timeout=10)
     st = fleet.status()
-    assert st["fleet"]["desired"]["action"] == "prepare" and st["fleet"]["desired"]["version"] == "v2"
+    assert st["fleet"]["desired"]["action"] == "prepare" and st["fleet"]["desired"]["version"] == "l2"
     Fleet.wait(lambda: fleet.status()["fleet"]["lock"] is None, "the dead coordinator's lock expires", timeout=15)
-    assert fleet.lives() == ["v1", "v1", "v1"]   # nothing users see changed
+    assert fleet.lives() == ["l1", "l1", "l1"]   # nothing users see changed
 
-    third = fleet.deploy("v3")                   # settles v2 (aborted), then deploys
+    third = fleet.deploy("l3")                   # settles l2 (aborted), then deploys
     assert "settling deployment" in third.stderr, third.stderr
-    assert fleet.lives() == ["v3", "v3", "v3"]
+    assert fleet.lives() == ["l3", "l3", "l3"]
     hist = json.loads(fleet.cli("history", "--json").stdout)
-    assert [(r["version"], r["state"]) for r in hist[:2]] == [("v3", "succeeded"), ("v2", "aborted")]
+    assert [(r["version"], r["state"]) for r in hist[:2]] == [("l3", "succeeded"), ("l2", "aborted")]
 
 
 def test_a_host_that_cannot_prepare_aborts_the_deploy_everywhere(fleet: Fleet) -> None:
-    fleet.start()
-    fleet.deploy("v1")
+    fleet.deploy("c1")
     for h in fleet.hosts[:2]:
-        h.release("v2")                          # h3 lacks the release directory
-    out = fleet.cli("deploy", "v2", "--path", "releases/v2", check=False)
+        h.release("c2")                          # h3 lacks the release directory
+    out = fleet.cli("deploy", "c2", "--path", "releases/c2", check=False)
     assert out.returncode == 1, out.stderr
     assert "aborted before the switch" in out.stderr and "h3" in out.stderr and "no such directory" in out.stderr
     assert "Traceback" not in out.stderr
-    assert fleet.lives() == ["v1", "v1", "v1"]
+    assert fleet.lives() == ["c1", "c1", "c1"]
     Fleet.wait(lambda: all(h.get("deployment") is None for h in fleet.status()["hosts"].values()),
-               "no host keeps v2 prepared")
+               "no host keeps c2 prepared")
 
 
-def test_status_and_controls_from_an_operator_machine_with_only_the_config(fleet: Fleet, tmp_path: Path) -> None:
-    fleet.start()
-    op = tmp_path / "operator"
-    op.mkdir()
-    (op / "changeover.toml").write_text(fleet.hosts[0].config.read_text())
-    fleet.releases("v1")
-    import subprocess
-    import sys
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "changeover", *args, "-c", str(op / "changeover.toml")],
-                              cwd=op, capture_output=True, text=True, timeout=120)
-
-    out = cli("deploy", "v1", "--path", "releases/v1")
-    assert out.returncode == 0 and "v1 finalised fleet-wide" in out.stderr, out.stderr
-    st = json.loads(cli("status", "--json").stdout)
-    assert st["local"] is None and set(st["hosts"]) == {"h1", "h2", "h3"}
-    assert all(h["in_sync"] for h in st["hosts"].values())
-    text = cli("status").stdout
-    assert "h1" in text and "h3" in text and "v1" in text
-    bad = cli("rollback")
-    assert bad.returncode == 1 and "first release" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_one_etcd_member_down_deploys_go_on_two_down_they_are_refused_and_traffic_flows(tmp_path: Path) -> None:
-    if ETCD is None:
-        pytest.skip("etcd is not installed")
-    cluster = Cluster.make(3)
-    cluster.start()
-    fleet = Fleet(tmp_path, cluster.endpoints, prefix=f"q{uuid.uuid4().hex[:6]}")
+def test_one_etcd_member_down_deploys_go_on_two_down_they_are_refused_and_traffic_flows(
+        fleet: Fleet, etcd: Cluster) -> None:
+    """Last in the module: it leaves the module's etcd without quorum."""
+    fleet.deploy("q1")
+    front = front_for(fleet)
     try:
-        fleet.start()
-        fleet.deploy("v1")
-        front = front_for(fleet)
-        try:
-            with Recorder("127.0.0.1", front.port) as load:
-                cluster.kill(0)
-                out = fleet.deploy("v2")
-                assert "v2 finalised fleet-wide" in out.stderr, out.stderr
-                cluster.kill(1)
-                refused = fleet.deploy("v3", check=False)
-                assert refused.returncode != 0 and "refused" in refused.stderr, refused.stderr
-                assert "etcd" in refused.stderr and "Traceback" not in refused.stderr
-                load.wait_for(300)
-                assert fleet.lives() == ["v2", "v2", "v2"]
-                for h in fleet.hosts:   # a member without quorum still answers reads: in sync
-                    assert h.health()[0] == 200
-        finally:
-            front.stop()
-        assert load.failed() == [], load.failed()[:5]
-        assert load.since(time.time() - 1), "traffic never stopped"
+        with Recorder("127.0.0.1", front.port) as load:
+            etcd.kill(0)
+            out = fleet.deploy("q2")
+            assert "q2 finalised fleet-wide" in out.stderr, out.stderr
+            etcd.kill(1)
+            refused = fleet.deploy("q3", check=False)
+            assert refused.returncode != 0 and "refused" in refused.stderr, refused.stderr
+            assert "etcd" in refused.stderr and "Traceback" not in refused.stderr
+            load.wait_for(300)
+            assert fleet.lives() == ["q2", "q2", "q2"]
+            for h in fleet.hosts:   # a member without quorum still answers reads: in sync
+                assert h.health()[0] == 200
     finally:
-        fleet.teardown()
-        cluster.stop()
+        front.stop()
+    assert load.failed() == [], load.failed()[:5]
+    assert load.since(time.time() - 1), "traffic never stopped"
