@@ -36,7 +36,6 @@ SLOTS = ("blue", "green")
 LOG_TAG = "co"            # first field of our per-request log lines; anything else on the socket is ignored
 RING = "changeover_log"
 RING_SIZE = 1 << 20       # ~15k lines: what a reader may fall behind by before it misses some
-STALE = 5.0               # lines older than this (seconds) when read are dropped: they belong to no window
 MAX_UNIX_PATH = 107       # sun_path, minus the terminating NUL
 CLI_TIMEOUT = 5.0
 
@@ -137,23 +136,22 @@ defaults
     timeout connect {_ms(s.connect_timeout)}
     timeout server {_ms(s.response_timeout)}
     timeout tunnel 1h
-    log-format "{LOG_TAG}|%[date]|%s|%ST|%[date(0,us),sub(txn.t0)]|%Ta|%Tr|%ts"
+    log-format "{LOG_TAG}|%s|%ST|%[date(0,us),sub(txn.t0)]|%Tr|%ts"
 frontend changeover
     bind {bind}
     http-request set-var(txn.t0) date(0,us)
 {limit}    acl trusted src {trusted}
-    # X-Forwarded-*: kept from a trusted peer (a TLS terminator in front), replaced otherwise
-    http-request del-header X-Forwarded-For unless trusted
-    http-request del-header X-Forwarded-Proto unless trusted
-    http-request del-header X-Forwarded-Host
-    http-request del-header X_Forwarded_For
-    http-request del-header X_Forwarded_Proto
-    http-request del-header X_Forwarded_Host
+    acl has_xff req.fhdr_cnt(x-forwarded-for) gt 0
     acl one_xff req.fhdr_cnt(x-forwarded-for) eq 1
-    http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)], %[src]" if one_xff
-    http-request add-header X-Forwarded-For %[src] unless one_xff
-    http-request set-header X-Forwarded-Proto http unless {{ req.hdr(x-forwarded-proto) -m found }}
-    http-request set-header X-Forwarded-Host %[req.hdr(host)] if {{ req.hdr(host) -m found }}
+    # X-Forwarded-*: kept from a trusted peer (a TLS terminator in front), replaced otherwise.
+    # Few rules, each header list walked once: these run for every request (bench: µs each).
+    http-request del-header x_forwarded_ -m beg
+    # (ACLs see the headers as the rules before them left them: append first, then default)
+    http-request set-header X-Forwarded-For "%[req.fhdr(x-forwarded-for)], %[src]" if trusted one_xff
+    http-request add-header X-Forwarded-For %[src] if trusted has_xff !one_xff
+    http-request set-header X-Forwarded-For %[src] unless trusted has_xff
+    http-request set-header X-Forwarded-Proto http unless trusted {{ req.hdr(x-forwarded-proto) -m found }}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
     http-request add-header Via "1.1 changeover"
     default_backend {BACKEND}
 """
@@ -171,7 +169,8 @@ def routing_part(routing: Mapping[str, Any] | None) -> str:
         check_slot_name(name)
         slots[name] = [check_upstream(name, u) for u in upstreams]
     live = routing.get("live")
-    lines = [ROUTING_MARK, "    balance roundrobin\n", "    http-reuse safe\n"]
+    # like the embedded proxy, idle app connections serve any client (HTTP/1.1 apps are fine with it)
+    lines = [ROUTING_MARK, "    balance roundrobin\n", "    http-reuse always\n"]
     for name, upstreams in slots.items():
         for i in range(1, max(POOL, len(upstreams)) + 1):
             if i <= len(upstreams):
@@ -347,9 +346,8 @@ def commands(*lines: Sequence[str]) -> str:
 
 # -- per-request log ------------------------------------------------------------------------------
 
-def parse_log(line: bytes, now: float) -> tuple[str, int, float, bool] | None:
-    """A line of our log-format -> (slot, status, seconds, upstream failed), None for other lines
-    and for stale ones (a reader far behind: `now` is time.time()).
+def parse_log(line: bytes) -> tuple[str, int, float, bool] | None:
+    """A line of our log-format -> (slot, status, seconds, upstream failed); None for other lines.
 
     Latency is measured by HAProxy in microseconds from the request head to the log (end of the
     response); a tunnel (101) counts until its upgrade answer (%Tr), as the embedded proxy does.
@@ -357,24 +355,17 @@ def parse_log(line: bytes, now: float) -> tuple[str, int, float, bool] | None:
     Runs once per request in the daemon: bytes in, no decoding of what is not needed.
     """
     f = line.split(b"|")
-    if len(f) != 8 or f[0] != _TAG:
+    if len(f) != 6 or f[0] != _TAG:
         return None
     try:
-        if now - int(f[1]) > STALE:
-            return None
-        status = int(f[3])
-        us = f[4]
-        if status == 101:
-            seconds = max(0, int(f[6])) / 1000
-        elif us and us != b"-":
-            seconds = max(0, int(us)) / 1e6
-        else:
-            seconds = max(0, int(f[5])) / 1000
+        status = int(f[2])
+        us, tr = f[3], int(f[4])
+        seconds = max(0, tr) / 1000 if status == 101 or not us or us == b"-" else max(0, int(us)) / 1e6
     except ValueError:
         return None
-    server = f[2]
+    server = f[1]
     slot = "" if server[:1] == b"<" else server.rsplit(b"-", 1)[0].decode()   # <NOSRV>: no slot took it
-    return slot, max(status, 0), seconds, f[7][:1] in (b"S", b"s")
+    return slot, max(status, 0), seconds, f[5][:1] in (b"S", b"s")
 
 
 _TAG = LOG_TAG.encode()

@@ -35,6 +35,7 @@ class LogFollower:
         self.admin = admin
         self.recorder = recorder
         self.lines = 0                          # lines counted, for the cross-check with `show stat`
+        self.restarts = 0                       # readers replaced by keep(): each may have missed lines
         self._current: asyncio.Task[None] | None = None
         self._previous: set[asyncio.Task[None]] = set()
         self._followed: set[int] = set()        # worker pids with a reader: one each, never two
@@ -51,6 +52,7 @@ class LogFollower:
         """Replace a reader that ended (HAProxy restarted behind our back, a broken connection);
         cheap, called at every metrics pull."""
         if self._current is None or self._current.done():
+            self.restarts += 1
             self._start(fresh=False)
 
     def _start(self, fresh: bool) -> asyncio.Future[None]:
@@ -105,6 +107,7 @@ class LogFollower:
                 self._count(lines)
             if rest and not self.lines:             # e.g. an attached HAProxy without our ring
                 log.warning("HAProxy's log ring %s: %s", hx.RING, rest[:200].decode(errors="replace"))
+            log.info("HAProxy worker %d closed its log stream", pid)
         except (OSError, ValueError) as e:
             log.warning("reading HAProxy's log (worker %s) stopped: %s", pid or "?", e)
         finally:
@@ -114,11 +117,10 @@ class LogFollower:
             await asyncio.sleep(max(0.0, RETRY - (time.monotonic() - started)))
 
     def _count(self, lines: list[bytes]) -> None:
-        now = time.time()
         parse, record = hx.parse_log, self.recorder.record
         for raw in lines:
             try:
-                rec = parse(raw, now)
+                rec = parse(raw)
             except Exception:                       # a monitor bug must never stop the log
                 log.exception("an HAProxy log line could not be read: %r", raw[:200])
                 continue
