@@ -293,6 +293,10 @@ def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
         out.print(f"observing {obs['slot']}: {obs['elapsed']:.0f}s done, {obs['remaining']:.0f}s left; "
                   f"{obs.get('requests', 0)} requests, errors {100 * (obs.get('error_rate') or 0):.2f}% "
                   "in the window")
+        from changeover.monitor.render import judgement_lines
+
+        for line in judgement_lines(obs):     # what the latency judgement compares, and against what
+            out.print(f"  {escape(line)}")
     for ev in st.get("incidents", []):
         when = datetime.fromtimestamp(ev["ts"]).strftime("%H:%M:%S")
         out.print(f"[yellow]{when} {ev['kind']} {ev.get('slot') or ''}[/] {escape(str(ev.get('detail', '')))}")

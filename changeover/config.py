@@ -7,6 +7,7 @@ instance gets its own port from the supervisor. `$$` is a literal dollar.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -205,6 +206,7 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     migrations = migrations_config.load(top.table("migrations"), env)
     checks = checks_config.load(top.table("checks"), env)
     monitor = monitor_config.load(top.table("monitor"), top.table("notify"), env)
+    proxy = dataclasses.replace(proxy, routes=monitor.routes, max_routes=monitor.max_routes)
     dashboard = dashboard_config.load(top.table("dashboard"))
     fleet = fleet_config.load(top.table("fleet"))
     releases = load_releases(top.table("releases"))

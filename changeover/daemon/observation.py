@@ -23,13 +23,6 @@ from changeover.state import Release, State
 log = logging.getLogger("changeover.observe")
 
 
-def _baseline(telemetry: Telemetry, config: Config, live: str) -> triggers.Baseline:
-    make = getattr(triggers, "make_baseline", None)
-    if make is not None:
-        return make(telemetry.recorder, live, config.monitor)  # type: ignore[no-any-return]
-    return triggers.capture_baseline(telemetry.recorder, live, config.monitor.baseline)
-
-
 class Observation:
     def __init__(self, config: Config, state: State, slots: SlotManager, telemetry: Telemetry, release: Release,
                  target: str, previous: str | None, proxy_url: str) -> None:
@@ -73,7 +66,8 @@ class Observation:
             # Read the data plane's counters now: the slot was just given a new release, and the
             # observer must not judge it on the previous occupant's numbers.
             await self.telemetry.pull()
-            baseline = _baseline(self.telemetry, self.config, self.previous)
+            # Per load level over the old release's recent life; a window with errors is no baseline.
+            baseline = triggers.make_baseline(self.telemetry.recorder, self.previous, self.config.monitor)
             self.state.set_window(dep_id, {"started_at": time.time(), "seconds": cfg.observe,
                                            "baseline": baseline.to_dict() if baseline is not None else None,
                                            "target": self.target, "previous": self.previous})

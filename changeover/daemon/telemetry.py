@@ -18,6 +18,7 @@ from changeover.monitor.config import MonitorConfig
 from changeover.monitor.exposition import ChangeoverCollector, serve_metrics
 from changeover.monitor.metrics import Recorder
 from changeover.monitor.notify import Notifier
+from changeover.monitor.routes import RouteRules
 from changeover.proxy.control import ProxyControl
 
 log = logging.getLogger("changeover.telemetry")
@@ -30,8 +31,9 @@ class Telemetry:
         self.monitor = monitor
         self.proxy = proxy
         self.file = file
-        self.recorder = Recorder(history=monitor.history)
-        self.collector = ChangeoverCollector(self.recorder)
+        # Route patterns group the mirrored per-route rows; per-route Prometheus series are opt-in.
+        self.recorder = Recorder(history=monitor.history, routes=RouteRules(monitor.routes, monitor.max_routes))
+        self.collector = ChangeoverCollector(self.recorder, routes=monitor.route_metrics)
         self.notifier = Notifier(monitor.notify)
         self.metrics_port: int | None = None
         self.observing: Any = None        # the running Observer, for `status` (set by the pipeline)

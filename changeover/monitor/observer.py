@@ -114,6 +114,7 @@ class Observer:
         self._synthetic_sent: deque[float] = deque()
         self._synthetic_tasks: set[asyncio.Task[None]] = set()
         self._done: asyncio.Future[Verdict] | None = None
+        self._stopped = False   # run() is over: every loop ends, even one whose cancel a timeout swallowed
         self._next_long = self.start
         # Each disjoint window of an observation is another chance for chance to fire: the
         # error-rate bound is corrected for that many looks (and, per route, for the routes).
@@ -335,6 +336,7 @@ class Observer:
         try:
             return await self._done
         finally:
+            self._stopped = True
             for t in [*tasks, *self._synthetic_tasks]:
                 t.cancel()
             await asyncio.gather(*tasks, *self._synthetic_tasks, return_exceptions=True)
@@ -346,7 +348,7 @@ class Observer:
 
     async def _traffic_loop(self) -> None:
         cfg = self.cfg
-        while self.verdict is None:
+        while self.verdict is None and not self._stopped:
             fired = self.evaluate()
             if fired:
                 self._fire(fired)
@@ -372,7 +374,7 @@ class Observer:
     async def _db_loop(self) -> None:
         p = self.probes
         named = [(n, fn) for n, fn in (("db_probe", p.db_probe), ("health_probe", p.health_probe)) if fn]
-        while self.verdict is None:
+        while self.verdict is None and not self._stopped:
             results = await asyncio.gather(*(self._call(fn) for _, fn in named))
             for (name, _), (ok, detail) in zip(named, results, strict=True):
                 self._db.update(name, ok, detail)
@@ -385,7 +387,7 @@ class Observer:
     async def _critical_loop(self) -> None:
         fn = self.probes.critical
         assert fn is not None
-        while self.verdict is None:
+        while self.verdict is None and not self._stopped:
             names: list[str] = []
             try:
                 async with asyncio.timeout(self.cfg.probe_timeout):
@@ -407,7 +409,7 @@ class Observer:
     async def _crash_loop(self) -> None:
         fn = self.probes.crashes
         assert fn is not None
-        while self.verdict is None:
+        while self.verdict is None and not self._stopped:
             now = self.clock()
             since = max(self.start, now - self.cfg.crash_loop_within)
             try:
@@ -429,7 +431,7 @@ class Observer:
         assert fn is not None
         period = 1.0 / self.cfg.synthetic_rate
         sent = self._synthetic_sent
-        while self.verdict is None:
+        while self.verdict is None and not self._stopped:
             now = self.clock()
             while sent and sent[0] < now - self.cfg.window:
                 sent.popleft()
@@ -445,7 +447,7 @@ class Observer:
     async def _paired_loop(self) -> None:
         fn = self.probes.paired
         assert fn is not None
-        while self.verdict is None:
+        while self.verdict is None and not self._stopped:
             try:
                 async with asyncio.timeout(self.cfg.probe_timeout):
                     pair = await fn()

@@ -1,1 +1,1 @@
-"""The data plane: the embedded proxy and the HAProxy driver, behind one interface (`base.DataPlane`)."""
+"""The data plane: the embedded proxy and HAProxy, behind one seam (`control.ProxyControl`)."""

@@ -1,13 +1,12 @@
 """The data-plane interface shared by the embedded proxy, the HAProxy driver and the fake.
 
-The daemon only ever talks to a `DataPlane`: it declares each slot's upstreams, switches the live
-slot atomically, and drains a slot before its processes are stopped. The monitor receives one
-`record()` call per proxied request through a `RequestRecorder`.
+The daemon talks to a data plane through `proxy.control.ProxyControl`; this module holds what the
+implementations share: the [proxy] settings, and the `RequestRecorder` the monitor receives one
+`record()` call through per proxied request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +41,10 @@ class ProxySettings:
     engine: str = DEFAULT_ENGINE
     haproxy_socket: str | None = None      # attach to a running HAProxy's admin socket instead of starting one
     trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
+    # From [monitor]: how the worker groups requests into routes, so its per-route rows already use
+    # the patterns the daemon judges by (a path scan cannot fill the keys before they merge).
+    routes: tuple[str, ...] = ()
+    max_routes: int = 32
     health_path: str = DEFAULT_HEALTH_PATH  # the host's health for a load balancer, never forwarded
 
     @property
@@ -63,29 +66,3 @@ class RequestRecorder(Protocol):
         request's route is read from, starting with its request line ("GET /cart/42 HTTP/1.1",
         the whole head will do). Pass an object that already exists: the recorder only keeps a
         reference and groups requests by route later, off the per-request path."""
-
-
-class DataPlane(Protocol):
-    """What the daemon needs from a proxy."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
-        """Declare (or replace) the upstream host:port list of a slot. Does not route traffic to it."""
-
-    def remove_slot(self, slot: str) -> None: ...
-
-    def switch(self, slot: str | None) -> None:
-        """Atomically make `slot` the one new requests go to (None: 503 for everyone)."""
-
-    @property
-    def live(self) -> str | None: ...
-
-    def inflight(self, slot: str) -> int:
-        """Requests and tunnels currently open to the slot."""
-
-    async def drain(self, slot: str, timeout: float) -> bool:
-        """Wait until the slot has nothing in flight; at the timeout close what is left (tunnels,
-        slow requests). True when it drained cleanly."""

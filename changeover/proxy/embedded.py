@@ -76,7 +76,7 @@ class ListenError(ChangeoverError, OSError):
 
 
 class EmbeddedProxy:
-    """`DataPlane` implementation; see the module docstring."""
+    """The proxy itself (run by proxy/worker.py, driven through proxy/remote.py); see the module docstring."""
 
     def __init__(self, settings: ProxySettings, recorder: RequestRecorder | None = None, *,
                  reuse_port: bool = False) -> None:

@@ -28,6 +28,7 @@ from changeover import rpc
 from changeover.errors import ConfigError
 from changeover.monitor import mirror
 from changeover.monitor.metrics import Recorder
+from changeover.monitor.routes import RouteRules
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy, ListenError
@@ -39,7 +40,7 @@ class Worker:
     def __init__(self, socket_path: Path, settings: ProxySettings) -> None:
         self.socket_path = socket_path
         self.settings = settings
-        self.recorder = Recorder()
+        self.recorder = Recorder(routes=RouteRules(settings.routes, settings.max_routes))
         # SO_REUSEPORT so that a successor can bind the same address during a handover (the
         # daemon checks the port is free before it starts a worker that has no predecessor).
         self.proxy = EmbeddedProxy(settings, self.recorder, reuse_port=True)
