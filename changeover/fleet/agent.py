@@ -238,7 +238,8 @@ class Agent:
             self.retry = None
             self.done = {k for k in self.done if k.startswith(d.id + ":")}
         self._changed.set()
-        self._publish.set()
+        if d is None or d.action != SWITCH:   # a switch is published with its acknowledgement
+            self._publish.set()
 
     # -- acting on the desired state ---------------------------------------------------------------
     async def _reconcile(self) -> None:
@@ -296,11 +297,12 @@ class Agent:
         finally:
             self._changed.set()
 
-    def _report(self, d: Desired, verb: str, **what: Any) -> None:
+    def _report(self, d: Desired, verb: str, publish: bool = True, **what: Any) -> None:
         if d.id != self.results_id:
             return
         self.results[verb] = {**self.results.get(verb, {}), **what, "at": time.time()}
-        self._publish.set()
+        if publish:
+            self._publish.set()
 
     def _actor(self, d: Desired) -> str:
         return f"fleet {d.id} ({d.by})" if d.by else f"fleet {d.id}"
@@ -330,7 +332,9 @@ class Agent:
         raise AssertionError("unreachable")
 
     async def _switch(self, d: Desired, emit: Any) -> dict[str, Any]:
-        self._report(d, SWITCH, state="switching", event_at=time.time())
+        # Not published now: the heartbeat's etcd calls would share this event loop with the
+        # flip; the acknowledgement a few milliseconds later carries it.
+        self._report(d, SWITCH, publish=False, state="switching", event_at=time.time())
         return await self.d.h_switch(api.encode(api.SwitchArgs(wait=True, actor=self._actor(d))), emit)
 
     async def _converge(self, d: Desired, emit: Any) -> dict[str, Any]:

@@ -101,6 +101,12 @@ class Cluster:
         m.proc.wait(timeout=10)
         m.proc = None
 
+    def restart(self, i: int) -> None:
+        """Start a killed member again on its data directory (it rejoins the cluster)."""
+        m = self.members[i]
+        if m.proc is None:
+            self._spawn(m, ",".join(f"{x.name}=http://{x.host}:{x.peer}" for x in self.members))
+
     def stop(self) -> None:
         for m in self.members:
             if m.proc is not None and m.proc.poll() is None:

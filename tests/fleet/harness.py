@@ -84,6 +84,14 @@ class Fleet:
             h.root.mkdir(parents=True)
             h.write(monitor + h.fleet_section(etcd, prefix, fleet_extra))
         self.monitor, self.fleet_extra = monitor, fleet_extra
+        self.metrics_ports = {h.name: free_port() for h in self.hosts}
+
+    def configure(self, monitor: str = 'observe = "0s"', fleet_extra: str = "", extra: str = "") -> None:
+        """Every host's config anew (a daemon reads it for every deploy): its own /metrics port,
+        `monitor` lines under [monitor], `fleet_extra` under [fleet], `extra` sections in front."""
+        for h in self.hosts:
+            h.write(f'{extra}\n[monitor]\nmetrics_listen = "127.0.0.1:{self.metrics_ports[h.name]}"\n{monitor}\n'
+                    + h.fleet_section(self.etcd, self.prefix, fleet_extra))
 
     def start(self) -> None:
         """Every daemon at once (one by one costs a CLI start per poll per host)."""

@@ -3,10 +3,8 @@ loopback, behind a real HAProxy that health-checks each host: deploy, manual and
 rollback under keep-alive load, the deploy lock, a dead coordinator, a host that cannot prepare,
 and etcd losing members.
 
-One fleet serves the whole module and each test deploys versions of its own names. The tests run
-in file order: the operator's comes first (its deploy is the fleet's first release, so rollback
-has nothing to go back to) and the one that kills etcd members last (it leaves the module's
-cluster without quorum)."""
+The package's fleet (conftest.py); each test deploys versions of names of its own. The operator's
+test comes first: its deploy is the fleet's first release, so rollback has nothing to go back to."""
 
 from __future__ import annotations
 
@@ -16,8 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,37 +21,7 @@ import pytest
 
 from tests.fleet.cluster import Cluster
 from tests.fleet.front import HAPROXY, Front, Recorder
-from tests.fleet.harness import MONITOR_OFF, Fleet
-
-OBSERVE = """
-[env]
-FAULT_FILE = "fault.json"
-
-[monitor]
-observe = "30s"
-window = "3s"
-metrics_listen = ""
-"""
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, etcd: Cluster) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("fleet"), etcd.endpoints, prefix=f"t{uuid.uuid4().hex[:8]}")
-    try:
-        f.start()
-        yield f
-    finally:
-        f.teardown()
-
-
-@pytest.fixture
-def fleet(shared: Fleet) -> Fleet:
-    """The module's fleet, idle and in sync, with the default config."""
-    for h in shared.hosts:
-        h.write(MONITOR_OFF + h.fleet_section(shared.etcd, shared.prefix))
-    Fleet.wait(lambda: all((h["in_sync"] or h.get("live") is None) and h.get("deployment") is None
-                           for h in shared.status()["hosts"].values()), "the fleet idle and in sync")
-    return shared
+from tests.fleet.harness import Fleet
 
 
 def front_for(fleet: Fleet) -> Front:
@@ -113,8 +79,7 @@ def test_deploy_manual_and_automatic_rollback_fleet_wide_fail_no_request(fleet: 
             load.wait_for(200)
 
             # v3 fails on h2 only once live: h2's own trigger rolls the whole fleet back.
-            for h in fleet.hosts:
-                h.write(OBSERVE + h.fleet_section(fleet.etcd, fleet.prefix))
+            fleet.configure(monitor='observe = "30s"\nwindow = "3s"', extra='[env]\nFAULT_FILE = "fault.json"\n')
             path = fleet.releases("v3")
             t2 = time.time()
             bg = fleet.spawn("deploy", "v3", "--path", path, host=2)
@@ -192,7 +157,6 @@ def test_a_host_that_cannot_prepare_aborts_the_deploy_everywhere(fleet: Fleet) -
 
 def test_one_etcd_member_down_deploys_go_on_two_down_they_are_refused_and_traffic_flows(
         fleet: Fleet, etcd: Cluster) -> None:
-    """Last in the module: it leaves the module's etcd without quorum."""
     fleet.deploy("q1")
     front = front_for(fleet)
     try:
@@ -208,7 +172,11 @@ def test_one_etcd_member_down_deploys_go_on_two_down_they_are_refused_and_traffi
             assert fleet.lives() == ["q2", "q2", "q2"]
             for h in fleet.hosts:   # a member without quorum still answers reads: in sync
                 assert h.health()[0] == 200
+            t_end = time.time()
     finally:
         front.stop()
+        for i in (0, 1):                   # quorum back for the tests after this one
+            etcd.restart(i)
+        etcd.wait_healthy()
     assert load.failed() == [], load.failed()[:5]
-    assert load.since(time.time() - 1), "traffic never stopped"
+    assert load.since(t_end - 1), "traffic never stopped"

@@ -1,9 +1,9 @@
-"""The fleet's verbs and faults on one shared fleet (three real daemons with the example app, a real
-three-member etcd, real PostgreSQL): min_ready with a host left out that retries converging with
+"""The fleet's verbs and faults on the package's fleet (three real daemons with the example app, a
+real three-member etcd, real PostgreSQL): min_ready with a host left out that retries converging with
 backoff, the fleet's figures on /metrics, promote, abort of a prepared release, standby expiry,
 migrations run once, and the coordinator SIGKILLed after the barrier, mid-switch and during
-observation. Each test rewrites the hosts' config (a daemon reads it for every deploy) and
-deploys its own versions, so the fleet is started once for the module."""
+observation. Each test rewrites the hosts' config it needs (a daemon reads it for every deploy)
+and deploys versions of its own."""
 
 from __future__ import annotations
 
@@ -19,44 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from changeover.daemon.procs import free_port
-from tests.fleet.cluster import Cluster
 from tests.fleet.harness import Fleet
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-METRICS: dict[str, int] = {}
-
-
-def configure(fleet: Fleet, monitor: str = 'observe = "0s"', fleet_extra: str = "", extra: str = "") -> None:
-    """Every host's config: its own /metrics port, `monitor` lines, `fleet_extra` under [fleet]."""
-    for h in fleet.hosts:
-        port = METRICS.setdefault(f"{fleet.prefix}/{h.name}", free_port())
-        h.write(f'{extra}\n[monitor]\nmetrics_listen = "127.0.0.1:{port}"\n{monitor}\n'
-                + h.fleet_section(fleet.etcd, fleet.prefix, fleet_extra))
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, etcd: Cluster) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("verbs"), etcd.endpoints, prefix=f"v{uuid.uuid4().hex[:8]}")
-    configure(f)
-    try:
-        f.start()
-        f.deploy("v0")
-        yield f
-    finally:
-        f.teardown()
-
-
-@pytest.fixture
-def fleet(shared: Fleet) -> Fleet:
-    configure(shared)
-    Fleet.wait(lambda: all(h["in_sync"] and h.get("deployment") is None for h in shared.status()["hosts"].values()),
-               "the fleet idle and in sync")
-    return shared
 
 
 def metrics(fleet: Fleet, host: int) -> str:
-    port = METRICS[f"{fleet.prefix}/{fleet.hosts[host].name}"]
+    port = fleet.metrics_ports[fleet.hosts[host].name]
     return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
 
 
@@ -109,12 +78,14 @@ def test_hosts_flipping_on_the_one_write_never_report_themselves_out_of_sync(fle
     """Between the switch write and its own flip a host serves the release the fleet wanted a moment
     ago; were it reported lagging then, every host would answer 503 at once and a load balancer
     checking in that moment would take the whole fleet out."""
+    if None in fleet.lives():
+        fleet.deploy("n0")               # something to roll back to
     seen: list[tuple[str, int]] = []
     stop = threading.Event()
 
     def poll() -> None:
         with httpx.Client(timeout=2) as c:
-            while not stop.is_set():
+            while not stop.wait(0.003):     # a lagging host would answer 503 for ~10-30 ms
                 for h in fleet.hosts:
                     seen.append((h.name, c.get(f"http://127.0.0.1:{h.health_port}/_changeover/health").status_code))
 
@@ -123,7 +94,6 @@ def test_hosts_flipping_on_the_one_write_never_report_themselves_out_of_sync(fle
     try:
         fleet.deploy("n1")
         fleet.cli("rollback", "--reason", "flip back")
-        fleet.deploy("n2")
     finally:
         stop.set()
         t.join(timeout=10)
@@ -149,7 +119,7 @@ def test_a_host_daemon_killed_mid_switch_carries_on_and_reports_to_the_fleet(fle
 
 def test_min_ready_leaves_a_host_out_that_retries_converging_with_backoff_and_metrics_show_the_fleet(
         fleet: Fleet) -> None:
-    configure(fleet, fleet_extra="min_ready = 2")
+    fleet.configure(fleet_extra="min_ready = 2")
     was = fleet.lives()[2]
     for h in fleet.hosts[:2]:
         h.release("m1")                               # h3 lacks the release
@@ -186,7 +156,7 @@ def test_min_ready_leaves_a_host_out_that_retries_converging_with_backoff_and_me
 
 
 def test_promote_ends_the_observation_window_fleet_wide(fleet: Fleet) -> None:
-    configure(fleet, monitor='observe = "120s"\nwindow = "3s"')
+    fleet.configure(monitor='observe = "120s"\nwindow = "3s"')
     bg = fleet.spawn("deploy", "p1", "--path", fleet.releases("p1"))
     Fleet.wait(lambda: phases(fleet, "p1") == ["observing"] * 3, "every host observes p1", timeout=60)
     out = fleet.cli("promote", host=2)
@@ -216,7 +186,7 @@ def test_abort_of_a_prepared_fleet_release_unwinds_it_everywhere(fleet: Fleet) -
 
 
 def test_standby_expiry_is_each_hosts_own_fleet_wide(fleet: Fleet) -> None:
-    configure(fleet, monitor='observe = "0s"\nkeep_standby = "1s"')
+    fleet.configure(monitor='observe = "0s"\nkeep_standby = "1s"')
     fleet.deploy("e1")
     Fleet.wait(lambda: all(h.get("standby") is None for h in hosts(fleet).values()), "every standby retired")
     assert fleet.lives() == ["e1", "e1", "e1"]
@@ -249,7 +219,7 @@ def test_migrations_run_once_for_the_fleet(fleet: Fleet, pg_url: str) -> None:
         (mig / "0001_items.up.sql").write_text("CREATE TABLE items (id bigint PRIMARY KEY);\n")
         (mig / "0001_items.down.sql").write_text("DROP TABLE items;\n")
     try:
-        configure(fleet, extra=f'[migrations]\ndatabase = "{pg_url}"\ndir = "migrations"\n')
+        fleet.configure(extra=f'[migrations]\ndatabase = "{pg_url}"\ndir = "migrations"\n')
         out = fleet.deploy("g1")
         assert "migrations (expand), once for the fleet: 1 applied" in out.stderr, out.stderr
         with psycopg.connect(pg_url) as conn:
@@ -261,7 +231,7 @@ def test_migrations_run_once_for_the_fleet(fleet: Fleet, pg_url: str) -> None:
             for f in (Path(h.root) / "migrations").glob("*"):
                 f.unlink()
             (Path(h.root) / "migrations").rmdir()
-        configure(fleet)
+        fleet.configure()
 
 
 def test_the_coordinator_killed_after_the_barrier_mid_switch_and_in_observation(fleet: Fleet) -> None:
@@ -289,7 +259,7 @@ def test_the_coordinator_killed_after_the_barrier_mid_switch_and_in_observation(
     assert [(r["version"], r["state"]) for r in hist[:2]] == [("k2", "preparing"), ("k1", "aborted")]
 
     # In observation: the hosts keep judging; the next deploy is refused until promote/rollback.
-    configure(fleet, monitor='observe = "120s"\nwindow = "3s"')
+    fleet.configure(monitor='observe = "120s"\nwindow = "3s"')
     bg = fleet.spawn("deploy", "k3", "--path", fleet.releases("k3"))
     Fleet.wait(lambda: phases(fleet, "k3") == ["observing"] * 3, "every host observes k3", timeout=60)
     printed = kill(bg)
@@ -303,7 +273,7 @@ def test_the_coordinator_killed_after_the_barrier_mid_switch_and_in_observation(
     back = fleet.cli("rollback", "--reason", "coordinator died")
     assert "k2 is the fleet's release" in back.stderr, back.stderr
     assert fleet.lives() == ["k2", "k2", "k2"]
-    configure(fleet)
+    fleet.configure()
     out = fleet.deploy("k4")
     assert "k4 finalised fleet-wide" in out.stderr, out.stderr
     hist = fleet.history()
