@@ -112,21 +112,27 @@ class ClientConn(Exchange):
             upgrade = True
         except httptools.HttpParserError:
             return self.reject(400)
-        # llhttp checked the request line, so it ends with the version: read it from the bytes
-        lf = head.find(b"\r\n")
-        version = head[lf - 8:lf]
-        if version != b"HTTP/1.1" and version != b"HTTP/1.0":
-            return self.reject(505 if version[:6] == b"HTTP/2" or version[:6] == b"HTTP/3" else 400)
+        # llhttp checked the method and the target's bytes but also reads `GET /HTTP/1.1` and
+        # `GET /w<LF>X: y HTTP/1.1` as HTTP/0.9 and lets `GET /  HTTP/1.1` pass: the app may read
+        # those differently (a desync). So the line must be exactly `method SP target SP
+        # HTTP/1.x CRLF`: its first LF ends it after a CR, and the first space after the method
+        # is the one before the version.
+        lf = head.find(b"\n")
+        version = head[lf - 10:lf]         # SP HTTP/1.x CR
+        if version != b" HTTP/1.1\r" and version != b" HTTP/1.0\r":
+            return self.reject(505 if version[1:7] == b"HTTP/2" or version[1:7] == b"HTTP/3" else 400)
         method = self.parser.get_method()
+        target = len(method) + 1
+        if head.find(b" ", target) != lf - 10:
+            return self.reject(400)
         if method == b"CONNECT":
             return self.reject(405)
-        target = len(method) + 1           # llhttp checked: one space after the method
         if head[target] != 47 and head[target:target + 2] != b"* ":
             try:
                 head = origin_form(head)   # absolute-form: the app gets the path, Host from the URI
             except HttpError as e:
                 return self.reject(e.status)
-        self.req_http11 = http11 = version == b"HTTP/1.1"
+        self.req_http11 = http11 = version == b" HTTP/1.1\r"
         self.req_keep = http11
         self.req_head_only = method == b"HEAD"
         length = 0

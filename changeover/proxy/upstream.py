@@ -35,9 +35,16 @@ MAX_RESPONSE_HEAD = 64 * 1024
 SETTLE = 0.05
 _BLANK_LINE = re.compile(rb"\n\r?\n")       # the end of a head with bare-LF line endings
 _LINE_END = re.compile(rb"\r?\n")
-_FOLD = re.compile(rb"\n[ \t]")
 _RESP_HOP_NAMES = re.compile(rb"\r\n(?:connection:|keep-alive:|proxy-|te:|trailer:|upgrade:)")   # on .lower()
-_NOT_CTL = bytes(b for b in range(256) if b not in b"\r\n\x00")
+# A response head a client reads only one way (RFC 9112 §4, §5): `HTTP/1.x NNN reason`, then
+# `token:value` lines, each ending in CRLF, with no control character but HTAB anywhere. One
+# match checks it all: the status line's shape, header names (no colon, a non-token name or an
+# obs-fold fail), and every bare CR, bare LF, NUL or other CTL, wherever it is.
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*\r\n"
+_CLEAN_HEAD = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: " + _VALUE + rb"|\r\n)(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:" + _VALUE
+                         + rb")*\Z")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN_COLON = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
 
 # response states
 R_IDLE, R_HEAD, R_LENGTH, R_CHUNKED, R_EOF, R_TUNNEL, R_DONE = range(7)
@@ -196,18 +203,16 @@ class UpstreamConn(asyncio.Protocol):
         if i < 0 or i > MAX_RESPONSE_HEAD:
             return self._head_slow(data)
         head = data[:i + 2]
-        # one pass keeps only CR, LF and NUL: a clean head leaves exactly its CRLFs
-        ctl = head.translate(None, _NOT_CTL)
-        if len(ctl) != 2 * ctl.count(b"\r\n") or _FOLD.search(head) is not None:
-            return self._head_slow(data)
+        if _CLEAN_HEAD.match(head) is None:
+            return self._head_slow(data)   # bare-LF line endings are normalised there, the rest 502
         rest = data[i + 4:]
         c = self.client
         assert c is not None
-        if head[:7] != b"HTTP/1." or head[12:13] not in (b" ", b"\r") or not head[9:12].isdigit():
-            return self._bad()
         status = int(head[9:12])
         http11 = head[7] == 49
         if status < 200 and status != 101:
+            if status < 100:
+                return self._bad(f"status {status} (not a status code)")
             # interim (100 Continue, 103 Early Hints): forward to 1.1 clients, keep waiting
             if c.req_http11:
                 c.transport.write(RESP_HOP.sub(b"", head) + b"\r\n")
@@ -306,8 +311,7 @@ class UpstreamConn(asyncio.Protocol):
         if m.start() > MAX_RESPONSE_HEAD:
             return self._bad(f"a response head over {MAX_RESPONSE_HEAD} bytes")
         head = _LINE_END.sub(b"\r\n", data[:m.start() + 1])
-        ctl = head.translate(None, _NOT_CTL)
-        if len(ctl) != 2 * ctl.count(b"\r\n") or _FOLD.search(head) is not None:
+        if _CLEAN_HEAD.match(head) is None:
             return self._bad(_bad_header(head))
         self._head(head + b"\r\n" + data[m.end():])
 
@@ -390,19 +394,27 @@ _KNOWN_CONN_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
 
 
 def _bad_header(head: bytes) -> str:
-    """Which header of a refused response head holds a bare CR, a NUL or an obs-fold (for the log)."""
-    lines = head.split(b"\r\n")
+    """What is wrong with a refused response head, and in which line (for the log). `head` has
+    CRLF line endings and ends with the last line's CRLF (as _CLEAN_HEAD reads it)."""
+    lines = head[:-2].split(b"\r\n")
     for k, line in enumerate(lines):
-        what = "a bare CR" if b"\r" in line else "a NUL" if b"\x00" in line else ""
+        ctl = _CTL.search(line)
+        what = "" if ctl is None else "a bare CR" if ctl[0] == b"\r" else "a NUL" if ctl[0] == b"\x00" else \
+            f"a control character {ctl[0]!r}"
         if not what and k and line[:1] in (b" ", b"\t"):
             what, line = "an obs-fold", lines[k - 1]
         if what:
             name = "the status line" if line is lines[0] else \
                 f"header {line.partition(b':')[0][:64].decode('latin-1')!r}"
             return f"{what} in {name} of a response"
+        if not k and _CLEAN_HEAD.match(line + b"\r\n") is None:
+            return f"a malformed status line {line[:64].decode('latin-1')!r}"
+        if k and _TOKEN_COLON.match(line) is None:
+            return f"a malformed header line {line[:64].decode('latin-1')!r} (no colon, or a name that is not a token)"
     return "a malformed response head"
 
 
 def _drop_header(head: bytes, lname: bytes) -> bytes:
+    """head without the header lines named lname (a Connection token): never its status line."""
     lines = head.split(b"\r\n")
-    return b"\r\n".join(ln for ln in lines if ln.partition(b":")[0].strip().lower() != lname)
+    return b"\r\n".join([lines[0], *(ln for ln in lines[1:] if ln.partition(b":")[0].lower() != lname)])

@@ -179,3 +179,34 @@ def test_big_headers_still_get_431(proxy: EmbeddedProxy, recorded: list[bytes]) 
         s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: " + b"a" * 70_000 + b"\r\n")
         assert read_response(s)[0] == 431
     assert recorded == []
+
+
+# -- the request line's shape -------------------------------------------------------------------
+# Found by the fuzz harness (tests/fuzz): llhttp reads the first two as HTTP/0.9 (`GET /w` and
+# `GET /HTTP/1.1`) and lets the third through; an app could read each differently from the proxy.
+BAD_LINES = [
+    ("bare LF in the target", [b"GET /w\nX: y HTTP/1.1\r\nHost: t\r\n\r\n"]),
+    ("bare LF, one space", [b"GET /w\nX:y HTTP/1.1\r\nHost: t\r\n\r\n"]),
+    ("HTTP/0.9 shape", [b"GET /HTTP/1.1\r\nHost: t\r\n\r\n"]),
+    ("HTTP/0.9 shape, then a request", [b"GET /HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n"]),
+    ("HTTP/0.9 shape in two reads", [b"GET /HTTP/1.1\r\n", b"Host: t\r\n\r\n"]),
+    ("two spaces before the version", [b"POST /  HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"]),
+    ("two spaces after the method", [b"GET  / HTTP/1.1\r\nHost: t\r\n\r\n"]),
+]
+
+
+@pytest.mark.parametrize("parts", [c[1] for c in BAD_LINES], ids=[c[0] for c in BAD_LINES])
+def test_a_request_line_not_method_sp_target_sp_version_gets_400(proxy: EmbeddedProxy, recorded: list[bytes],
+                                                                  parts: list[bytes]) -> None:
+    with raw(proxy.port) as s:
+        s.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for p in parts:
+            s.sendall(p)
+        status, headers, _ = read_response(s)
+        assert status == 400 and headers["connection"] == "close"
+    assert recorded == []
+    with raw(proxy.port) as s:                  # the app's connections are still in step
+        for _ in range(2):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert read_response(s)[2] == b"ok"
+    assert b"".join(recorded).startswith(b"GET / HTTP/1.1\r\n")

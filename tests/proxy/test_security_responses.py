@@ -11,7 +11,7 @@ import pytest
 
 from changeover.proxy.embedded import EmbeddedProxy
 
-from .conftest import LoopThread, raw, read_head, read_response, scripted_backend
+from .conftest import Client, LoopThread, raw, read_exact, read_head, read_response, scripted_backend
 
 
 def use(lt: LoopThread, proxy: EmbeddedProxy, server: asyncio.Server) -> None:
@@ -131,4 +131,64 @@ def test_bytes_after_a_bodiless_response_never_reach_the_next_request(lt: LoopTh
             status, _ = read_head(s)
             assert status in (200, 204, 304)
             assert read_response(s)[2] == b"good"
+    server.close()
+
+
+def _first_head(s: Client) -> bytes:
+    """The client's first response head as raw bytes (a malformed one too)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    s.unread(buf)
+    return buf
+
+
+# Found by the fuzz harness (tests/fuzz): heads a client may read differently from the proxy
+MALFORMED = [
+    ("no space after the version", b"HTTP/1.1a200 OK\r\nContent-Length: 2\r\n\r\nhi", "status line"),
+    ("HTTP/1.2", b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nhi", "status line"),
+    ("status under 100", b"HTTP/1.1 099 Odd\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", "status 99"),
+    ("no colon", b"HTTP/1.1 200 OK\r\nContent\r\nContent-Length: 2\r\n\r\nhi", "header line 'Content'"),
+    ("not a token", b"HTTP/1.1 200 OK\r\nX-;: 1\r\nContent-Length: 2\r\n\r\nhi", "header line 'X-;: 1'"),
+    ("a CTL in the name", b"HTTP/1.1 200 OK\r\nConten\x07t-Length: 3\r\nContent-Length: 2\r\n\r\nhi",
+     "header 'Conten\\x07t-Length'"),
+    ("CR, a byte, LF in the status line", b"HTTP/1.1 200 OK\r\x1a\nContent-Length: 2\r\n\r\nhi",
+     "a bare CR in the status line"),
+    ("CR, a byte, LF in a value", b"HTTP/1.1 200 OK\r\nX-A: a\r\x1a\nSet-Cookie: evil=1\r\nContent-Length: 2\r\n\r\nhi",
+     "a bare CR in header 'X-A'"),
+    ("a CTL in a value", b"HTTP/1.1 200 OK\r\nX-A: a\x1bb\r\nContent-Length: 2\r\n\r\nhi", "header 'X-A'"),
+    ("a CTL in an interim head", b"HTTP/1.1 103 Early\r\nLink: a\x0bb\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", "header 'Link'"),
+]
+
+
+@pytest.mark.parametrize(("name", "reply", "logged"), MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_a_malformed_response_head_gets_502(lt: LoopThread, proxy: EmbeddedProxy, caplog: pytest.LogCaptureFixture,
+                                            name: str, reply: bytes, logged: str) -> None:
+    server = lt.run(scripted_backend(reply))
+    use(lt, proxy, server)
+    with caplog.at_level(logging.WARNING, logger="changeover.proxy"), raw(proxy.port) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        head = _first_head(s)
+        assert head.startswith(b"HTTP/1.1 502 "), head
+    assert any(logged in r.getMessage() and "502" in r.getMessage() for r in caplog.records), caplog.text
+    server.close()
+
+
+def test_a_connection_token_equal_to_the_status_line_drops_only_headers(lt: LoopThread,
+                                                                       proxy: EmbeddedProxy) -> None:
+    server = lt.run(scripted_backend(b"HTTP/1.1 200 ok\r\nConnection: http/1.1 200 ok, x-a\r\nX-A: 1\r\n"
+                                     b"X-B: 2\r\nContent-Length: 2\r\n\r\nhi"))
+    use(lt, proxy, server)
+    with raw(proxy.port) as s:
+        for _ in range(2):                                # and the connection stays in step
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = _first_head(s)
+            assert head.startswith(b"HTTP/1.1 200 ok\r\n"), head
+            status, headers = read_head(s)
+            assert (status, headers["x-b"], read_exact(s, 2)) == (200, "2", b"hi")
+            assert "x-a" not in headers and "connection" not in headers
     server.close()
