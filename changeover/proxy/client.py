@@ -42,7 +42,7 @@ from changeover.proxy.http1 import (
     origin_form,
     rewrite_request,
 )
-from changeover.proxy.upstream import Slot
+from changeover.proxy.upstream import UpstreamPool
 
 # connections from one untrusted address that may hold an unfinished request head at once: a
 # head normally arrives in one read, so only a slow (slowloris) client holds many
@@ -256,7 +256,7 @@ class ClientConn(Exchange):
         self.reject(414 if lf < 0 or lf >= self.proxy.settings.max_header_bytes else 431)
 
     def _route(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool,
-               slot: Slot | None, t0: float = 0.0) -> None:
+               slot: UpstreamPool | None, t0: float = 0.0) -> None:
         proxy = self.proxy
         self.resp_started = self.resp_close = self.upstream_failed = False
         self.attempts = 0
@@ -325,7 +325,7 @@ class ClientConn(Exchange):
             self._connect(upstream)
 
     def _drill_fault(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool,
-                     slot: Slot) -> None:
+                     slot: UpstreamPool) -> None:
         """The fault set on the drill route: an error answered here, or the request held back
         (reading paused) and forwarded after the delay; recorded against the drill slot."""
         proxy = self.proxy

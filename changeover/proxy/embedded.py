@@ -47,7 +47,7 @@ from changeover.errors import ChangeoverError, ConfigError
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
 from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, Exchange
-from changeover.proxy.upstream import Slot, Upstream
+from changeover.proxy.upstream import Upstream, UpstreamPool
 
 log = logging.getLogger("changeover.proxy")
 
@@ -84,8 +84,8 @@ class EmbeddedProxy:
         self.recorder = recorder
         self.reuse_port = reuse_port
         self.retiring = False              # read once per response head: answer with Connection: close
-        self.slots: dict[str, Slot] = {}
-        self.live_slot: Slot | None = None
+        self.slots: dict[str, UpstreamPool] = {}
+        self.live_slot: UpstreamPool | None = None
         self.clients: set[Exchange] = set()
         self.tasks: set[asyncio.Task[None]] = set()   # upstream connects in progress
         self._adopting: set[asyncio.Task[None]] = set()   # connections taken from a retired listener
@@ -104,7 +104,7 @@ class EmbeddedProxy:
                        settings.response_timeout)
         self._tick = max(0.01, min(0.25, shortest / 5))
         # the drill route: see the module docstring
-        self.drill_slot: Slot | None = None
+        self.drill_slot: UpstreamPool | None = None
         self.drill_token = b""
         self.drill_status = 0              # fault: answer every drill request with this status
         self.drill_delay = 0.0             # fault: hold every drill request this long
@@ -324,7 +324,7 @@ class EmbeddedProxy:
         for gone in kept.values():
             gone.retire()                  # replaced: its connections close as their requests end
         if old is None:
-            self.slots[slot] = Slot(slot, tuple(ups))
+            self.slots[slot] = UpstreamPool(slot, tuple(ups))
         else:
             old.upstreams = tuple(ups)     # in place: keeps the in-flight count and drain waiters
 
@@ -377,7 +377,7 @@ class EmbeddedProxy:
         self.drill_token, self.drill_status, self.drill_delay = token.encode(), status, delay
         self.drill_slot = s
 
-    def drill_match(self, token: bytes) -> Slot | None:
+    def drill_match(self, token: bytes) -> UpstreamPool | None:
         """The drill slot for a request that carried `token`, or None (a public request)."""
         s = self.drill_slot
         if s is None or not hmac.compare_digest(token, self.drill_token):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from changeover.proxy.http1 import ChunkScanner, error_response
-from changeover.proxy.upstream import Slot, Upstream, UpstreamConn
+from changeover.proxy.upstream import Upstream, UpstreamConn, UpstreamPool
 
 if TYPE_CHECKING:
     from changeover.proxy.embedded import EmbeddedProxy
@@ -59,7 +59,7 @@ class Exchange(asyncio.Protocol):
         self.wpaused = False
         self.closed = False
         self.up: UpstreamConn | None = None
-        self.req_slot: Slot | None = None
+        self.req_slot: UpstreamPool | None = None
         self.req_seq = 0
         self.pending: list[bytes] = []
         self.pending_size = 0
@@ -190,7 +190,7 @@ class Exchange(asyncio.Protocol):
         """The client's copy of a response head (`head` ends with the last header's CRLF)."""
         self.resp_started = True
         if self.req_drill and self.req_slot is not None:
-            head += b"X-Changeover-Slot: " + self.req_slot.name.encode() + b"\r\n"
+            head += b"X-Changeover-UpstreamPool: " + self.req_slot.name.encode() + b"\r\n"
         if close_delimited or not self.req_keep or self.state == S_BODY or self.proxy.retiring:
             self.resp_close = True
             return head + b"Connection: close\r\nVia: 1.1 changeover\r\n\r\n"

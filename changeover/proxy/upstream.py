@@ -74,7 +74,7 @@ class Upstream:
         self.close_idle()
 
 
-class Slot:
+class UpstreamPool:
     """A named set of upstreams (blue, green) with its in-flight count for drain()."""
 
     __slots__ = ("inflight", "name", "rr", "upstreams", "waiters")
