@@ -27,7 +27,9 @@ from tests.fleet.harness import Fleet
 def front_for(fleet: Fleet) -> Front:
     if HAPROXY is None:
         pytest.skip("haproxy is not installed")
-    f = Front(fleet.root, [(h.name, "127.0.0.1", h.port, h.health_port) for h in fleet.hosts])
+    # The front checks each host's proxy port, as docs/fleet.md's config does: the proxy answers
+    # /_changeover/health itself with the sync state its daemon's fleet agent tells it.
+    f = Front(fleet.root, [(h.name, "127.0.0.1", h.port, h.port) for h in fleet.hosts])
     f.start()
     Fleet.wait(lambda: httpx.get(f"http://127.0.0.1:{f.port}/", timeout=1).status_code == 200, "the front serves")
     return f
