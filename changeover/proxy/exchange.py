@@ -190,7 +190,7 @@ class Exchange(asyncio.Protocol):
         """The client's copy of a response head (`head` ends with the last header's CRLF)."""
         self.resp_started = True
         if self.req_drill and self.req_slot is not None:
-            head += b"X-Changeover-UpstreamPool: " + self.req_slot.name.encode() + b"\r\n"
+            head += b"X-Changeover-Slot: " + self.req_slot.name.encode() + b"\r\n"
         if close_delimited or not self.req_keep or self.state == S_BODY or self.proxy.retiring:
             self.resp_close = True
             return head + b"Connection: close\r\nVia: 1.1 changeover\r\n\r\n"
