@@ -140,7 +140,9 @@ def load_on(site: Site) -> Iterator[Load]:
         yield load
 
 
-@pytest.fixture(scope="session")
+# Module scope, never session: while Playwright's sync API runs, its event loop is the main
+# thread's running loop, and every later test's asyncio.run() would be refused.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing (Debian's chromium package; scripts/ensure-services.sh installs it)")
