@@ -147,6 +147,10 @@ def test_killed_after_the_switch_the_new_daemon_carries_on_and_still_rolls_back(
         runner = asyncio.create_task(load.run_until(done))
         proc = background(project, "deploy", "v2", "--path", str(project.release("v2")), "--wait")
         await asyncio.to_thread(wait_for_kind, project, kind)
+        if kind == "switch":
+            # The step's row is written before it acts: kill only once the proxy has switched (the
+            # step then holds, recorded as running; a kill before the act is the other test's case).
+            await until_serving(project, "v2")
         if kind == "observe":
             await asyncio.sleep(1.0)   # well inside the window
         await asyncio.to_thread(restart, project, monkeypatch, sig)
@@ -185,6 +189,7 @@ def test_killed_during_an_automatic_rollback_the_rollback_is_finished(
         await asyncio.to_thread(wait_for_kind, project, "observe")
         fault.write_text(json.dumps({"error_rate": 1.0, "only_version": "v2"}))
         await asyncio.to_thread(wait_for_kind, project, "switch_back")
+        await until_serving(project, "v1")   # the proxy has switched back; the step still holds
         await asyncio.to_thread(restart, project, monkeypatch, sig)
         proc.wait(timeout=60)
         seen = []
@@ -214,6 +219,7 @@ def test_killed_during_a_manual_rollback_the_rollback_is_finished(
     async def scenario() -> None:
         proc = background(project, "rollback", "--reason", "drill")
         await asyncio.to_thread(wait_for_kind, project, "switch", "rollback")
+        await until_serving(project, "v1")   # the proxy has switched; the step still holds
         await asyncio.to_thread(restart, project, monkeypatch, sig)
         proc.wait(timeout=60)
         assert await serving(project) == "v1"
