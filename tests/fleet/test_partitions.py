@@ -101,8 +101,29 @@ class UnixRecorder:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     def __enter__(self) -> UnixRecorder:
+        self._front_serves()
         self._thread.start()
         return self
+
+    def _front_serves(self, timeout: float = 30) -> None:
+        """The front starts with every host marked up, takes them out while nothing is live and
+        puts them back `rise` checks after the first deploy: record only once it serves."""
+        async def one() -> int:
+            conn = await asyncio.open_unix_connection(str(self.path))
+            try:
+                status, *_ = await get("front", 80, "/", conn, timeout=5)
+                return status
+            finally:
+                conn[1].close()
+
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError):
+                if asyncio.run(one()) == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the front at {self.path} did not serve 200 within {timeout} s")
+            time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
