@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -27,7 +28,19 @@ from changeover.fleet.config import FleetConfig
 from changeover.fleet.etcd import Etcd, EtcdError, EtcdUnavailable
 from changeover.fleet.figures import FleetFigures
 from changeover.fleet.health import HealthServer
-from changeover.fleet.model import ABORT, FOLLOW, PROMOTE, ROLLBACK, SWITCH, Desired, Facts, Keys, decide
+from changeover.fleet.model import (
+    ABORT,
+    FOLLOW,
+    PROMOTE,
+    REPORT,
+    ROLLBACK,
+    SWITCH,
+    Desired,
+    Facts,
+    Keys,
+    decide,
+    fault_pause,
+)
 
 if TYPE_CHECKING:
     from changeover.daemon.server import Daemon
@@ -249,7 +262,7 @@ class Agent:
             d = self.desired
             if d is None or not self.registered:
                 continue
-            verb = decide(d, self.facts(), self.done)
+            verb = decide(d, dataclasses.replace(self.facts(), rolled_back=self._own_rollback(d)), self.done)
             if verb is None:
                 continue
             self.done.add(f"{d.id}:{verb}")
@@ -263,10 +276,11 @@ class Agent:
     def _verbs(self) -> dict[str, Callable[[Desired, Callable[[dict[str, Any]], Awaitable[None]]],
                                         Awaitable[dict[str, Any]]]]:
         return {"prepare": self._prepare, SWITCH: self._switch, "converge": self._converge,
-                PROMOTE: self._promote, ABORT: self._abort, ROLLBACK: self._rollback, FOLLOW: self._follow}
+                PROMOTE: self._promote, ABORT: self._abort, ROLLBACK: self._rollback, FOLLOW: self._follow,
+                REPORT: self._report_rollback}
 
     async def _call(self, d: Desired, verb: str, run: Callable[..., Awaitable[dict[str, Any]]]) -> None:
-        key = SWITCH if verb in ("converge", FOLLOW) else verb
+        key = SWITCH if verb in ("converge", FOLLOW, REPORT) else verb
 
         async def emit(ev: dict[str, Any]) -> None:
             await self._on_event(d, key, ev)
@@ -276,12 +290,14 @@ class Agent:
 
         try:
             result = await run(d, emit)
-            self._report(d, key, state=str(result.get("state")), error=None)
+            self._report(d, key, state=str(result.get("state")), error=result.get("error"))
             if verb == "converge":
                 self.retry = None
         except ChangeoverError as e:
             last = self.d.state.history(1)
             state = last[0]["state"] if last and last[0]["version"] == d.version else "failed"
+            if verb in (SWITCH, "converge", FOLLOW) and state == "rolled_back":
+                await fault_pause("rolled_back")   # (rolled back here, the fleet not told yet)
             self._report(d, key, state=state, error=str(e))
             if verb in (SWITCH, "converge", FOLLOW) and state == "rolled_back":
                 await self._roll_back_fleet(d, last[0])
@@ -370,6 +386,27 @@ class Agent:
     async def _rollback(self, d: Desired, emit: Any) -> dict[str, Any]:
         args = api.RollbackArgs(reason=f"fleet rollback: {d.reason or 'manual'}", actor=self._actor(d))
         return await self.d.h_rollback(api.encode(args), emit)
+
+    def _own_rollback(self, d: Desired) -> str | None:
+        """The release of this fleet deployment that this host's own trigger rolled back (its
+        newest local deployment), if so: a restart must not make it converge to that release."""
+        if d.action not in (SWITCH, PROMOTE):
+            return None
+        last = self.d.state.history(1)
+        dep = last[0] if last else None
+        if dep is None or dep["version"] != d.version or dep["state"] != "rolled_back" \
+                or not str(dep.get("actor") or "").startswith(f"fleet {d.id}"):
+            return None
+        if not any(c.get("name") == "rollback trigger" for c in dep.get("checks", [])):
+            return None   # rolled back by hand or by the fleet, not judged bad here
+        return d.version
+
+    async def _report_rollback(self, d: Desired, emit: Any) -> dict[str, Any]:
+        dep = self.d.state.history(1)[0]
+        log.warning("fleet: %s was rolled back here by its own trigger before a restart (%s): rolling the "
+                    "fleet back instead of converging to it", d.version, dep.get("reason"))
+        await self._roll_back_fleet(d, dep)
+        return {"state": "rolled_back", "error": dep.get("reason") or "rolled back by this host's trigger"}
 
     async def _roll_back_fleet(self, d: Desired, dep: dict[str, Any]) -> None:
         """This host's own trigger rolled it back: roll the whole fleet back, with one write that

@@ -28,6 +28,7 @@ from changeover.errors import DeployError, DeployInProgress
 from changeover.fleet.config import FleetConfig
 from changeover.fleet.etcd import Etcd, EtcdError, EtcdUnavailable
 from changeover.fleet.model import ABORT, PREPARE, PROMOTE, ROLLBACK, SWITCH, Desired, Keys, new_id
+from changeover.fleet.model import fault_pause as _pause
 from changeover.fleet.verdicts import FINAL, explain, fleet_trigger
 
 Progress = Callable[[dict[str, Any]], None]
@@ -39,25 +40,6 @@ class FleetError(DeployError):
 
 class FleetLocked(DeployInProgress):
     """Another coordinator holds the fleet deploy lock (the message names it)."""
-
-
-def _test_pauses() -> dict[str, float]:
-    """CHANGEOVER_TEST_FLEET_PAUSE="barrier:30,switch:30": the coordinator waits that long after the
-    barrier passed / after the switch write, so the fault tests can kill it exactly there."""
-    out: dict[str, float] = {}
-    for part in os.environ.get("CHANGEOVER_TEST_FLEET_PAUSE", "").split(","):
-        point, _, secs = part.partition(":")
-        if point and secs:
-            out[point.strip()] = float(secs)
-    return out
-
-
-PAUSES = _test_pauses()
-
-
-async def _pause(point: str) -> None:
-    if PAUSES.get(point):
-        await asyncio.sleep(PAUSES[point])
 
 
 def actor() -> str:

@@ -18,7 +18,9 @@ of sync; back, it decides again from the desired state as it is then.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -30,6 +32,17 @@ from changeover.fleet.config import FleetConfig
 PREPARE, SWITCH, PROMOTE, ABORT, ROLLBACK = "prepare", "switch", "promote", "abort", "rollback"
 ACTIONS = (PREPARE, SWITCH, PROMOTE, ABORT, ROLLBACK)
 FOLLOW = "follow"    # a host's verb: report a switched deployment its daemon resumed after a restart
+REPORT = "report"    # a host's verb: its own trigger rolled it back before the fleet heard; tell it now
+
+
+async def fault_pause(point: str) -> None:
+    """CHANGEOVER_TEST_FLEET_PAUSE="barrier:30,switch:30": wait that long at that point (the
+    coordinator after the barrier / after the switch write; a host's agent at `rolled_back`,
+    between its own rollback and telling the fleet), so fault tests can kill a process there."""
+    for part in os.environ.get("CHANGEOVER_TEST_FLEET_PAUSE", "").split(","):
+        name, _, secs = part.partition(":")
+        if name.strip() == point and secs:
+            await asyncio.sleep(float(secs))
 
 
 class Keys:
@@ -102,6 +115,7 @@ class Facts:
     active: str | None              # the version of the active local deployment
     phase: str | None               # its phase: running | prepared | observing | rolling_back
     busy: bool                      # a fleet verb (prepare, switch) is running on this host
+    rolled_back: str | None = None  # the release this host's own trigger rolled back, for this deployment
 
 
 def decide(d: Desired, f: Facts, done: set[str]) -> str | None:
@@ -117,6 +131,10 @@ def decide(d: Desired, f: Facts, done: set[str]) -> str | None:
             return None
         return once(PREPARE)
     if d.action in (SWITCH, PROMOTE):
+        if f.rolled_back == d.version and f.active is None and not f.busy:
+            # This host judged the release bad and rolled itself back, then restarted before the
+            # fleet heard: it never converges to it again; it rolls the fleet back (once).
+            return once(REPORT)
         if mine and f.phase == "prepared" and not f.busy:
             return once(SWITCH)
         if mine and f.phase == "observing" and d.action == PROMOTE:

@@ -34,6 +34,12 @@ def test_each_desired_action_maps_to_one_verb_called_once() -> None:
     assert decide(sw, facts(live="v2", active="v2", phase="observing"), {"d1:switch"}) is None
     assert decide(sw, facts(live="v2"), set()) == "follow"        # ... or it had finished it already
     assert decide(sw, facts(live="v2"), {"d1:converge"}) is None
+    # Its own trigger rolled it back, then it restarted before telling the fleet: it reports that
+    # (rolls the fleet back) once, and never converges to the release it judged bad.
+    bad = Facts(live="v1", active=None, phase=None, busy=False, rolled_back="v2")
+    assert decide(sw, bad, set()) == "report"
+    assert decide(sw, bad, {"d1:report"}) is None
+    assert decide(D.but(action="promote"), bad, set()) == "report"
     assert decide(D.but(action="abort"), facts(active="v2", phase="prepared"), set()) == "abort"
     assert decide(D.but(action="abort"), facts(), set()) is None
     rb = D.but(action="rollback")

@@ -7,6 +7,8 @@ and deploys versions of its own."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from changeover.state import State
 from tests.fleet.harness import Fleet
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -279,3 +282,48 @@ def test_the_coordinator_killed_after_the_barrier_mid_switch_and_in_observation(
     hist = fleet.history()
     assert [(r["version"], r["state"]) for r in hist[:4]] == [
         ("k4", "succeeded"), ("k3", "rolled_back"), ("k2", "succeeded"), ("k1", "aborted")]
+
+
+def test_a_host_rolled_back_by_its_own_trigger_and_restarted_before_telling_the_fleet_rolls_it_back(
+        fleet: Fleet) -> None:
+    """In observation without a coordinator (it died), a host's own trigger rolls it back and its
+    daemon is killed before it tells the fleet: back, it rolls the fleet back with one write and
+    never serves the release it judged bad again."""
+    before = fleet.deploy("b0")
+    assert "b0 finalised fleet-wide" in before.stderr, before.stderr
+    fleet.configure(monitor='observe = "60s"\nwindow = "3s"', extra='[env]\nFAULT_FILE = "fault.json"\n')
+    restart(fleet, 1, {"CHANGEOVER_TEST_FLEET_PAUSE": "rolled_back:60"})
+    bg = fleet.spawn("deploy", "b1", "--path", fleet.releases("b1"))
+    try:
+        Fleet.wait(lambda: phases(fleet, "b1") == ["observing"] * 3, "every host observes b1", timeout=60)
+        kill(bg)
+        (fleet.hosts[1].root / "releases" / "b1" / "fault.json").write_text(json.dumps({"error_rate": 1.0}))
+        Fleet.wait(lambda: served(fleet, 1) == "b0", "h2's own trigger rolled it back", timeout=30)
+        assert fleet.status()["fleet"]["desired"]["action"] == "switch"    # the fleet has not heard
+    finally:
+        restart(fleet, 1)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                seen.append(served(fleet, 1))
+            stop.wait(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        Fleet.wait(lambda: fleet.lives() == ["b0", "b0", "b0"], "the fleet back on b0", timeout=60)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert seen and "b1" not in seen, "h2 converged to the release it had judged bad"
+    d = fleet.status()["fleet"]["desired"]
+    assert d["action"] == "rollback" and d["fired_by"] == "h2" and d["version"] == "b1", d
+    local = [r for r in State(fleet.hosts[1].root / ".changeover" / "state.db", readonly=True).history(10)
+             if r["version"] == "b1"]
+    assert [r["state"] for r in local] == ["rolled_back"], local     # deployed once, never converged to
+    Fleet.wait(lambda: fleet.status()["fleet"]["lock"] is None, "the dead coordinator's lock expires", timeout=20)
+    fleet.configure()
+    assert "b2 finalised fleet-wide" in fleet.deploy("b2").stderr     # the next deploy settles it
