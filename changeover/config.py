@@ -193,7 +193,7 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         idle_timeout=p.duration("idle_timeout", d.idle_timeout),
         connect_timeout=p.duration("connect_timeout", d.connect_timeout),
         response_timeout=p.duration("response_timeout", d.response_timeout),
-        max_header_bytes=p.int("max_header_bytes", d.max_header_bytes, min=1024),
+        max_header_bytes=p.int("max_header_bytes", _default_head_bytes(p), min=1024),
         max_body_bytes=p.int("max_body_bytes", d.max_body_bytes, min=0),
         retries=p.int("retries", d.retries, min=0, max=10),
         engine=_engine(p),
@@ -280,6 +280,15 @@ def locate(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Location:
         # a wrong -c, not a daemon that is down.
         raise ConfigError("no such file (create one, or pass -c PATH)", file=str(path))
     return Location(file)
+
+
+def _default_head_bytes(p: Table) -> int:
+    """HAProxy sizes every buffer to the longest head it accepts: 64 KB heads cost it ~30 % more
+    CPU per request than its own 16 KB buffers (docs/benchmarks.md), so that engine keeps them."""
+    from changeover.proxy.base import DEFAULT_HAPROXY_MAX_HEADER_BYTES
+
+    haproxy = p.data.get("engine") == "haproxy"     # (the key itself is read and checked by _engine)
+    return DEFAULT_HAPROXY_MAX_HEADER_BYTES if haproxy else ProxySettings().max_header_bytes
 
 
 def _engine(p: Table) -> str:

@@ -19,6 +19,7 @@ DEFAULT_IDLE_TIMEOUT = 60.0            # keep-alive connection with no request
 DEFAULT_CONNECT_TIMEOUT = 2.0          # upstream connect
 DEFAULT_RESPONSE_TIMEOUT = 60.0        # upstream response head -> 504
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024   # -> 431
+DEFAULT_HAPROXY_MAX_HEADER_BYTES = 15 * 1024   # HAProxy's own: 16 KB buffers less 1 KB to rewrite in
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024  # -> 413 (0 = unlimited)
 DEFAULT_RETRIES = 2                    # other instances tried when connect fails before any byte was sent
 DEFAULT_ENGINE = "embedded"            # or "haproxy"

@@ -137,3 +137,12 @@ def test_a_file_with_only_migrations_serves_the_migrate_commands(tmp_path: Path)
     # What runs the app still needs [app], and says so without a traceback.
     serve = run("serve")
     assert serve.returncode == 2 and "app" in serve.stderr and "Traceback" not in serve.stderr
+
+
+def test_the_longest_request_head_defaults_to_each_engines_own(tmp_path: Path) -> None:
+    app = '[app]\ncommand = ["app"]\n'
+    assert config.load(write(tmp_path, app), {}).proxy.max_header_bytes == 64 * 1024
+    haproxy = config.load(write(tmp_path, app + '[proxy]\nengine = "haproxy"\n'), {})
+    assert haproxy.proxy.max_header_bytes == 15 * 1024          # HAProxy's 16 KB buffers
+    set_ = config.load(write(tmp_path, app + '[proxy]\nengine = "haproxy"\nmax_header_bytes = 65536\n'), {})
+    assert set_.proxy.max_header_bytes == 65536
