@@ -453,6 +453,9 @@ def _mount() -> None:
 
     app.add_typer(migrate_app, name="migrate", help="Safe, reversible database migrations.")
     app.add_typer(check_app, name="check", help="Run health checks: pre, smoke, flows.")
+    from changeover.proxy.front_cli import app as front_app
+
+    app.add_typer(front_app, name="front", help="The shared front several projects share a port through.")
 
 
 _mount()

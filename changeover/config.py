@@ -200,7 +200,11 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         haproxy_socket=p.str("haproxy_socket", "") or None,
         trusted_proxies=_cidrs(p, "trusted_proxies", d.trusted_proxies),
         health_path=_health_path(p, d.health_path),   # the load balancer's check (proxy/embedded.py)
+        hosts=_hosts(p),
+        shared=p.bool("shared", d.shared),             # attach to a shared front (proxy/front.py)
+        front_socket=p.str("front_socket", d.front_socket),
     )
+    _check_shared(p, proxy)
     p.finish()
 
     migrations = migrations_config.load(top.table("migrations"), env)
@@ -216,6 +220,30 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
                   fleet=fleet,
                   migrations=migrations, checks=checks, monitor=monitor, resolved=resolved, releases=releases,
                   dashboard=dashboard, retention=retention, logs=logs)
+
+
+def _hosts(p: Table) -> tuple[str, ...]:
+    from changeover.proxy.routes import normalize_host
+
+    out: list[str] = []
+    for v in p.str_list("hosts", []):
+        try:
+            name = normalize_host(v)
+        except ValueError:
+            raise p.error("hosts", 'host names like "shop.example.com", "*.example.com" or "*"', v) from None
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def _check_shared(p: Table, proxy: ProxySettings) -> None:
+    """A shared front routes by host name: a project on it must name its hosts."""
+    if proxy.shared and not proxy.hosts:
+        raise p.error("hosts", "at least one host name when shared = true (the front routes by Host)", [])
+    if proxy.shared and proxy.engine != "embedded":
+        raise p.error("shared", 'false with engine = "haproxy" (the shared front is the embedded proxy)', True)
+    if proxy.front_socket and not proxy.front_socket.startswith("/"):
+        raise p.error("front_socket", "an absolute path to the shared front's control socket", proxy.front_socket)
 
 
 def _health_path(t: Table, default: str) -> str:

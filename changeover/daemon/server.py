@@ -60,7 +60,7 @@ def make_control(config: Config) -> ProxyControl:
         from changeover.proxy.remote import ProxyProcess
 
         return ProxyProcess(config.proxy, config.state_dir)
-    return make(config.proxy, config.state_dir)
+    return make(config.proxy, config.state_dir, str(config.file))
 
 
 class Daemon:
@@ -319,6 +319,10 @@ class Daemon:
             out["deployment"] = {"id": a.id, "kind": str(a.kind), "version": a.version, "phase": str(a.phase),
                                  "slot": a.target, "started_at": a.started, "step": a.steps.current}
         out["proxy"] = {"listen": self.config.proxy.listen, "pid": self.proxy.pid, "engine": self.config.proxy.engine}
+        if self.config.proxy.hosts:        # host routing: this project's names, on a shared front or not
+            shared = self.config.proxy.shared
+            out["proxy"].update(hosts=list(self.config.proxy.hosts), shared=shared,
+                                front_socket=str(getattr(self.proxy, "socket", "")) if shared else None)
         out["incidents"] = self._incidents()
         out["metrics"] = self.telemetry.live_metrics()
         return out

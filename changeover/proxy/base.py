@@ -47,6 +47,11 @@ class ProxySettings:
     routes: tuple[str, ...] = ()
     max_routes: int = 32
     health_path: str = DEFAULT_HEALTH_PATH  # the host's health for a load balancer, never forwarded
+    # A shared front (proxy/front.py): this project's host names, and whether it attaches to the
+    # front listening on `listen` (its control socket: `front_socket`) instead of owning the port.
+    hosts: tuple[str, ...] = ()
+    shared: bool = False
+    front_socket: str = ""
 
     @property
     def host(self) -> str:

@@ -9,7 +9,7 @@ through `UpstreamConn`, which calls `response_done()` (`exchange.py` holds how a
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -43,6 +43,9 @@ from changeover.proxy.http1 import (
     rewrite_request,
 )
 from changeover.proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from changeover.proxy.routes import HostTable
 
 # connections from one untrusted address that may hold an unfinished request head at once: a
 # head normally arrives in one read, so only a slow (slowloris) client holds many
@@ -170,6 +173,8 @@ class ClientConn(Exchange):
         if hp and head.startswith(hp, target) and head[target + len(hp)] in b" ?":
             return self._health(method, rest, length, chunked)
         slot = proxy.live_slot
+        if proxy.sites is not None:        # a shared front: the Host header picks the project
+            return self._site(proxy.sites, head, method, out, rest, length, chunked, drill)
         self.req_drill = False
         if drill:                          # X-Changeover-Drill: only its own token opens the route
             ds = proxy.drill_match(drill)
@@ -177,6 +182,17 @@ class ClientConn(Exchange):
                 slot = ds
                 self.req_drill = True
         self._route(method, out, rest, length, chunked, slot)
+
+    def _site(self, sites: HostTable, head: bytes, method: bytes, out: bytes, rest: bytes, length: int,
+              chunked: bool, drill: bytes) -> None:
+        """Route on a shared front: the site of the request's Host (proxy/routes.py), else 404."""
+        site = sites.lookup(head)
+        if site is None:
+            return self.reject(404)            # no project serves that host name
+        slot = site.live_slot
+        ds = site.drill_match(drill) if drill else None
+        self.req_drill = ds is not None
+        self._route(method, out, rest, length, chunked, slot if ds is None else ds)
 
     def _health(self, method: bytes, rest: bytes, length: int, chunked: bool) -> None:
         """The load balancer's health check: answered here, never forwarded, not recorded."""

@@ -42,12 +42,16 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from changeover.errors import ChangeoverError, ConfigError
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
 from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, Exchange
 from changeover.proxy.upstream import Upstream, UpstreamPool
+
+if TYPE_CHECKING:
+    from changeover.proxy.routes import HostTable
 
 log = logging.getLogger("changeover.proxy")
 
@@ -112,6 +116,8 @@ class EmbeddedProxy:
         self.health_path = settings.health_path.encode()
         self.health_ok = True
         self.health_reason = ""
+        # a shared front (proxy/front.py): the Host header picks the project; None: one project
+        self.sites: HostTable | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property

@@ -1,0 +1,541 @@
+"""The shared front: one proxy process on a port (80, 443) that several projects attach to.
+
+Each project (its own changeover.toml, its own daemon) registers its host names and then drives
+only its own routes (proxy/shared.py is the daemon's side). Isolation is by construction:
+
+- a project attaches with its state directory and a secret kept 0600 in it (`front.key`); the
+  front keeps a hash of the secret and the caller's uid (SO_PEERCRED), and refuses to register a
+  state directory the caller does not own;
+- every later request carries the secret, and the secret alone picks the site: route requests
+  name a bare slot ("blue"), which the front maps into that site's own pools (proxy/routes.py),
+  so no request can even name another project's routes;
+- a host name claimed by one project is refused to every other, naming both config files.
+
+The front outlives every daemon (it runs in its own session) and keeps its registry (sites,
+hosts, routing) in a JSON file next to its socket, so a front that is started again after a crash
+routes every project from its first connection, and a daemon that comes back adopts its site.
+`handover` replaces the front process by a new one on the same port without a failed request
+(SO_REUSEPORT, as proxy/worker.py does).
+
+    python -m changeover.proxy.front --socket PATH --registry PATH --settings JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from changeover import rpc
+from changeover.errors import ChangeoverError, ConfigError
+from changeover.monitor import mirror
+from changeover.monitor.metrics import Recorder
+from changeover.monitor.routes import RouteRules
+from changeover.proxy.base import ProxySettings
+from changeover.proxy.embedded import EmbeddedProxy, ListenError
+from changeover.proxy.routes import FrontRecorder, HostTable, Site, bare
+from changeover.proxy.upstream import UpstreamPool
+
+log = logging.getLogger("changeover.proxy.front")
+
+FRONT_PROTOCOL = 1
+MOVED = "the shared front was handed over to a new process"   # the client retries on this
+START_TIMEOUT = 10.0
+Handler = Callable[[dict[str, Any], int], Awaitable[Any]]
+
+
+@dataclasses.dataclass
+class Member:
+    """A site and who it belongs to."""
+    site: Site
+    project: str          # the state directory
+    config: str           # its changeover.toml, for messages
+    uid: int
+    key_hash: str
+    routes: tuple[str, ...]
+    max_routes: int
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def site_id(project: str) -> str:
+    return hashlib.sha256(project.encode()).hexdigest()[:12]
+
+
+class FrontProxy(EmbeddedProxy):
+    """The embedded proxy with host routing on: every pool of every site is in `slots`."""
+
+    def __init__(self, settings: ProxySettings) -> None:
+        self.front_recorder = FrontRecorder()
+        super().__init__(settings, self.front_recorder, reuse_port=True)
+        self.table = HostTable()
+        self.sites = self.table            # host routing on (read per request by proxy/client.py)
+        self.members: dict[str, Member] = {}
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """200 while every attached project has a live slot."""
+        down = sorted(m.config for m in self.members.values()
+                      if m.site.live_slot is None or not m.site.live_slot.upstreams)
+        ok = self.health_ok and bool(self.members) and not down
+        body: dict[str, object] = {"ok": ok, "sites": len(self.members)}
+        if down:
+            body["reason"] = "nothing is live for " + ", ".join(down)
+        return ok, body
+
+
+class Front:
+    def __init__(self, socket_path: Path, registry: Path, settings: ProxySettings,
+                 bind_path: Path | None = None) -> None:
+        self.socket_path = socket_path     # where projects find it (a successor binds next to it first)
+        self.bind_path = bind_path or socket_path
+        self.registry = registry
+        self.settings = settings
+        self.proxy = FrontProxy(settings)
+        self.stopped = asyncio.Event()
+        self.lock = asyncio.Lock()       # registry changes, and a handover, one at a time
+        self.moved = False
+        self.ready = False
+        self._retiring: asyncio.Task[None] | None = None
+
+    # -- the registry --------------------------------------------------------------------------
+    def load(self) -> None:
+        """Sites and routing from the registry, before the port is bound."""
+        try:
+            data = json.loads(self.registry.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error("cannot read the front's registry %s (%s): starting with no sites", self.registry, e)
+            return
+        for sid, m in data.get("sites", {}).items():
+            member = self._member(sid, m["project"], m["config"], int(m["uid"]), m["key_hash"],
+                                  tuple(m.get("routes") or ()), int(m.get("max_routes") or 32))
+            self._claim(member, tuple(m.get("hosts") or ()))
+            self._load_routing(member, m.get("routing") or {})
+
+    def save(self) -> None:
+        sites = {sid: {"project": m.project, "config": m.config, "uid": m.uid, "key_hash": m.key_hash,
+                       "hosts": list(m.site.hosts), "routes": list(m.routes), "max_routes": m.max_routes,
+                       "routing": self.routing(m)} for sid, m in self.proxy.members.items()}
+        tmp = self.registry.with_name(self.registry.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"settings": dataclasses.asdict(self.settings), "sites": sites}, f)
+        os.replace(tmp, self.registry)
+
+    def routing(self, m: Member) -> dict[str, Any]:
+        pools = self._pools(m)
+        return {"slots": {bare(n): [[u.host, u.port] for u in p.upstreams] for n, p in pools.items()},
+                "versions": {bare(n): m.site.recorder.version(bare(n)) for n in pools},
+                "live": m.site.live}
+
+    def _pools(self, m: Member) -> dict[str, UpstreamPool]:
+        suffix = "@" + m.site.id
+        return {n: p for n, p in self.proxy.slots.items() if n.endswith(suffix)}
+
+    def _member(self, sid: str, project: str, config: str, uid: int, khash: str,
+                routes: tuple[str, ...], max_routes: int) -> Member:
+        site = Site(sid, (), Recorder(routes=RouteRules(routes, max_routes)))
+        member = Member(site, project, config, uid, khash, routes, max_routes)
+        self.proxy.members[sid] = member
+        return member
+
+    def _claim(self, member: Member, hosts: tuple[str, ...]) -> None:
+        for h in hosts:
+            other = self.proxy.table.claimant(h)
+            if other is not None and other is not member.site:
+                theirs = self.proxy.members[other.id].config
+                raise ConfigError(f"host {h!r} is already routed by the shared front on {self.settings.listen} to "
+                                  f"the project of {theirs}; {member.config} cannot claim it (remove it from one "
+                                  "of the two [proxy] hosts lists)", file=member.config, key="proxy.hosts")
+        self.proxy.table.set_hosts(member.site, hosts)
+
+    def _load_routing(self, m: Member, routing: dict[str, Any]) -> None:
+        for slot, ups in (routing.get("slots") or {}).items():
+            self._set_slot(m, slot, ups)
+        for slot, version in (routing.get("versions") or {}).items():
+            m.site.recorder.set_version(slot, str(version or ""))
+        self._switch(m, routing.get("live"))
+
+    # -- a site's routes -------------------------------------------------------------------------
+    def _set_slot(self, m: Member, slot: str, upstreams: list[Any]) -> None:
+        name = m.site.pool_name(slot)
+        self.proxy.set_slot(name, [(str(h), int(p)) for h, p in upstreams])
+        self.proxy.front_recorder.add(name, m.site.recorder)
+
+    def _switch(self, m: Member, slot: str | None) -> None:
+        if slot is None:
+            m.site.live_slot = None
+            return
+        pool = self.proxy.slots.get(m.site.pool_name(slot))
+        if pool is None:
+            known = ", ".join(sorted(bare(n) for n in self._pools(m))) or "none"
+            raise ChangeoverError(f"unknown slot {slot!r} (known: {known})")
+        m.site.live_slot = pool
+
+    def _remove_slot(self, m: Member, slot: str) -> None:
+        name = m.site.pool_name(slot)
+        pool = self.proxy.slots.get(name)
+        if pool is None:
+            return
+        if pool is m.site.live_slot:
+            raise ChangeoverError(f"slot {slot} is live; switch away from it before removing it")
+        if pool is m.site.drill_slot:
+            m.site.drill_slot, m.site.drill_token = None, b""
+        self.proxy.remove_slot(name)
+        self.proxy.front_recorder.discard(name)
+
+    def _detach(self, m: Member) -> None:
+        m.site.live_slot = m.site.drill_slot = None
+        for name in list(self._pools(m)):
+            self.proxy.remove_slot(name)
+            self.proxy.front_recorder.discard(name)
+        self.proxy.table.remove(m.site)
+        del self.proxy.members[m.site.id]
+
+    def _site(self, args: dict[str, Any], uid: int) -> Member:
+        """The one site the request's key opens; every route op goes through here."""
+        h = key_hash(str(args.get("key") or ""))
+        for m in self.proxy.members.values():
+            if hmac.compare_digest(m.key_hash, h):
+                if uid not in (m.uid, 0):
+                    raise ChangeoverError(f"refused: the project of {m.config} belongs to uid {m.uid}, not {uid}")
+                return m
+        raise ChangeoverError("refused: this key opens no project on the shared front (attach first)")
+
+    # -- ops -----------------------------------------------------------------------------------
+    def handlers(self) -> dict[str, Handler]:
+        return {"ping": self.ping, "attach": self.attach, "detach": self.detach, "handover": self.handover,
+                "shutdown": self.shutdown, "set_slot": self.set_slot, "remove_slot": self.remove_slot,
+                "set_version": self.set_version, "switch": self.switch, "drain": self.drain,
+                "metrics": self.metrics, "set_route": self.set_route, "set_health": self.set_health}
+
+    async def ping(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pid": os.getpid(), "port": self.proxy.port, "protocol": FRONT_PROTOCOL, "listen": self.settings.listen,
+            "sites": [{"id": m.site.id, "config": m.config, "hosts": list(m.site.hosts), "live": m.site.live}
+                      for m in self.proxy.members.values()]}
+        if args.get("key"):
+            m = self._site(args, uid)
+            out["site"] = {"id": m.site.id, "hosts": list(m.site.hosts), "routing": self.routing(m),
+                           "routes": list(m.routes), "max_routes": m.max_routes,
+                           "drill": None if m.site.drill_slot is None else {"slot": bare(m.site.drill_slot.name)},
+                           "health": {"ok": m.site.health_ok, "reason": m.site.health_reason}}
+            out["live"] = m.site.live
+        return out
+
+    async def attach(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        project, config = str(args["project"]), str(args.get("config") or args["project"])
+        if not os.path.isabs(project):
+            raise ChangeoverError(f"the project's state directory must be an absolute path, got {project!r}")
+        try:
+            owner = os.stat(project).st_uid
+        except OSError as e:
+            raise ChangeoverError(f"cannot read the project's state directory {project}: {e.strerror}") from None
+        if uid not in (owner, 0):
+            raise ChangeoverError(f"refused: {project} belongs to uid {owner}, and the caller is uid {uid}")
+        key = str(args.get("key") or "")
+        if len(key) < 32:
+            raise ChangeoverError("refused: the project's key must have at least 32 characters")
+        hosts = tuple(str(h) for h in args.get("hosts") or ())
+        if not hosts:
+            raise ConfigError("at least one host name is needed on a shared front", file=config, key="proxy.hosts")
+        async with self.lock:
+            self._not_moved()
+            sid = site_id(project)
+            m = self.proxy.members.get(sid)
+            adopted = m is not None
+            if m is not None:
+                if not hmac.compare_digest(m.key_hash, key_hash(key)):
+                    raise ChangeoverError(f"refused: the project of {m.config} is attached with another key "
+                                          f"(its {project}/front.key)")
+                m.config, m.uid = config, uid
+            else:
+                m = self._member(sid, project, config, uid, key_hash(key), tuple(args.get("routes") or ()),
+                                 int(args.get("max_routes") or 32))
+            try:
+                self._claim(m, hosts)
+            except ConfigError:
+                if not adopted:
+                    del self.proxy.members[sid]
+                raise
+            if not adopted and isinstance(args.get("initial"), dict):
+                self._load_routing(m, args["initial"])
+            self.save()
+        log.info("site %s attached (%s) for %s: %s", sid, "adopted" if adopted else "new", config, ", ".join(hosts))
+        return {"site": sid, "adopted": adopted, "pid": os.getpid(), "port": self.proxy.port}
+
+    async def detach(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        async with self.lock:
+            self._not_moved()
+            m = self._site(args, uid)
+            self._detach(m)
+            self.save()
+            left = len(self.proxy.members)
+        log.info("site %s detached (%s); %d left", m.site.id, m.config, left)
+        if not left:                       # nobody routes through this port any more
+            asyncio.get_running_loop().call_later(0.05, self.stopped.set)
+        return {"left": left}
+
+    async def set_slot(self, args: dict[str, Any], uid: int) -> None:
+        await self._change(args, uid, lambda m: self._set_slot(m, str(args["slot"]), list(args["upstreams"])))
+
+    async def remove_slot(self, args: dict[str, Any], uid: int) -> None:
+        await self._change(args, uid, lambda m: self._remove_slot(m, str(args["slot"])))
+
+    async def set_version(self, args: dict[str, Any], uid: int) -> None:
+        await self._change(args, uid, lambda m: m.site.recorder.set_version(str(args["slot"]),
+                                                                            str(args.get("version") or "")))
+
+    async def switch(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+
+        def go(m: Member) -> None:
+            out["was"] = m.site.live
+            self._switch(m, args.get("slot"))
+            out["live"] = m.site.live
+            log.info("site=%s switch state=%s was=%s", m.site.id, out["live"], out["was"])
+        await self._change(args, uid, go)
+        return out
+
+    async def set_route(self, args: dict[str, Any], uid: int) -> None:
+        def go(m: Member) -> None:
+            if args.get("route") != "drill":
+                raise ChangeoverError(f"unknown route {args.get('route')!r} (known: drill)")
+            if args.get("fault"):
+                raise ChangeoverError("drill faults are not applied on a shared front (a drill without a fault is)")
+            slot, token = args.get("slot"), str(args.get("token") or "")
+            if slot is None:
+                m.site.drill_slot, m.site.drill_token = None, b""
+                return
+            pool = self.proxy.slots.get(m.site.pool_name(str(slot)))
+            if pool is None:
+                raise ChangeoverError(f"unknown slot {slot!r}")
+            if len(token) < 16:
+                raise ChangeoverError("the drill route needs a token of at least 16 characters")
+            m.site.drill_slot, m.site.drill_token = pool, token.encode()
+        await self._change(args, uid, go, save=False)
+
+    async def set_health(self, args: dict[str, Any], uid: int) -> None:
+        m = self._site(args, uid)
+        m.site.health_ok, m.site.health_reason = bool(args["ok"]), str(args.get("reason") or "")
+
+    async def drain(self, args: dict[str, Any], uid: int) -> bool:
+        m = self._site(args, uid)
+        return await self.proxy.drain(m.site.pool_name(str(args["slot"])), float(args["timeout"]))
+
+    async def metrics(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        since = args.get("since")
+        return mirror.export(self._site(args, uid).site.recorder, int(since) if since is not None else None)
+
+    async def _change(self, args: dict[str, Any], uid: int, fn: Callable[[Member], None], save: bool = True) -> None:
+        async with self.lock:
+            self._not_moved()
+            fn(self._site(args, uid))
+            if save:
+                self.save()
+
+    def _not_moved(self) -> None:
+        if self.moved:
+            raise ChangeoverError(MOVED)
+
+    def _admin(self, args: dict[str, Any], uid: int) -> None:
+        """The front's own user, root, or any attached project (an upgrade of the front is every
+        project's business; it changes no route)."""
+        if uid not in (os.getuid(), 0):
+            self._site(args, uid)
+
+    async def handover(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """Start a successor on the same port, give it the control socket, retire this process."""
+        self._admin(args, uid)
+        async with self.lock:
+            self._not_moved()
+            self.save()
+            nxt = self.socket_path.with_name(self.socket_path.name + ".next")
+            pid = await start_front(nxt, self.registry, self.settings, public=self.socket_path)
+            os.replace(nxt, self.socket_path)
+            self.moved = True
+        log.info("front handed over to pid %d; retiring", pid)
+
+        async def go() -> None:
+            cut = await self.proxy.retire(self.settings.drain_timeout)
+            log.info("retired: %d connection(s) cut", cut)
+            self.stopped.set()
+        self._retiring = asyncio.get_running_loop().create_task(go())
+        return {"old_pid": os.getpid(), "pid": pid}
+
+    async def shutdown(self, args: dict[str, Any], uid: int) -> None:
+        self._admin(args, uid)
+        asyncio.get_running_loop().call_later(0.05, self.stopped.set)
+
+    # -- running -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.proxy.start()
+        server = await serve(self.bind_path, self.handlers())
+        inode = os.stat(self.bind_path).st_ino
+        log.info("shared front listening on %s (pid %d), control socket %s", self.settings.listen, os.getpid(),
+                 self.socket_path)
+        print(json.dumps({"ready": True, "pid": os.getpid(), "port": self.proxy.port}), flush=True)
+        self.ready = True
+        await self.stopped.wait()
+        server.close()
+        await self.proxy.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.socket_path).st_ino == inode:
+                self.socket_path.unlink()
+                if not self.proxy.members:
+                    self.registry.unlink(missing_ok=True)
+
+
+async def serve(path: Path, handlers: dict[str, Handler]) -> asyncio.AbstractServer:
+    """The control socket: rpc's line protocol, with the caller's uid (SO_PEERCRED) passed to the
+    handler. Mode 0660: the front's user and group reach it (root's front: add project users to
+    the group of the socket's directory); what they may do is checked per request."""
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      struct.calcsize("3i")))[1]
+            line = await reader.readline()
+            if not line:
+                return
+            try:
+                req = json.loads(line)
+                op, args = str(req["op"]), dict(req.get("args") or {})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                reply: dict[str, Any] = {"ok": False, "error": "bad request", "type": "DaemonError", "exit_code": 3}
+            else:
+                handler = handlers.get(op)
+                if handler is None:
+                    reply = {"ok": False, "error": f"the shared front has no operation {op!r}",
+                             "type": "DaemonError", "exit_code": 3}
+                else:
+                    try:
+                        reply = {"ok": True, "result": await handler(args, uid)}
+                    except ChangeoverError as e:
+                        reply = {"ok": False, "error": str(e), "type": type(e).__name__, "exit_code": e.exit_code}
+                        if isinstance(e, ConfigError):
+                            reply.update(file=e.file, key=e.key)
+                    except Exception as e:
+                        log.exception("front request %s failed", op)
+                        reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}",
+                                 "type": "InternalError", "exit_code": 1}
+            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old = os.umask(0o117)
+    try:
+        server = await asyncio.start_unix_server(on_client, path=str(path), limit=rpc.MAX_LINE)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o660)
+    if os.getuid() == 0:
+        with contextlib.suppress(OSError):
+            os.chown(path, 0, os.stat(path.parent).st_gid)
+    return server
+
+
+async def start_front(socket_path: Path, registry: Path, settings: ProxySettings,
+                      public: Path | None = None) -> int:
+    """Start a front process in its own session, its control socket at `socket_path` (a
+    successor's, renamed to `public` once it runs); returns its pid once it listens. Its log is
+    next to the socket."""
+    public = public or socket_path
+    log_path = public.with_name(public.name + ".log")
+    cmd = [sys.executable, "-m", "changeover.proxy.front", "--socket", str(public), "--bind", str(socket_path),
+           "--registry", str(registry), "--settings", json.dumps(dataclasses.asdict(settings))]
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd,
+                                start_new_session=True, close_fds=True, cwd="/")   # pins no project
+    finally:
+        os.close(fd)
+    assert proc.stdout is not None
+    loop = asyncio.get_running_loop()
+    try:
+        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        raise ChangeoverError(f"the shared front did not start within {START_TIMEOUT}s (see {log_path})") from None
+    finally:
+        proc.stdout.close()
+    try:
+        msg = json.loads(line or b"{}")
+    except ValueError:
+        msg = {}
+    if not msg.get("ready"):
+        await loop.run_in_executor(None, proc.wait)
+        if msg.get("reason") == "listen":
+            raise ConfigError(str(msg.get("error")), key="proxy.listen")
+        raise ChangeoverError(f"the shared front could not start: {msg.get('error') or proc.returncode} "
+                              f"(see {log_path})")
+    threading.Thread(target=proc.wait, name="reap-front", daemon=True).start()
+    return int(msg["pid"])
+
+
+def settings_from_json(text: str) -> ProxySettings:
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
+    if isinstance(fields.get("tls"), dict):          # [proxy.tls], nested in the JSON
+        from changeover.proxy.tls_settings import TlsSettings
+        fields["tls"] = TlsSettings.from_wire(fields["tls"])
+    return ProxySettings(**fields)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="changeover-front")
+    ap.add_argument("--socket", required=True, type=Path)
+    ap.add_argument("--bind", type=Path, help="bind the control socket here first (a handover's successor)")
+    ap.add_argument("--registry", required=True, type=Path)
+    ap.add_argument("--settings", required=True, help="ProxySettings as JSON")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started: list[Front] = []
+
+    async def amain() -> None:
+        front = Front(a.socket, a.registry, settings_from_json(a.settings), a.bind)
+        started.append(front)
+        front.load()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, front.stopped.set)
+        await front.run()
+
+    try:
+        uvloop.run(amain())
+    except Exception as e:
+        if started and started[0].ready:
+            log.exception("the shared front failed")
+        else:
+            log.exception("the shared front could not start")
+            reason = "listen" if isinstance(e, ListenError) else "internal"
+            print(json.dumps({"ready": False, "error": str(e), "reason": reason}), flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

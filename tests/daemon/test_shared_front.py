@@ -1,0 +1,263 @@
+"""Two projects on one port: two changeover.toml, two daemons, two real apps, one shared front.
+
+Each project deploys and rolls back under load from the other's users (0 failed requests for
+them); a daemon cannot reach the other's routes over the wire; a taken host name is a clear error;
+a daemon killed with SIGKILL leaves both projects serving and adopts its routes when it comes
+back; the front itself is handed over to a new process without a failed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from changeover import rpc
+from changeover.errors import ChangeoverError
+from tests.daemon.harness import Project, free_port
+
+
+@dataclass
+class HostLoad:
+    """Keep-alive GETs with a given Host header, counted by the X-Version that answered."""
+    port: int
+    host: str
+    connections: int = 8
+    ok: int = 0
+    failed: int = 0
+    versions: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    async def _conn(self, done: asyncio.Event) -> None:
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        req = f"GET / HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+        while not done.is_set():
+            try:
+                if conn is None:
+                    conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 5)
+                reader, writer = conn
+                writer.write(req)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                lines = head.decode("latin-1").split("\r\n")
+                status = int(lines[0].split()[1])
+                headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+                await reader.readexactly(int(headers.get("content-length", "0")))
+                if headers.get("connection", "").lower() == "close":
+                    writer.close()
+                    conn = None
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as e:
+                self.failed += 1
+                self.errors.append(f"{type(e).__name__}: {e}")
+                conn = None
+                await asyncio.sleep(0.01)
+                continue
+            if status == 200:
+                self.ok += 1
+                self.versions[headers.get("x-version", "?")] += 1
+            else:
+                self.failed += 1
+                self.errors.append(f"HTTP {status}")
+            await asyncio.sleep(0.002)
+        if conn is not None:
+            conn[1].close()
+
+    async def run_until(self, done: asyncio.Event) -> None:
+        await asyncio.gather(*(self._conn(done) for _ in range(self.connections)))
+
+
+def _shared(front: Path, *hosts: str) -> str:
+    return f'hosts = {json.dumps(list(hosts))}\nshared = true\nfront_socket = "{front}"\n'
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Project, Project, Path]]:
+    port = free_port()
+    front = tmp_path / "front" / "front.sock"
+    front.parent.mkdir()
+    a = Project(tmp_path / "a", port=port)
+    b = Project(tmp_path / "b", port=port)
+    for p, hosts in ((a, ("shop.test", "www.shop.test")), (b, ("*.blog.test",))):
+        p.root.mkdir()
+        p.write(_shared(front, *hosts))
+    try:
+        yield a, b, front
+    finally:
+        pid = None
+        with contextlib.suppress(Exception):
+            pid = asyncio.run(rpc.call(front, "ping", {}, timeout=2))["pid"]
+        for p in (a, b):
+            p.teardown()
+        if pid:                          # detaching both stopped it; nothing may outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _version(port: int, host: str) -> str | None:
+    async def go() -> str | None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = await r.read()
+        w.close()
+        head = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        if int(head[0].split()[1]) != 200:
+            return None
+        return {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in head[1:])}.get("x-version")
+    return asyncio.run(go())
+
+
+def test_two_projects_deploy_and_roll_back_without_failing_each_other(pair: tuple[Project, Project, Path]) -> None:
+    a, b, _front = pair
+    a.start_daemon()
+    b.start_daemon()
+    a.deploy("a1")
+    b.deploy("b1")
+    port = a.port
+    assert _version(port, "shop.test") == "a1" and _version(port, "WWW.Shop.Test:80") == "a1"
+    assert _version(port, "x.blog.test") == "b1"
+    assert _version(port, "other.test") is None           # no project serves it: 404
+
+    status = a.status()
+    assert status["proxy"]["shared"] is True and status["proxy"]["hosts"] == ["shop.test", "www.shop.test"]
+
+    async def scenario() -> tuple[HostLoad, HostLoad]:
+        la, lb = HostLoad(port, "shop.test"), HostLoad(port, "en.blog.test")
+        done = asyncio.Event()
+        runners = [asyncio.create_task(la.run_until(done)), asyncio.create_task(lb.run_until(done))]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(a.deploy, "a2")           # b's users keep getting b1 meanwhile
+        await asyncio.to_thread(b.deploy, "b2")
+        for _ in range(3):
+            await asyncio.to_thread(a.cli, "rollback", "--json")
+            await asyncio.to_thread(b.cli, "rollback", "--json")
+        await asyncio.sleep(0.3)
+        done.set()
+        await asyncio.gather(*runners)
+        return la, lb
+
+    la, lb = asyncio.run(scenario())
+    assert la.failed == 0 and lb.failed == 0, (la.errors[:5], lb.errors[:5])
+    assert set(la.versions) == {"a1", "a2"} and set(lb.versions) == {"b1", "b2"}, (la.versions, lb.versions)
+    assert la.ok > 100 and lb.ok > 100
+
+
+def test_a_daemon_cannot_touch_the_other_projects_routes(pair: tuple[Project, Project, Path]) -> None:
+    a, b, front = pair
+    a.start_daemon()
+    b.start_daemon()
+    a.deploy("a1")
+    b.deploy("b1")
+    key_b = (b.root / ".changeover" / "front.key").read_text().strip()
+    assert (os.stat(b.root / ".changeover" / "front.key").st_mode & 0o777) == 0o600
+
+    async def attempts() -> list[str]:
+        out = []
+        for op, args in (
+            ("switch", {"key": key_b, "slot": "green@" + _site_of(a)}),     # another site's pool by name
+            ("switch", {"slot": None}),                                      # no key
+            ("switch", {"key": "0" * 64, "slot": None}),                     # a guessed key
+            ("detach", {"key": "0" * 64}),
+            ("attach", {"key": key_b, "project": str(a.root / ".changeover"), "hosts": ["evil.test"]}),
+            ("attach", {"key": key_b, "project": str(b.root / ".changeover"), "hosts": ["shop.test"],
+                        "config": str(b.config)}),
+        ):
+            try:
+                await rpc.call(front, op, args, timeout=5)
+            except ChangeoverError as e:
+                out.append(str(e))
+            else:
+                out.append("ACCEPTED")
+        return out
+
+    refusals = asyncio.run(attempts())
+    assert "ACCEPTED" not in refusals, refusals
+    assert "unknown slot" in refusals[0] or "without '@'" in refusals[0]
+    assert all("refused" in r for r in refusals[1:5]), refusals
+    assert "shop.test" in refusals[5] and str(a.config) in refusals[5] and str(b.config) in refusals[5]
+    assert _version(a.port, "shop.test") == "a1" and _version(a.port, "x.blog.test") == "b1"
+
+
+def _site_of(p: Project) -> str:
+    import hashlib
+    return hashlib.sha256(str(p.root / ".changeover").encode()).hexdigest()[:12]
+
+
+def test_claiming_a_taken_host_is_a_clear_error(pair: tuple[Project, Project, Path], tmp_path: Path) -> None:
+    a, _b, front = pair
+    a.start_daemon()
+    c = Project(tmp_path / "c", port=a.port)
+    c.root.mkdir()
+    c.write(_shared(front, "api.test", "www.shop.test"))
+    serve = c.cli("serve", check=False, timeout=30)
+    try:
+        assert serve.returncode != 0
+        msg = serve.stdout + serve.stderr
+        assert "www.shop.test" in msg and str(a.config) in msg and str(c.config) in msg, msg
+        assert "Traceback" not in msg
+    finally:
+        c.teardown()
+
+
+def test_sigkill_of_one_daemon_leaves_both_serving_and_it_adopts_its_routes(
+        pair: tuple[Project, Project, Path]) -> None:
+    a, b, _front = pair
+    a.start_daemon()
+    b.start_daemon()
+    a.deploy("a1")
+    b.deploy("b1")
+    a.deploy("a2")
+
+    async def scenario() -> tuple[HostLoad, HostLoad]:
+        la, lb = HostLoad(a.port, "shop.test"), HostLoad(a.port, "x.blog.test")
+        done = asyncio.Event()
+        runners = [asyncio.create_task(la.run_until(done)), asyncio.create_task(lb.run_until(done))]
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(a.kill_daemon, signal.SIGKILL)
+        await asyncio.sleep(0.5)                          # a's users are served with no daemon
+        await asyncio.to_thread(a.start_daemon)
+        await asyncio.to_thread(a.cli, "rollback", "--json")
+        await asyncio.sleep(0.2)
+        done.set()
+        await asyncio.gather(*runners)
+        return la, lb
+
+    la, lb = asyncio.run(scenario())
+    assert la.failed == 0 and lb.failed == 0, (la.errors[:5], lb.errors[:5])
+    assert set(la.versions) == {"a1", "a2"} and set(lb.versions) == {"b1"}
+    log = (a.root / ".changeover" / "state.db")
+    assert log.exists()
+    assert _version(a.port, "shop.test") == "a1"
+
+
+def test_front_handover_without_failed_requests(pair: tuple[Project, Project, Path]) -> None:
+    a, b, front = pair
+    a.start_daemon()
+    b.start_daemon()
+    a.deploy("a1")
+    b.deploy("b1")
+    before = asyncio.run(rpc.call(front, "ping", {}, timeout=2))["pid"]
+
+    async def scenario() -> tuple[HostLoad, HostLoad, str]:
+        la, lb = HostLoad(a.port, "shop.test"), HostLoad(a.port, "x.blog.test")
+        done = asyncio.Event()
+        runners = [asyncio.create_task(la.run_until(done)), asyncio.create_task(lb.run_until(done))]
+        await asyncio.sleep(0.3)
+        out = await asyncio.to_thread(a.cli, "front", "handover", "--json")
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(b.deploy, "b2")          # the new front takes switches
+        done.set()
+        await asyncio.gather(*runners)
+        return la, lb, out.stdout
+
+    la, lb, out = asyncio.run(scenario())
+    after = asyncio.run(rpc.call(front, "ping", {}, timeout=2))["pid"]
+    assert after != before and json.loads(out)["pid"] == after
+    assert la.failed == 0 and lb.failed == 0, (la.errors[:5], lb.errors[:5])
+    assert set(lb.versions) == {"b1", "b2"}
