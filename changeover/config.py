@@ -200,6 +200,8 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         haproxy_socket=p.str("haproxy_socket", "") or None,
         trusted_proxies=_cidrs(p, "trusted_proxies", d.trusted_proxies),
         health_path=_health_path(p, d.health_path),   # the load balancer's check (proxy/embedded.py)
+        max_idle_per_instance=p.int("max_idle_per_instance", d.max_idle_per_instance, min=1),
+        workers=p.int("workers", os.cpu_count() or 1, min=1, max=256),   # proxy processes (proxy/workers.py)
         hosts=_hosts(p),
         shared=p.bool("shared", d.shared),             # attach to a shared front (proxy/front.py)
         front_socket=p.str("front_socket", d.front_socket),

@@ -81,6 +81,7 @@ etcd = ["http://127.0.0.1:2379"]
 # Defaults that depend on where changeover runs, or on another key, said in words.
 DEFAULT_TEXT = {
     "fleet.name": "the host name",
+    "proxy.workers": "the number of CPU cores",
     "proxy.max_header_bytes": "`65536`; `15360` with `engine = \"haproxy\"`",
     "migrations.database": "`${DATABASE_URL}`",
     "checks.pre.timeout": "`[checks] timeout`",

@@ -25,6 +25,7 @@ DEFAULT_RETRIES = 2                    # other instances tried when connect fail
 DEFAULT_ENGINE = "embedded"            # or "haproxy"
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")  # peers whose X-Forwarded-* headers are kept
 DEFAULT_HEALTH_PATH = "/_changeover/health"  # answered by the proxy for the load balancer ("" = off)
+DEFAULT_MAX_IDLE_PER_INSTANCE = 10000  # idle keep-alive connections kept per app instance (the pool follows demand)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class ProxySettings:
     routes: tuple[str, ...] = ()
     max_routes: int = 32
     health_path: str = DEFAULT_HEALTH_PATH  # the host's health for a load balancer, never forwarded
+    max_idle_per_instance: int = DEFAULT_MAX_IDLE_PER_INSTANCE
+    workers: int = 1                       # embedded proxy processes sharing the port (config: one per core)
     # A shared front (proxy/front.py): this project's host names, and whether it attaches to the
     # front listening on `listen` (its control socket: `front_socket`) instead of owning the port.
     hosts: tuple[str, ...] = ()

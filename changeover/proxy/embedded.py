@@ -65,6 +65,8 @@ RETIRE_LISTEN_SETTLE = 0.25
 _SO_ATTACH_REUSEPORT_CBPF = 51      # linux/asm-generic/socket.h
 _SO_DETACH_REUSEPORT_BPF = 68
 _BPF_RET_K = 0x06                    # BPF_RET | BPF_K: return the constant k
+_BPF_RET_A, _BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_ALU_ADD_K = 0x16, 0x20, 0x94, 0x04   # A = ..., return A
+_SKF_AD_CPU = (-0x1000 + 36) & 0xFFFFFFFF   # SKF_AD_OFF + SKF_AD_CPU: the CPU number, an ancillary load
 
 
 class ListenError(ChangeoverError, OSError):
@@ -186,7 +188,7 @@ class EmbeddedProxy:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
     # -- hand-over to a successor --------------------------------------------------------------
-    async def retire(self, timeout: float) -> int:
+    async def retire(self, timeout: float, first: int = 1, count: int = 1) -> int:
         """Hand the listen address over to a successor bound with SO_REUSEPORT (see the module
         docstring). New connections stop coming at once; returns when every client connection
         has ended, or at `timeout`, when what is left is closed (an unanswered request gets a
@@ -198,7 +200,7 @@ class EmbeddedProxy:
         self.retiring = True
         now = loop.time()
         deadline = now + timeout
-        close_listener = now + RETIRE_LISTEN_SETTLE if self._steer_away() else now
+        close_listener = now + RETIRE_LISTEN_SETTLE if self._steer_away(first, count) else now
         while self._server is not None or self.clients or self._adopting:
             now = loop.time()
             if self._server is not None and now >= min(close_listener, deadline):
@@ -236,17 +238,21 @@ class EmbeddedProxy:
                     out.append(socket.socket(fileno=os.dup(s.fileno())))
         return out
 
-    def _steer_away(self) -> bool:
+    def _steer_away(self, first: int = 1, count: int = 1) -> bool:
         """Ask the kernel to send new connections for the address to the successor: a one-
         instruction classic BPF program on the SO_REUSEPORT group that picks socket 1. A group
         holds its sockets in bind order, so while an old proxy hands over to one successor that
         is the successor (and with no successor the index is out of range: the kernel picks by
         hash as usual). Handshakes already under way then complete on this listener, which keeps
         accepting for RETIRE_LISTEN_SETTLE: closing it at once would reset them."""
-        if not self.reuse_port or self._server is None:
+        if not self.reuse_port or self._server is None or count < 1:
             return False
-        insn = ctypes.create_string_buffer(struct.pack("HBBI", _BPF_RET_K, 0, 0, 1))
-        prog = struct.pack("HP", 1, ctypes.addressof(insn))       # struct sock_fprog
+        # several successors ([proxy] workers, proxy/workers.py): sockets first..first+count-1,
+        # picked by the CPU the handshake arrives on
+        code = [(_BPF_RET_K, first)] if count == 1 else [
+            (_BPF_LD_W_ABS, _SKF_AD_CPU), (_BPF_ALU_MOD_K, count), (_BPF_ALU_ADD_K, first), (_BPF_RET_A, 0)]
+        insn = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", c, 0, 0, k) for c, k in code))
+        prog = struct.pack("HP", len(code), ctypes.addressof(insn))       # struct sock_fprog
         steered = False
         for ls in self._listeners():
             try:
@@ -326,7 +332,7 @@ class EmbeddedProxy:
             if not isinstance(host, str) or not host or not isinstance(port, int) or not 0 < port < 65536:
                 raise ChangeoverError(f"slot {slot}: upstream {item!r} is not (host, port 1-65535)")
             existing = kept.pop((host, port), None) if (host, port) in kept else None
-            ups.append(existing or Upstream(host, port))
+            ups.append(existing or Upstream(host, port, self.settings.max_idle_per_instance))
         for gone in kept.values():
             gone.retire()                  # replaced: its connections close as their requests end
         if old is None:
@@ -479,6 +485,10 @@ class EmbeddedProxy:
         while True:
             await asyncio.sleep(self._tick)
             now = self.now = loop.time()
+            for slot in self.slots.values():
+                for up in slot.upstreams:
+                    if up.idle:
+                        up.trim(now)       # the pool shrinks back once a peak is over
             for client in list(self.clients):
                 if client.dkind and client.deadline <= now:
                     try:

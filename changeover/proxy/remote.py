@@ -47,6 +47,7 @@ class ProxyProcess:
         self.socket = state_dir / socket_name
         self.log_path = state_dir / "logs" / "proxy.log"
         self.pid: int | None = None
+        self.pids: list[int] = []   # every worker process of the group ([proxy] workers), the leader first
         self.port: int | None = None
         self.running_settings: dict[str, Any] = _wire(settings)
         self.outdated = False     # adopted a worker of an older, compatible protocol: to be replaced
@@ -63,6 +64,7 @@ class ProxyProcess:
             await self._start(initial=initial)
             return "started"
         self.pid, self.port = int(info["pid"]), int(info["port"])
+        self.pids = [int(p) for p in info.get("pids") or [self.pid]]
         self.running_settings = dict(info.get("settings") or {})
         theirs = ops.protocol_of(info)
         self.outdated = False
@@ -129,10 +131,11 @@ class ProxyProcess:
         except BaseException:
             await nxt.shutdown()
             raise
-        await self._call(ops.RETIRE, timeout=self.settings.drain_timeout)
+        # `count`: the successor's worker processes ([proxy] workers), which new connections go to
+        await self._call(ops.RETIRE, timeout=self.settings.drain_timeout, count=max(1, self.settings.workers))
         os.replace(nxt.socket, self.socket)
         old = self.pid
-        self.pid, self.port = nxt.pid, nxt.port
+        self.pid, self.port, self.pids = nxt.pid, nxt.port, nxt.pids
         self.running_settings = _wire(self.settings)
         self.outdated = False
         log.info("proxy handed over from pid %s to pid %s", old, self.pid)
@@ -174,6 +177,7 @@ class ProxyProcess:
             detail = msg.get("error") or f"exited with status {proc.returncode}"
             raise DaemonError(f"the proxy worker could not start: {detail}{self._log_tail(log_from)}")
         self.pid, self.port = int(msg["pid"]), int(msg["port"])
+        self.pids = [int(p) for p in msg.get("pids") or [self.pid]]   # the leader first (proxy/workers.py)
         # The worker is in its own session and outlives us; a daemon thread reaps it if it exits
         # while we run (an executor thread would hold up the daemon's exit until it does).
         threading.Thread(target=proc.wait, name="reap-proxy", daemon=True).start()

@@ -5,6 +5,12 @@ attached to it, it reads the response: the head is rewritten once (hop-by-hop he
 and the body bytes are passed through untouched, framed by Content-Length, chunked (followed by
 `ChunkScanner`) or connection close. When the response completes it goes back to its
 instance's idle list, so the next request on the hot path needs no connect and no task.
+
+The idle list follows demand: it holds as many connections as the instance's peak concurrency
+needed, up to `[proxy] max_idle_per_instance`, so a steady load above any fixed cap never opens and
+closes app connections per request (TIME_WAIT, port exhaustion with a remote app). Connections
+left over after the load drops are closed once unused for `IDLE_TTL` (`Upstream.trim`, called by
+the proxy's sweeper), oldest first: the list is LIFO, so the cold ones are at its bottom.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, cast
 
+from changeover.proxy.base import DEFAULT_MAX_IDLE_PER_INSTANCE
 from changeover.proxy.http1 import (
     RESP_CONNECTION,
     RESP_HOP,
@@ -27,7 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("changeover.proxy")
 
-MAX_IDLE_PER_UPSTREAM = 512
+# an idle app connection unused this long is closed (below most apps' keep-alive timeouts is not
+# needed: a request that cannot be replayed only takes a recently used one, see client.py)
+IDLE_TTL = 60.0
 MAX_RESPONSE_HEAD = 64 * 1024
 # after a response that has no body (HEAD, 204, 304) the connection waits this long before it
 # is reused: an app that writes a body anyway (`do_HEAD = do_GET`) would otherwise hand those
@@ -53,18 +62,30 @@ R_IDLE, R_HEAD, R_LENGTH, R_CHUNKED, R_EOF, R_TUNNEL, R_DONE = range(7)
 class Upstream:
     """One app instance (host, port) with its idle keep-alive connections (LIFO: warmest first)."""
 
-    __slots__ = ("host", "idle", "port", "retired")
+    __slots__ = ("host", "idle", "max_idle", "port", "retired")
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, max_idle: int = DEFAULT_MAX_IDLE_PER_INSTANCE) -> None:
         self.host = host
         self.port = port
         self.idle: list[UpstreamConn] = []
+        self.max_idle = max_idle           # [proxy] max_idle_per_instance
         self.retired = False               # no longer routed to: connections close once released
 
     def close_idle(self) -> None:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.transport.close()
+
+    def trim(self, now: float, ttl: float = IDLE_TTL) -> None:
+        """Close the connections idle longer than `ttl` (the pool shrinks back after a peak)."""
+        idle = self.idle
+        n = 0
+        while n < len(idle) and now - idle[n].idle_since > ttl:
+            n += 1
+        if n:
+            cold, self.idle[:n] = idle[:n], []
+            for conn in cold:
+                conn.transport.close()
 
     def retire(self) -> None:
         """Removed from its slot (or replaced): close the idle connections now and every busy one
@@ -366,7 +387,7 @@ class UpstreamConn(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
         idle = self.upstream.idle
-        if reusable and not self.closed and not self.upstream.retired and len(idle) < MAX_IDLE_PER_UPSTREAM:
+        if reusable and not self.closed and not self.upstream.retired and len(idle) < self.upstream.max_idle:
             self.reused = True
             if self.bodiless:
                 # not in the pool yet: bytes that arrive meanwhile close it (data_received)
@@ -383,7 +404,7 @@ class UpstreamConn(asyncio.Protocol):
         idle = self.upstream.idle
         if self.closed or self.client is not None:
             return
-        if self.upstream.retired or len(idle) >= MAX_IDLE_PER_UPSTREAM:
+        if self.upstream.retired or len(idle) >= self.upstream.max_idle:
             self.transport.close()
             return
         self.idle_since = now

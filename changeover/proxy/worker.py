@@ -6,6 +6,9 @@ worker again when it comes back (as it adopts the app's processes). Per-request 
 here, where requests are seen, and pulled by the daemon a few times a second.
 
     python -m changeover.proxy.worker --socket PATH --settings JSON
+
+With `[proxy] workers` > 1 this process is the leader of a group of workers (proxy/workers.py):
+it starts the followers, and every op it is sent applies to all of them before it answers.
 """
 
 from __future__ import annotations
@@ -25,21 +28,24 @@ from typing import Any
 import uvloop
 
 from changeover import rpc
-from changeover.errors import ConfigError
+from changeover.errors import ChangeoverError, ConfigError
 from changeover.monitor import mirror
 from changeover.monitor.metrics import Recorder
 from changeover.monitor.routes import RouteRules
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy, ListenError
+from changeover.proxy.workers import Group, merge
 
 log = logging.getLogger("changeover.proxy.worker")
 
 
 class Worker:
-    def __init__(self, socket_path: Path, settings: ProxySettings) -> None:
+    def __init__(self, socket_path: Path, settings: ProxySettings, follower: bool = False) -> None:
         self.socket_path = socket_path
         self.settings = settings
+        self.follower = follower         # started by a leader (proxy/workers.py), not by the daemon
+        self.group: Group | None = None  # the leader's followers, with [proxy] workers > 1
         self.recorder = Recorder(routes=RouteRules(settings.routes, settings.max_routes))
         # SO_REUSEPORT so that a successor can bind the same address during a handover (the
         # daemon checks the port is free before it starts a worker that has no predecessor).
@@ -62,18 +68,27 @@ class Worker:
 
     async def run(self) -> None:
         await self.proxy.start()
-        server = await rpc.serve(self.socket_path, {
+        if not self.follower and self.settings.workers > 1:
+            self.group = Group(self.socket_path, self.settings)
+            await self.group.start({**self.routing(), "health": {"ok": self.proxy.health_ok,
+                                                                  "reason": self.proxy.health_reason}})
+        if self.follower:
+            await self._watch_leader()
+        server = await rpc.serve(self.socket_path, self._fan_out({
             ops.PING: self.ping, ops.RETIRE: self.retire, ops.SHUTDOWN: self.shutdown,
             ops.SET_SLOT: self.set_slot, ops.REMOVE_SLOT: self.remove_slot, ops.SET_VERSION: self.set_version,
             ops.SWITCH: self.switch, ops.DRAIN: self.drain, ops.METRICS: self.metrics,
             ops.SET_ROUTE: self.set_route, ops.SET_HEALTH: self.set_health,
-        })
+        }))
         inode = os.stat(self.socket_path).st_ino
         log.info("proxy listening on %s (pid %d)", self.settings.listen, os.getpid())
-        print(json.dumps({"ready": True, "pid": os.getpid(), "port": self.proxy.port}), flush=True)
+        pids = [os.getpid(), *(self.group.pids if self.group else ())]
+        print(json.dumps({"ready": True, "pid": os.getpid(), "port": self.proxy.port, "pids": pids}), flush=True)
         self.ready = True
         await self.stopped.wait()
         server.close()
+        if self.group is not None and not self.group.stopping:
+            await self.group.stop()
         await self.proxy.close()
         # After a handover the path belongs to the successor: only remove our own socket.
         with contextlib.suppress(FileNotFoundError):
@@ -126,9 +141,16 @@ class Worker:
         """Hand over to a successor that already listens: stop accepting, finish what is open
         (keep-alive clients are told `Connection: close`), then exit. Returns at once."""
         timeout = float(args["timeout"])
+        # the successors' sockets follow this group's in the port's SO_REUSEPORT group
+        first = int(args.get("first") or self.settings.workers)
+        count = int(args.get("count", 1))
 
         async def go() -> None:
-            cut = await self.proxy.retire(timeout)
+            if self.group is not None:
+                _, cut = await asyncio.gather(self.group.retire(timeout, first, count),
+                                              self.proxy.retire(timeout, first, count))
+            else:
+                cut = await self.proxy.retire(timeout, first, count)
             log.info("retired: %d connection(s) cut at the %.1fs timeout", cut, timeout)
             self.stopped.set()
 
@@ -137,6 +159,100 @@ class Worker:
 
     async def shutdown(self, args: dict[str, Any], emit: rpc.Emit) -> None:
         asyncio.get_running_loop().call_later(0.05, self.stopped.set)
+
+
+    # -- a group of workers (proxy/workers.py) ---------------------------------------------------
+    def _fan_out(self, handlers: dict[str, rpc.Handler]) -> dict[str, rpc.Handler]:
+        """The leader's handlers: each op applies here and on every follower before it answers."""
+        group = self.group
+        if group is None:
+            return handlers
+        local = dict(handlers)
+        parallel = {ops.DRAIN, getattr(ops, "DRAIN_REQUESTS", ops.DRAIN)}   # waits: every worker at once
+
+        def wrap(op: str, handler: rpc.Handler) -> rpc.Handler:
+            async def both(args: dict[str, Any], emit: rpc.Emit) -> Any:
+                if op in parallel:
+                    mine, theirs = await asyncio.gather(handler(args, emit),
+                                                        group.each(op, args, float(args.get("timeout", 0)) + 10))
+                    return _combine([mine, *theirs])
+                mine = await handler(args, emit)        # refused here: refused, no follower touched
+                return _combine([mine, *await group.each(op, args)])
+            return both
+
+        out = {op: wrap(op, h) for op, h in local.items()
+               if op not in (ops.PING, ops.SWITCH, ops.METRICS, ops.RETIRE, ops.SHUTDOWN)}
+        out.update({ops.PING: self._group_ping, ops.SWITCH: self._group_switch, ops.METRICS: self._group_metrics,
+                    ops.RETIRE: local[ops.RETIRE], ops.SHUTDOWN: self._group_shutdown})
+        return out
+
+    async def _group_ping(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        assert self.group is not None
+        info: dict[str, Any] = dict(await self.ping(args, emit))
+        workers = [{"pid": os.getpid(), "live": self.proxy.live}, *await self.group.repair(self.proxy.live)]
+        info["workers"] = workers
+        info["pids"] = [w["pid"] for w in workers]
+        return info
+
+    async def _group_switch(self, args: dict[str, Any], emit: rpc.Emit) -> ops.SwitchResult:
+        """Acknowledged only once every worker routes to the new slot; a follower that does not
+        acknowledge fails the switch, and every worker goes back to the slot it had."""
+        assert self.group is not None
+        was = self.proxy.live
+        result = await self.switch(args, emit)
+        failed = await self.group.switch(args["slot"], was)
+        if failed:
+            self.proxy.switch(was)
+            log.error("switch to %s failed on %s: every worker is back on %s", args["slot"], "; ".join(failed), was)
+            raise ChangeoverError(f"the switch to {args['slot']} was not acknowledged by proxy {'; '.join(failed)}; "
+                                  f"every proxy worker routes to {was} again")
+        return result
+
+    async def _group_metrics(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        assert self.group is not None
+        mine = await self.metrics(args, emit)
+        return merge([mine, *await self.group.metrics(args.get("since"))])
+
+    async def _group_shutdown(self, args: dict[str, Any], emit: rpc.Emit) -> None:
+        assert self.group is not None
+        await self.group.stop()
+        await self.shutdown(args, emit)
+
+    async def _watch_leader(self) -> None:
+        """A follower retires when its leader is gone (its end of our stdin closes): the daemon's
+        next leader must find the port free, and nobody could route this worker any more."""
+        loop = asyncio.get_running_loop()
+        worker = self
+        gone: list[asyncio.Task[None]] = []
+
+        class Pipe(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                if worker._retiring is None and not worker.stopped.is_set():
+                    log.warning("the leader proxy worker is gone: retiring")
+                    gone.append(loop.create_task(
+                        worker.retire({"timeout": worker.settings.drain_timeout, "count": 0}, _no_emit)))
+
+        await loop.connect_read_pipe(Pipe, sys.stdin)
+
+
+async def _no_emit(event: dict[str, Any]) -> None:
+    """Events of an op called from inside the worker go nowhere."""
+
+
+def _combine(results: list[Any]) -> Any:
+    """One answer from every worker's: flags hold if they hold everywhere, counts add up, times
+    are the longest; anything else is the leader's."""
+    first = results[0]
+    if isinstance(first, bool):
+        return all(bool(r) for r in results)
+    if isinstance(first, int):
+        return sum(int(r or 0) for r in results)
+    if isinstance(first, float):
+        return max(float(r or 0) for r in results)
+    if isinstance(first, dict):
+        return {k: _combine([v, *(r.get(k) if isinstance(r, dict) else None for r in results[1:])])
+                for k, v in first.items()}
+    return first
 
 
 def _not_ready(error: str, reason: str, key: str | None = None) -> None:
@@ -152,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", required=True, help="ProxySettings as JSON")
     ap.add_argument("--initial", help='routing to load before listening: {"slots": {...}, "versions": {...}, '
                     '"live": ...}')
+    ap.add_argument("--follower", action="store_true", help="started by a leader worker (proxy/workers.py)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     started: list[Worker] = []
@@ -160,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                   for k, v in json.loads(a.settings).items()}   # JSON has no tuples
         settings = ProxySettings(**fields)
-        worker = Worker(a.socket, settings)
+        worker = Worker(a.socket, settings, follower=a.follower)
         started.append(worker)
         if a.initial:
             worker.preload(json.loads(a.initial))

@@ -1,0 +1,227 @@
+"""Several proxy worker processes on one port (`[proxy] workers = N`): the leader and its followers.
+
+The daemon still talks to one process, the *leader* (`proxy.worker`, on `.changeover/proxy.sock`),
+so adopting the data plane after a daemon restart adopts every worker at once. The leader carries
+traffic itself and starts N-1 *followers*: the same worker program, each with a private control
+socket and the leader's routing preloaded, each bound to the port with SO_REUSEPORT, so the kernel
+spreads new connections over all of them. The leader says it is ready only once every follower
+listens, which keeps a handover gap-free: the whole new group listens before the old one retires.
+
+Every routing op is applied by the leader and then by each follower; the leader answers only when
+all have it. A switch that a follower does not acknowledge fails, and every worker is switched
+back to the slot it had (`switch`). The leader's own state is the reference: a follower that
+disagrees with it (a failed switch-back, a follower restarted) is put back in line on the next
+ping (`repair`), which is what the daemon's recovery reads. A daemon killed in the middle of a
+switch cannot split the group: the fan-out runs in the leader, which the daemon's death does not
+interrupt.
+
+Followers watch a pipe from the leader: when the leader is gone (killed), they retire (stop
+accepting, finish what is open) and exit, so the port is free for the group the daemon starts next.
+Metrics are pulled from every worker and added up (`merge`): the daemon sees one set of
+per-request figures, as with one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from changeover import rpc
+from changeover.errors import ChangeoverError, DaemonError
+from changeover.proxy import ops
+from changeover.proxy.base import ProxySettings
+
+log = logging.getLogger("changeover.proxy.workers")
+START_TIMEOUT = 10.0
+CALL_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass
+class Follower:
+    index: int
+    socket: Path
+    proc: asyncio.subprocess.Process
+    pid: int
+
+
+class Group:
+    """The leader's followers: started, driven and stopped together."""
+
+    def __init__(self, leader_socket: Path, settings: ProxySettings) -> None:
+        self.settings = settings
+        self.count = max(1, settings.workers) - 1
+        # private sockets, unique per leader (a handover's two groups coexist for a while)
+        self.base = leader_socket.parent / f"proxy.{os.getpid()}"
+        self.followers: list[Follower] = []
+        self.stopping = False
+
+    async def start(self, routing: dict[str, Any]) -> None:
+        """Start every follower preloaded with `routing`; returns once all of them listen."""
+        try:
+            self.followers = list(await asyncio.gather(*(self._spawn(i, routing) for i in range(1, self.count + 1))))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _spawn(self, index: int, routing: dict[str, Any]) -> Follower:
+        sock = Path(f"{self.base}.{index}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "changeover.proxy.worker", "--socket", str(sock), "--follower",
+            "--settings", json.dumps(dataclasses.asdict(self.settings)), "--initial", json.dumps(routing),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)   # stderr: the leader's log
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            raise DaemonError(f"proxy worker {index} did not start within {START_TIMEOUT}s") from None
+        msg = json.loads(line or b"{}")
+        if not msg.get("ready"):
+            await proc.wait()
+            raise ChangeoverError(f"proxy worker {index} could not start: {msg.get('error') or proc.returncode}")
+        log.info("proxy worker %d started (pid %d)", index, proc.pid)
+        return Follower(index, sock, proc, proc.pid)
+
+    @property
+    def pids(self) -> list[int]:
+        return [f.pid for f in self.followers]
+
+    async def each(self, op: str, args: dict[str, Any], timeout: float | None = CALL_TIMEOUT) -> list[Any]:
+        """`op` on every follower at once; raises naming the first that failed (after all answered)."""
+        results = await asyncio.gather(*(rpc.call(f.socket, op, args, timeout=timeout) for f in self.followers),
+                                       return_exceptions=True)
+        for f, r in zip(self.followers, results, strict=True):
+            if isinstance(r, BaseException):
+                raise ChangeoverError(f"proxy worker {f.index} (pid {f.pid}) failed {op}: {r}")
+        return list(results)
+
+    async def switch(self, slot: str | None, was: str | None) -> list[str]:
+        """Switch every follower to `slot`. Those that did not acknowledge are named in the result,
+        and then every follower is sent back to `was` (the caller switches the leader back)."""
+        results = await asyncio.gather(*(rpc.call(f.socket, ops.SWITCH, {"slot": slot}, timeout=CALL_TIMEOUT)
+                                         for f in self.followers), return_exceptions=True)
+        failed = [f"worker {f.index} (pid {f.pid}): {r}" for f, r in zip(self.followers, results, strict=True)
+                  if isinstance(r, BaseException)]
+        if failed:
+            back = await asyncio.gather(*(rpc.call(f.socket, ops.SWITCH, {"slot": was}, timeout=CALL_TIMEOUT)
+                                          for f in self.followers), return_exceptions=True)
+            for f, r in zip(self.followers, back, strict=True):
+                if isinstance(r, BaseException):
+                    log.error("proxy worker %d could not be switched back to %s: %s (repaired on the next ping)",
+                              f.index, was, r)
+        return failed
+
+    async def repair(self, live: str | None) -> list[dict[str, Any]]:
+        """Every follower's pid and live slot; one that disagrees with the leader's `live` is
+        switched to it (the leader's state is the group's: a deterministic resolution)."""
+        out: list[dict[str, Any]] = []
+        for f in self.followers:
+            try:
+                info = await rpc.call(f.socket, ops.PING, timeout=2)
+            except (DaemonError, OSError) as e:
+                out.append({"pid": f.pid, "live": None, "error": str(e)})
+                continue
+            theirs = info.get("live")
+            if theirs != live:
+                log.warning("proxy worker %d (pid %d) routes to %s, the leader to %s: switching it to %s",
+                            f.index, f.pid, theirs, live, live)
+                try:
+                    await rpc.call(f.socket, ops.SWITCH, {"slot": live}, timeout=CALL_TIMEOUT)
+                    theirs = live
+                except (DaemonError, OSError) as e:
+                    log.error("proxy worker %d could not be switched: %s", f.index, e)
+            out.append({"pid": f.pid, "live": theirs})
+        return out
+
+    async def metrics(self, since: Any) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.each(ops.METRICS, {"since": since}, timeout=5)]
+
+    async def retire(self, timeout: float, first: int, count: int) -> None:
+        """Tell every follower to retire (they steer new connections to the successors' sockets
+        `first`..`first+count-1` of the port's group) and wait until they have exited."""
+        self.stopping = True
+        await asyncio.gather(*(rpc.call(f.socket, ops.RETIRE, {"timeout": timeout, "first": first, "count": count},
+                                        timeout=5) for f in self.followers), return_exceptions=True)
+        await self._wait_exit(timeout + 5)
+
+    async def stop(self) -> None:
+        """Shut every follower down now (changeover down, or the leader stopping)."""
+        self.stopping = True
+        await asyncio.gather(*(rpc.call(f.socket, ops.SHUTDOWN, timeout=2) for f in self.followers),
+                             return_exceptions=True)
+        await self._wait_exit(5)
+
+    async def _wait_exit(self, timeout: float) -> None:
+        for f in self.followers:
+            try:
+                await asyncio.wait_for(f.proc.wait(), timeout)
+            except TimeoutError:
+                log.warning("proxy worker %d (pid %d) did not exit: killing it", f.index, f.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    f.proc.send_signal(signal.SIGKILL)
+                await f.proc.wait()
+            with contextlib.suppress(FileNotFoundError):
+                f.socket.unlink()
+
+
+def merge(exports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add up the `monitor.mirror.export()`s of several workers: per second, per slot, per route and
+    per (slot, version) total, counters and histogram buckets add. The first export (the leader's)
+    gives what is not a count: a slot's version, first second and current second."""
+    if len(exports) == 1:
+        return exports[0]
+    out: dict[str, Any] = {"now": max(int(e["now"]) for e in exports), "slots": {}, "totals": []}
+    for e in exports:
+        for name, d in e["slots"].items():
+            s = out["slots"].get(name)
+            if s is None:
+                s = out["slots"][name] = {"version": d["version"], "first": d["first"], "run": d["run"],
+                                          "sec": d["sec"], "rows": {}, "routes": {}}
+            s["run"] = max(s["run"], d["run"])
+            _add_rows(s["rows"], d["rows"])
+            for key, r in (d.get("routes") or {}).items():
+                mine = s["routes"].setdefault(key, {"run": 0, "rows": {}})
+                mine["run"] = max(mine["run"], r.get("run", 0))
+                _add_rows(mine["rows"], r.get("rows", []))
+    for s in out["slots"].values():
+        s["rows"] = _rows_list(s["rows"])
+        for r in s["routes"].values():
+            r["rows"] = _rows_list(r["rows"])
+    totals: dict[tuple[str, str], list[Any]] = {}
+    for e in exports:
+        for slot, ver, counts, hist, total in e["totals"]:
+            t = totals.get((slot, ver))
+            if t is None:
+                totals[(slot, ver)] = [slot, ver, list(counts), dict((int(b), n) for b, n in hist), float(total)]
+                continue
+            t[2] = [a + b for a, b in zip(t[2], counts, strict=True)]
+            for b, n in hist:
+                t[3][int(b)] = t[3].get(int(b), 0) + n
+            t[4] += float(total)
+    out["totals"] = [[s, v, c, sorted(h.items()), tot] for s, v, c, h, tot in totals.values()]
+    return out
+
+
+def _add_rows(into: dict[int, list[Any]], rows: list[Any]) -> None:
+    for t, counts, hist in rows:
+        row = into.get(int(t))
+        if row is None:
+            into[int(t)] = [list(counts), dict((int(b), n) for b, n in hist)]
+            continue
+        row[0] = [a + b for a, b in zip(row[0], counts, strict=True)]
+        for b, n in hist:
+            row[1][int(b)] = row[1].get(int(b), 0) + n
+
+
+def _rows_list(rows: dict[int, list[Any]]) -> list[Any]:
+    return [[t, c, [[b, n] for b, n in sorted(h.items())]] for t, (c, h) in sorted(rows.items())]
