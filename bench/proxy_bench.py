@@ -87,6 +87,12 @@ backend app
     server green 127.0.0.1:{green} weight 0
 """
 
+# Raw HAProxy doing what any production config does, and what the engine's config does too: an
+# X-Forwarded-For header and a log line per request (to a ring in memory, as the engine's).
+WORK_CFG = PROXY_CFG.replace("    stats socket", "    log ring@r1 len 1024 format raw local0 info\n    stats socket") \
+    .replace("defaults\n", "ring r1\n    format raw\n    maxlen 1024\n    size 1048576\n"
+             "defaults\n    log global\n    option httplog\n    option forwardfor\n")
+
 EMBEDDED = """
 import asyncio, signal, sys, uvloop
 from changeover.proxy.base import ProxySettings
@@ -185,13 +191,14 @@ class EnginePlane:
 
         import uvloop
 
-        from changeover.proxy.base import ProxySettings
+        from changeover.proxy.base import DEFAULT_HAPROXY_MAX_HEADER_BYTES, ProxySettings
         from changeover.proxy.haproxy_engine import HAProxyControl
 
         self.loop = uvloop.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.control = HAProxyControl(
-            ProxySettings(listen=f"127.0.0.1:{free_port()}", engine="haproxy", **settings), state_dir)
+            ProxySettings(listen=f"127.0.0.1:{free_port()}", engine="haproxy",
+                          **{"max_header_bytes": DEFAULT_HAPROXY_MAX_HEADER_BYTES, **settings}), state_dir)
         self.run(self.control.ensure({"slots": {"blue": [["127.0.0.1", blue]], "green": [["127.0.0.1", green]]},
                                       "versions": {"blue": "b1", "green": "g1"}, "live": "blue"}))
         assert self.control.pid is not None and self.control.port is not None
@@ -241,7 +248,7 @@ def main() -> None:
     import logging
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")   # engine trouble shows
     tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
-    blue, green, hport, eport = free_port(), free_port(), free_port(), free_port()
+    blue, green, hport, eport, wport = free_port(), free_port(), free_port(), free_port(), free_port()
     sock = str(tmp / "haproxy.sock")
     (tmp / "backend.cfg").write_text(BACKEND_CFG.format(blue=blue, green=green))
     (tmp / "proxy.cfg").write_text(PROXY_CFG.format(sock=sock, port=hport, blue=blue, green=green))
@@ -250,6 +257,8 @@ def main() -> None:
     try:
         procs.append(subprocess.Popen(pinned(OTHER_CPU, ["haproxy", "-db", "-f", str(tmp / "backend.cfg")])))
         procs.append(subprocess.Popen(pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(tmp / "proxy.cfg")])))
+        (tmp / "work.cfg").write_text(WORK_CFG.format(sock=tmp / "work.sock", port=wport, blue=blue, green=green))
+        procs.append(subprocess.Popen(pinned(PROXY_CPU, ["haproxy", "-db", "-f", str(tmp / "work.cfg")])))
         emb = subprocess.Popen(pinned(PROXY_CPU, [sys.executable, "-c", EMBEDDED, str(eport), str(blue), str(green)]),
                                stdout=subprocess.PIPE, cwd=ROOT)
         procs.append(emb)
@@ -259,18 +268,18 @@ def main() -> None:
             wait_port(port)
         if shutil.which("taskset") and CPUS > 1:
             os.sched_setaffinity(0, {int(OTHER_CPU)})     # this process reads the engine's log
-        plane = EnginePlane(blue, green, tmp / "engine")
-        # HAProxy sizes its buffers to the longest request head it accepts: the default 64 KB
-        # heads cost it ~50 % more CPU per request than its own default of 16 KB buffers
-        small = EnginePlane(blue, green, tmp / "engine-15k", max_header_bytes=15 * 1024)
-        planes.extend((plane, small))
+        plane = EnginePlane(blue, green, tmp / "engine")      # its defaults: 15 KB heads, as HAProxy's
+        # HAProxy sizes its buffers to the longest request head it accepts: 64 KB heads cost it
+        # ~30 % more CPU per request than its own default of 16 KB buffers
+        big = EnginePlane(blue, green, tmp / "engine-64k", max_header_bytes=64 * 1024)
+        planes.extend((plane, big))
         wait_port(plane.port)
-        wait_port(small.port)
-        paths = {"direct": blue, "changeover": eport, "haproxy": hport, "changeover+haproxy": plane.port,
-                 "changeover+haproxy, 15 KB heads": small.port}
+        wait_port(big.port)
+        paths = {"direct": blue, "changeover": eport, "haproxy": hport, "haproxy+work": wport,
+                 "changeover+haproxy": plane.port, "changeover+haproxy, 64 KB heads": big.port}
         # the process doing each proxy's work (taskset execs, so the pids are the proxies')
-        pids = {"changeover": emb.pid, "haproxy": procs[1].pid, "changeover+haproxy": plane.worker(),
-                "changeover+haproxy, 15 KB heads": small.worker()}
+        pids = {"changeover": emb.pid, "haproxy": procs[1].pid, "haproxy+work": procs[2].pid,
+                "changeover+haproxy": plane.worker(), "changeover+haproxy, 64 KB heads": big.worker()}
         cost: dict[str, list[float]] = {}
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.rounds):
@@ -288,16 +297,18 @@ def main() -> None:
         ratio = best["changeover"]["rps"] / best["haproxy"]["rps"]
         overhead = best["changeover"]["p50"] - best["direct"]["p50"]
         print(f"\nchangeover / haproxy req/s: {ratio:.2f}x; p50 overhead over direct: {overhead:.2f} ms")
-        for name in ("changeover+haproxy", "changeover+haproxy, 15 KB heads"):
-            print(f"{name} / raw HAProxy req/s: {best[name]['rps'] / best['haproxy']['rps']:.2f}x")
+        for name in ("changeover+haproxy", "changeover+haproxy, 64 KB heads"):
+            print(f"{name} / raw HAProxy req/s: {best[name]['rps'] / best['haproxy']['rps']:.2f}x; "
+                  f"/ raw HAProxy with forwardfor + log: {best[name]['rps'] / best['haproxy+work']['rps']:.2f}x")
         print("\nproxy CPU time per request, µs (median of the rounds; lower is better)")
         print("| path | µs/req | rounds |\n|---|---|---|")
         med = {name: sorted(v)[len(v) // 2] for name, v in cost.items()}
         for name, v in cost.items():
             print(f"| {name} | {med[name]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
-        for name in ("changeover+haproxy", "changeover+haproxy, 15 KB heads"):
+        for name in ("changeover+haproxy", "changeover+haproxy, 64 KB heads"):
             print(f"raw HAProxy / {name}, per-request CPU: {med['haproxy'] / med[name]:.2f}x "
-                  "(the req/s ratio a saturated proxy core would give)")
+                  f"(with forwardfor + log: {med['haproxy+work'] / med[name]:.2f}x; "
+                  "the req/s ratio a saturated proxy core would give)")
 
         # latency added per request without queueing: one connection, one request at a time
         one = {name: wrk(port, min(args.duration, 5), 1) for name, port in paths.items()}
@@ -305,7 +316,7 @@ def main() -> None:
         print("| path | req/s | p50 ms | p99 ms |\n|---|---|---|---|")
         for name, r in one.items():
             print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.3f} | {r['p99']:.3f} |")
-        for name in ("changeover", "haproxy", "changeover+haproxy", "changeover+haproxy, 15 KB heads"):
+        for name in ("changeover", "haproxy", "changeover+haproxy", "changeover+haproxy, 64 KB heads"):
             print(f"{name} p50 overhead over direct at -c1: {one[name]['p50'] - one['direct']['p50']:.3f} ms")
 
         state = {"live": "blue"}
