@@ -21,6 +21,7 @@ from changeover.errors import ConfigError
 from changeover.fleet import config as fleet_config
 from changeover.migrations import config as migrations_config
 from changeover.monitor import config as monitor_config
+from changeover.proxy import tls_settings
 from changeover.proxy.base import ProxySettings
 from changeover.releases import MARKER, BuildConfig, ReleasesConfig, load_build, load_releases
 from changeover.retention import LogsConfig, StateRetention, load_logs, load_state
@@ -66,6 +67,7 @@ class Config:
     releases: ReleasesConfig = field(default_factory=ReleasesConfig)   # [releases] (releases.py)
     retention: StateRetention = field(default_factory=StateRetention)   # [state] (retention.py)
     logs: LogsConfig = field(default_factory=LogsConfig)   # [logs] (retention.py)
+    acme: tls_settings.AcmeSettings | None = None   # [proxy.tls] acme = true (changeover/certs)
 
     @property
     def root(self) -> Path:
@@ -207,6 +209,8 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         front_socket=p.str("front_socket", d.front_socket),
     )
     _check_shared(p, proxy)
+    tls, acme = _tls(p, proxy, file.parent)
+    proxy = dataclasses.replace(proxy, tls=tls)
     p.finish()
 
     migrations = migrations_config.load(top.table("migrations"), env)
@@ -218,7 +222,7 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
     releases = load_releases(top.table("releases"))
     retention, logs = load_state(top.table("state")), load_logs(top.table("logs"))
     top.finish()
-    return Config(file=file, app=app, env=app_env, proxy=proxy,
+    return Config(file=file, app=app, env=app_env, proxy=proxy, acme=acme,
                   fleet=fleet,
                   migrations=migrations, checks=checks, monitor=monitor, resolved=resolved, releases=releases,
                   dashboard=dashboard, retention=retention, logs=logs)
@@ -246,6 +250,16 @@ def _check_shared(p: Table, proxy: ProxySettings) -> None:
         raise p.error("shared", 'false with engine = "haproxy" (the shared front is the embedded proxy)', True)
     if proxy.front_socket and not proxy.front_socket.startswith("/"):
         raise p.error("front_socket", "an absolute path to the shared front's control socket", proxy.front_socket)
+
+
+def _tls(p: Table, proxy: ProxySettings, root: Path) -> tuple[tls_settings.TlsSettings | None,
+                                                             tls_settings.AcmeSettings | None]:
+    """[proxy.tls] (proxy/tls_settings.py); the embedded proxy terminates TLS, HAProxy here does not."""
+    t = p.table("tls")
+    if t.data and proxy.engine != "embedded":
+        raise ConfigError('is only served by engine = "embedded" (terminate TLS in front of HAProxy, or use the '
+                          'embedded proxy)', file=t.file, key="proxy.tls")
+    return tls_settings.load(t, root, root / STATE_DIR_NAME)
 
 
 def _health_path(t: Table, default: str) -> str:

@@ -35,6 +35,12 @@ SAMPLE = """
 command = ["node", "server.js"]
 [env]
 [proxy]
+[proxy.tls]
+acme = true
+hosts = ["shop.example.com"]
+[[proxy.tls.certificates]]
+cert = "tls.pem"
+key = "tls.key"
 [releases]
 [migrations]
 [checks]
@@ -111,6 +117,7 @@ DOCS = {
     "releases": "getting-started.md", "migrations": "migrations.md", "checks": "checks.md",
     "monitor": "monitoring.md", "notify": "monitoring.md", "dashboard": "operations.md", "fleet": "operations.md",
     "state": "security.md", "logs": "security.md",
+    "proxy.tls": "tls.md", "proxy.tls.certificates": "tls.md",
 }
 
 KIND = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "duration": "duration",
@@ -147,6 +154,8 @@ def record() -> Record:
         with tempfile.TemporaryDirectory() as d:
             f = Path(d) / "changeover.toml"
             f.write_text(SAMPLE)
+            for name in ("tls.pem", "tls.key"):    # [[proxy.tls.certificates]] names files that exist
+                (Path(d) / name).write_text("")
             config_mod.load(f, environ={"DATABASE_URL": ""})
     finally:
         for name, fn in originals.items():
@@ -220,8 +229,8 @@ def render(seen: Record) -> str:
         title = section.replace("[]", "")
         array = section.endswith("[]")
         head = f"[[{title}]]" if array else f"[{title}]"
-        lines += [f"## `{head}`", "", f"Explained in [{DOCS.get(top, 'configuration.md')}]"
-                  f"({DOCS.get(top, 'configuration.md')}).", "",
+        doc = DOCS.get(title, DOCS.get(top, "configuration.md"))
+        lines += [f"## `{head}`", "", f"Explained in [{doc}]({doc}).", "",
                   "| key | type | default |", "|---|---|---|"]
         lines += [f"| `{k}` | {t} | {d} |" for k, t, d in keys]
         lines.append("")

@@ -12,6 +12,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)   # the dashboard's brow
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)   # the fleet tests start their own members; never a system etcd
 command -v node >/dev/null 2>&1 || need+=(nodejs)   # the Node shop example's test (tests/examples)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v pebble >/dev/null 2>&1 || need+=(pebble)   # Let's Encrypt's test CA: the ACME tests (tests/tls)
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -125,6 +125,12 @@ class Daemon:
             from changeover.fleet.agent import Agent
             self.fleet = Agent(self, self.config.fleet)
             await self.fleet.start()
+        # [proxy.tls] hook: ACME certificates, alerts on certificate files (changeover/certs/manager.py).
+        self.certs: Any = None
+        if self.config.proxy.tls is not None:
+            from changeover.certs.manager import CertManager
+            self.certs = CertManager(self.config.proxy.tls, self.config.acme, self.telemetry.notify, self.state.event)
+            self.certs.start()
         log.info("changeover daemon ready (pid %d): proxy on %s (%s %s, pid %s), control socket %s",
                  os.getpid(), self.config.proxy.listen, self.config.proxy.engine, how, self.proxy.pid,
                  self.config.socket_path)
@@ -186,6 +192,8 @@ class Daemon:
             await self._bounded("the dashboard", self.dashboard.close())
         if self._server is not None:
             self._server.close()
+        if getattr(self, "certs", None) is not None:   # [proxy.tls] hook: no new ACME order
+            await self._bounded("the certificate manager", self.certs.close())
         if getattr(self, "fleet", None) is not None:   # [fleet] hook: leave the fleet (changeover/fleet)
             await self._bounded("the fleet agent", self.fleet.close())
         await self._bounded("the deploy pipeline", self.pipeline.close())
@@ -323,6 +331,8 @@ class Daemon:
             shared = self.config.proxy.shared
             out["proxy"].update(hosts=list(self.config.proxy.hosts), shared=shared,
                                 front_socket=str(getattr(self.proxy, "socket", "")) if shared else None)
+        if getattr(self, "certs", None) is not None and self.config.proxy.tls is not None:   # [proxy.tls]
+            out["proxy"]["tls"] = {"listen": self.config.proxy.tls.listen, "acme": self.certs.status()}
         out["incidents"] = self._incidents()
         out["metrics"] = self.telemetry.live_metrics()
         return out

@@ -30,6 +30,8 @@ _TITLES = {
     "finalised": "finalised",
     "rolled_back": "ROLLED BACK",
     "rollback_refused": "automatic rollback REFUSED",
+    "certificate_issued": "TLS certificate issued",
+    "certificate_failed": "TLS certificate FAILED (the last good one is still served)",
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from changeover.proxy.tls_settings import TlsSettings
+
 # Named defaults; config.py maps [proxy] onto ProxySettings with these.
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -55,6 +57,7 @@ class ProxySettings:
     hosts: tuple[str, ...] = ()
     shared: bool = False
     front_socket: str = ""
+    tls: TlsSettings | None = None          # [proxy.tls]: the HTTPS listener (proxy/tls.py)
 
     @property
     def host(self) -> str:

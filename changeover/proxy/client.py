@@ -54,6 +54,7 @@ MAX_PARTIAL_HEADS_PER_CLIENT = 64
 
 class ClientConn(Exchange):
     __slots__ = ()
+    https = False                          # arrived over TLS (proxy/tls.py's subclass says True)
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,7 +155,7 @@ class ClientConn(Exchange):
             drill = b""
         else:
             try:
-                r = rewrite_request(head, self.ip, upgrade, http11, self.trusted)
+                r = rewrite_request(head, self.ip, upgrade, http11, self.trusted, self.https)
             except HttpError as e:
                 return self.reject(e.status)
             if self.req_http11 and HOST.search(head) is None:
@@ -172,6 +173,10 @@ class ClientConn(Exchange):
         hp = proxy.health_path
         if hp and head.startswith(hp, target) and head[target + len(hp)] in b" ?":
             return self._health(method, rest, length, chunked)
+        if proxy.edge is not None and not self.https:   # ACME token, redirect to https (proxy/tls.py)
+            answer = proxy.edge(self, method, head, target)
+            if answer is not None:
+                return self._answer(answer, rest, length, chunked)
         slot = proxy.live_slot
         if proxy.sites is not None:        # a shared front: the Host header picks the project
             return self._site(proxy.sites, head, method, out, rest, length, chunked, drill)
@@ -204,6 +209,24 @@ class ClientConn(Exchange):
             self.buf += rest
         close = not self.req_keep or self.proxy.retiring
         self.transport.write(self.proxy.health_response(self.req_head_only, close))
+        if close:
+            return self._close()
+        self.state = S_WAIT
+        self.dkind = D_NONE
+        self.proxy.loop.call_soon(self._resume)
+
+    def _answer(self, data: bytes, rest: bytes, length: int, chunked: bool) -> None:
+        """A response the proxy makes itself (`proxy.edge`), keep-alive as for the health check."""
+        end = data.find(b"\r\n\r\n")
+        closing = b"\r\nconnection: close" in data[:end].lower()
+        if length or chunked or closing:
+            self.req_keep = False          # a body is not read: the connection ends
+        elif rest:
+            self.buf += rest
+        close = not self.req_keep or self.proxy.retiring
+        if close and not closing:
+            data = data[:end] + b"\r\nConnection: close" + data[end:]
+        self.transport.write(data)
         if close:
             return self._close()
         self.state = S_WAIT

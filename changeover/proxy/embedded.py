@@ -48,6 +48,7 @@ from changeover.errors import ChangeoverError, ConfigError
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
 from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, Exchange
+from changeover.proxy.tls import TlsClientConn, TlsEdge
 from changeover.proxy.upstream import Upstream, UpstreamPool
 
 if TYPE_CHECKING:
@@ -73,9 +74,10 @@ class ListenError(ChangeoverError, OSError):
     """The listen address cannot be bound: a ChangeoverError for the CLI, and still an OSError
     (errno, strerror) for callers that handle socket errors."""
 
-    def __init__(self, errno: int, strerror: str, listen: str) -> None:
+    def __init__(self, errno: int, strerror: str, listen: str, key: str = "proxy.listen") -> None:
         OSError.__init__(self, errno, strerror)
         self.listen = listen
+        self.key = key                     # the config key naming the address
 
     def __str__(self) -> str:
         return f"proxy cannot listen on {self.listen}: {self.strerror}"
@@ -120,6 +122,12 @@ class EmbeddedProxy:
         self.health_reason = ""
         # a shared front (proxy/front.py): the Host header picks the project; None: one project
         self.sites: HostTable | None = None
+        # [proxy.tls] (proxy/tls.py): the HTTPS listener, and what the HTTP one answers itself
+        # (ACME tokens, the redirect to https); `edge` is None unless one of those is on
+        tls = settings.tls
+        self.tls = TlsEdge(self, tls) if tls is not None else None
+        self.edge = self.tls.plain_request if self.tls is not None and tls is not None and (
+            tls.https_redirect or tls.challenge_dir) else None
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -143,6 +151,13 @@ class EmbeddedProxy:
         except OSError as e:
             raise ListenError(e.errno or 0, e.strerror or str(e), self.settings.listen) from None
         self._port = int(self._server.sockets[0].getsockname()[1]) if self._server.sockets else port
+        if self.tls is not None:
+            try:
+                await self.tls.start(self._loop, self.reuse_port)
+            except BaseException:
+                self._server.close()
+                self._server = None
+                raise
         if self.reuse_port:
             # a retired predecessor leaves its steering program on the group: back to the
             # kernel's spreading by hash over every listener of the address
@@ -171,6 +186,8 @@ class EmbeddedProxy:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        if self.tls is not None:
+            await self.tls.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -232,8 +249,8 @@ class EmbeddedProxy:
     def _listeners(self) -> list[socket.socket]:
         """Duplicates of the listening sockets (the server's own are not ours to configure)."""
         out: list[socket.socket] = []
-        if self._server is not None:
-            for s in self._server.sockets:
+        for server in (self._server, self.tls.server if self.tls is not None else None):
+            for s in server.sockets if server is not None else ():
                 with contextlib.suppress(OSError):
                     out.append(socket.socket(fileno=os.dup(s.fileno())))
         return out
@@ -271,11 +288,15 @@ class EmbeddedProxy:
         The steering program stays on the group (removing it first would let the kernel pick this
         listener again until it is closed): the next proxy to bind the address removes it."""
         dups = self._listeners()
+        tls_names = {s.getsockname() for s in self.tls.server.sockets} if self.tls and self.tls.server else set()
         server, self._server = self._server, None
         if server is None:
             return
         server.close()
+        if self.tls is not None:
+            self.tls.stop_listening()
         for ls in dups:
+            tls = ls.getsockname() in tls_names
             ls.setblocking(False)
             try:
                 while True:
@@ -287,14 +308,17 @@ class EmbeddedProxy:
                         log.exception("accepting from the retired listener failed")
                         break
                     conn.setblocking(False)
-                    task = self.loop.create_task(self._adopt(conn))
+                    task = self.loop.create_task(self._adopt(conn, tls))
                     self._adopting.add(task)
                     task.add_done_callback(self._adopting.discard)
             finally:
                 ls.close()
 
-    async def _adopt(self, conn: socket.socket) -> None:
+    async def _adopt(self, conn: socket.socket, tls: bool = False) -> None:
         try:
+            if tls and self.tls is not None:   # accepted from the HTTPS listener: the handshake is ours
+                await self.loop.connect_accepted_socket(lambda: TlsClientConn(self), conn, ssl=self.tls.ssl)
+                return
             await self.loop.connect_accepted_socket(lambda: ClientConn(self), conn)
         except BaseException:
             conn.close()

@@ -81,7 +81,7 @@ class RequestHead:
 
 
 def rewrite_request(head: bytes, client_ip: bytes, want_upgrade: bool, http11: bool,
-                    trusted: bool = False) -> RequestHead:
+                    trusted: bool = False, https: bool = False) -> RequestHead:
     """Full rewrite of a request head (ending in CRLF CRLF) whose framing llhttp already checked.
 
     Drops hop-by-hop headers (and those named by Connection), appends Via, and applies the checks
@@ -149,7 +149,7 @@ def rewrite_request(head: bytes, client_ip: bytes, want_upgrade: bool, http11: b
         r.upgrade = True
     out.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip))
     if not kept_proto:
-        out.append(b"X-Forwarded-Proto: http")
+        out.append(b"X-Forwarded-Proto: https" if https else b"X-Forwarded-Proto: http")   # https: over TLS
     out.append(b"Via: " + VIA)
     if host and not kept_host:
         out.append(b"X-Forwarded-Host: " + host)

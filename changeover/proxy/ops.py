@@ -74,6 +74,7 @@ class PingResult(HandoverPing):
     routing: Routing                      # lets a daemon of another version hand over without the state
     drill: NotRequired[dict[str, Any] | None]   # the drill route: {"slot", "status", "delay"}
     health: NotRequired[Health]           # what the health check answers now
+    tls: NotRequired[dict[str, Any] | None]   # the HTTPS listener: port, certificates, reload errors (proxy/tls.py)
 
 
 class SwitchResult(TypedDict):

@@ -35,6 +35,7 @@ from changeover.monitor.routes import RouteRules
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy, ListenError
+from changeover.proxy.tls_settings import TlsSettings
 from changeover.proxy.workers import Group, merge
 
 log = logging.getLogger("changeover.proxy.worker")
@@ -98,7 +99,8 @@ class Worker:
     async def ping(self, args: dict[str, Any], emit: rpc.Emit) -> ops.PingResult:
         return {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live, "protocol": ops.PROTOCOL,
                 "settings": dataclasses.asdict(self.settings), "routing": self.routing(), "drill": self.proxy.drill,
-                "health": {"ok": self.proxy.health_ok, "reason": self.proxy.health_reason}}
+                "health": {"ok": self.proxy.health_ok, "reason": self.proxy.health_reason},
+                "tls": self.proxy.tls.status() if self.proxy.tls is not None else None}
 
     def routing(self) -> ops.Routing:
         slots = self.proxy.slots
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     async def amain() -> None:
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                   for k, v in json.loads(a.settings).items()}   # JSON has no tuples
+        if isinstance(fields.get("tls"), dict):          # [proxy.tls], nested in the JSON
+            fields["tls"] = TlsSettings.from_wire(fields["tls"])
         settings = ProxySettings(**fields)
         worker = Worker(a.socket, settings, follower=a.follower)
         started.append(worker)
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         if started and started[0].ready:    # the daemon was told we run; it no longer reads stdout
             log.exception("the proxy worker failed")
         elif isinstance(e, ListenError):
-            _not_ready(str(e), "listen", "proxy.listen")
+            _not_ready(str(e), "listen", e.key)
         elif isinstance(e, ConfigError):     # the daemon adds the key again: send the bare message
             _not_ready(str(e).removeprefix(f"{e.key}: ") if e.key else str(e), "config", e.key)
         else:

@@ -1,0 +1,105 @@
+"""Under HTTPS load, with 0 failed requests: a certificate file change is picked up (and a bad
+one refused, the last good certificate still served), switches, and a hand-over to a successor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from changeover.proxy import tls
+from changeover.proxy.embedded import EmbeddedProxy
+from tests.proxy.conftest import Backend, LoopThread
+
+from .conftest import Site, client_context, https_get, start_tls_proxy, tls_port, tls_settings
+from .load import HttpsLoad
+
+
+@pytest.fixture(autouse=True)
+def quick_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tls, "WATCH_INTERVAL", 0.05)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def test_certificate_change_under_load(lt: LoopThread, tproxy: EmbeddedProxy, site: Site) -> None:
+    port = tls_port(tproxy)
+    assert tproxy.tls is not None
+    with HttpsLoad(port, client_context(site.ca)) as load:
+        load.wait_for(200)
+        chain, key, serial = site.ca.leaf_pem(["shop.test"])
+        # the key first, then the certificate: for a moment they do not match (refused, the old
+        # pair keeps serving), then the new pair is swapped in
+        _replace(site.shop.key, key)
+        load.wait_for(50)
+        _replace(site.shop.cert, chain)
+        while load.serials[serial] < 20:
+            load.wait_for(10)
+        # a file that is not a certificate: refused, the last good one keeps serving
+        site.shop.cert.write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+        load.wait_for(20)
+        for _ in range(100):
+            if lt.call(lambda: dict(tproxy.tls.store.errors)):   # type: ignore[union-attr]
+                break
+            load.wait_for(5)
+        before = load.serials[serial]
+        load.wait_for(100)
+        assert load.serials[serial] > before             # still the new, good certificate
+    assert load.failures == []
+    assert load.ok > 400
+    errors = lt.call(lambda: dict(tproxy.tls.store.errors))   # type: ignore[union-attr]
+    assert str(site.shop.cert) in errors
+    assert https_get(port, site.ca, "shop.test").serial == serial
+    assert https_get(port, site.ca, "default.test").serial == site.default.serial   # others untouched
+    # fixed again: picked up, the error is gone
+    chain2, key2, serial2 = site.ca.leaf_pem(["shop.test"])
+    _replace(site.shop.key, key2)
+    _replace(site.shop.cert, chain2)
+    for _ in range(200):
+        if https_get(port, site.ca, "shop.test").serial == serial2:
+            break
+    assert https_get(port, site.ca, "shop.test").serial == serial2
+    assert lt.call(lambda: dict(tproxy.tls.store.errors)) == {}   # type: ignore[union-attr]
+
+
+def test_switches_under_https_load(lt: LoopThread, tproxy: EmbeddedProxy, site: Site) -> None:
+    with HttpsLoad(tls_port(tproxy), client_context(site.ca), keepalive=16, fresh=4) as load:
+        load.wait_for(100)
+        slot = "blue"
+        for _ in range(20):
+            slot = "green" if slot == "blue" else "blue"
+            lt.call(tproxy.switch, slot)
+            load.wait_for(20)
+    assert load.failures == []
+    assert load.bodies[b"blue"] > 100 and load.bodies[b"green"] > 100
+
+
+def test_handover_of_the_tls_listener_under_load(lt: LoopThread, backends: tuple[Backend, Backend],
+                                                 site: Site) -> None:
+    old = start_tls_proxy(lt, backends, tls_settings(site), reuse_port=True)
+    new: EmbeddedProxy | None = None
+    try:
+        port = tls_port(old)
+        settings = tls_settings(site)
+        with HttpsLoad(port, client_context(site.ca)) as load:
+            load.wait_for(200)
+            from dataclasses import replace
+
+            new = start_tls_proxy(lt, backends, replace(settings, listen=f"127.0.0.1:{port}"), reuse_port=True,
+                                  listen=f"127.0.0.1:{old.port}")
+            lt.call(new.switch, "green")
+            cut = lt.run(old.retire(5.0))
+            assert cut == 0
+            before = load.bodies[b"green"]
+            load.wait_for(200)
+            assert load.bodies[b"green"] >= before + 200     # everything now goes to the successor
+        assert load.failures == []
+    finally:
+        for p in (old, new):
+            if p is not None:
+                lt.run(p.close())
