@@ -89,21 +89,21 @@ def _listen(t: Table, default: str) -> str:
     return v
 
 
-def _file(t: Table, key: str, root: Path) -> str:
-    v = t.str(key)
-    if not v:
-        raise t.error(key, "a path to a PEM file", v)
+def _file(t: Table, key: str, v: str, root: Path) -> str:
     path = (root / v).absolute()
     if not path.is_file():
         raise t.error(key, "a readable PEM file (no such file)", v)
     return str(path)
 
 
-def _pair(t: Table, root: Path) -> tuple[str, str]:
-    if t.has("cert") != t.has("key"):
-        missing = "key" if t.has("cert") else "cert"
-        raise t.error(missing, "cert and key together (PEM files)")
-    return _file(t, "cert", root), _file(t, "key", root)
+def _pair(t: Table, root: Path) -> tuple[str, str] | None:
+    """cert and key (PEM files), or None when the table names neither."""
+    cert, key = t.str("cert", ""), t.str("key", "")
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise t.error("key" if cert else "cert", "cert and key together (PEM files)")
+    return _file(t, "cert", cert, root), _file(t, "key", key, root)
 
 
 def _hsts(t: Table) -> int:
@@ -124,11 +124,13 @@ def load(t: Table, root: Path, state_dir: Path) -> tuple[TlsSettings | None, Acm
         t.finish()
         return None, None
     listen = _listen(t, DEFAULT_TLS_LISTEN)
-    pairs: list[tuple[str, str]] = []
-    if t.has("cert") or t.has("key"):
-        pairs.append(_pair(t, root))
+    first = _pair(t, root)
+    pairs: list[tuple[str, str]] = [first] if first else []
     for item in t.tables("certificates"):
-        pairs.append(_pair(item, root))
+        pair = _pair(item, root)
+        if pair is None:
+            raise item.error("cert", "cert and key (PEM files)")
+        pairs.append(pair)
         item.finish()
     acme: AcmeSettings | None = None
     managed: tuple[str, ...] = ()
@@ -144,7 +146,7 @@ def load(t: Table, root: Path, state_dir: Path) -> tuple[TlsSettings | None, Acm
         acme = AcmeSettings(
             directory=t.str("acme_directory", LETS_ENCRYPT), email=t.str("acme_email", ""),
             hosts=tuple(h.lower() for h in dict.fromkeys(hosts)),
-            ca_bundle=_file(t, "acme_ca_bundle", root) if bundle else "",
+            ca_bundle=_file(t, "acme_ca_bundle", bundle, root) if bundle else "",
             renew_before=t.duration("acme_renew_before", 0.0),
             certs_dir=str(state_dir / CERTS_DIR), challenge_dir=str(state_dir / CHALLENGES_DIR))
         if not acme.directory.startswith(("https://", "http://")):
