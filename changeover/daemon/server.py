@@ -256,6 +256,9 @@ class Daemon:
                 raise ConfigError(f"changed from {self.config.proxy.engine!r} to {config.proxy.engine!r}: a new "
                                   "data plane needs a daemon restart (`changeover down`, then `changeover serve`)",
                                   file=str(config.file), key="proxy.engine")
+            if config.proxy.shared != self.config.proxy.shared:
+                raise ConfigError("changed: moving to or from a shared front needs a daemon restart (`changeover "
+                                  "down`, then `changeover serve`)", file=str(config.file), key="proxy.shared")
             self.config = dataclasses.replace(self.config, proxy=config.proxy)
             self.proxy.settings = config.proxy
             await self.reload_proxy("the [proxy] settings changed")

@@ -282,7 +282,8 @@ class Front:
                 self._load_routing(m, args["initial"])
             self.save()
         log.info("site %s attached (%s) for %s: %s", sid, "adopted" if adopted else "new", config, ", ".join(hosts))
-        return {"site": sid, "adopted": adopted, "pid": os.getpid(), "port": self.proxy.port}
+        return {"site": sid, "adopted": adopted, "pid": os.getpid(), "port": self.proxy.port,
+                "settings": dataclasses.asdict(self.settings)}
 
     async def detach(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         async with self.lock:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -148,6 +149,12 @@ class SharedFront:
                                        initial=initial))
         self.pid, self.port = int(result["pid"]), int(result["port"])
         self.attached = self._wanted()
+        theirs = result.get("settings") or {}
+        ours = json.loads(json.dumps(dataclasses.asdict(front_settings(s))))
+        differ = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
+        if differ:
+            log.warning("the shared front runs with the [proxy] settings of the project that started it; this "
+                        "project's differ in %s (host routing is unaffected)", ", ".join(differ))
         log.info("attached to the shared front (pid %s) for %s (%s)", self.pid, ", ".join(s.hosts),
                  "adopted" if result.get("adopted") else "new")
         return result
@@ -216,9 +223,20 @@ class SharedFront:
 
     async def handover(self, initial: dict[str, Any],
                        configure: Callable[[Any], Awaitable[None]]) -> None:
-        """New [proxy] settings for this project: attach again (new host names, route patterns) and
-        give the front the routing. The front process itself is shared and is not replaced here
-        (`changeover front handover` does that, for every project at once)."""
+        """New [proxy] settings for this project: attach again (new host names, route patterns; on a
+        new listen address or front_socket, to that front) and give the front the routing. The front
+        process itself is shared and is not replaced here (`changeover front handover` does that,
+        for every project at once)."""
+        old = self.socket
+        self.socket = front_socket_path(self.settings)
+        if self.socket != old:             # another port or front: attach there, then leave the old one
+            if await front_info(self.socket) is None:
+                await self._start()
+            await self._attach(initial)
+            await configure(self)
+            with contextlib.suppress(ChangeoverError):
+                await rpc.call(old, "detach", {"key": self.key}, timeout=10)
+            return
         await self._attach(initial)
         await configure(self)
 
