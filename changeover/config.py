@@ -203,10 +203,6 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         trusted_proxies=_cidrs(p, "trusted_proxies", d.trusted_proxies),
         health_path=_health_path(p, d.health_path),   # the load balancer's check (proxy/embedded.py)
         max_idle_per_instance=p.int("max_idle_per_instance", d.max_idle_per_instance, min=1),
-        pause_timeout=_pause_timeout(p, d.pause_timeout),   # `changeover pause` (proxy/hold.py)
-        pause_max_held=p.int("pause_max_held", d.pause_max_held, min=1, max=1_000_000),
-        maintenance_page=_maintenance_page(p, file.parent),
-        retry_after=p.int("retry_after", d.retry_after, min=0, max=86400),
         workers=p.int("workers", os.cpu_count() or 1, min=1, max=256),   # proxy processes (proxy/workers.py)
         hosts=_hosts(p),
         shared=p.bool("shared", d.shared),             # attach to a shared front (proxy/front.py)
@@ -274,25 +270,6 @@ def _health_path(t: Table, default: str) -> str:
 
 
 def _app(t: Table) -> AppConfig:
-def _pause_timeout(t: Table, default: float) -> float:
-    v: float = t.duration("pause_timeout", default)
-    if not 0 < v <= 3600:
-        raise t.error("pause_timeout", "a duration above 0 and at most 1h, e.g. '30s'", v)
-    return v
-
-
-def _maintenance_page(t: Table, root: Path) -> str:
-    """[proxy] maintenance_page: the HTML file `maintenance on` serves (relative to the config
-    file), read when maintenance is switched on; "" for the built-in page."""
-    v: str = t.str("maintenance_page", "")
-    if not v:
-        return ""
-    path = (root / v).expanduser()
-    if not path.is_file():
-        raise t.error("maintenance_page", "an HTML file that exists (relative to changeover.toml)", v)
-    return str(path.absolute())
-
-
     command = t.str_list("command", nonempty=True)
     health_path = t.str("health_path", DEFAULT_HEALTH_PATH)
     if not health_path.startswith("/"):

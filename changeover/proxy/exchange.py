@@ -30,7 +30,6 @@ MAX_PENDING = 256 * 1024
 SAFE_REUSE_IDLE = 1.0
 REPLAYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 perf = time.perf_counter
-P_HOLD = 16                        # a pause holds the request (proxy/hold.py)
 
 
 class _Validate:
