@@ -193,6 +193,7 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         header_timeout=p.duration("header_timeout", d.header_timeout),
         body_timeout=p.duration("body_timeout", d.body_timeout),
         idle_timeout=p.duration("idle_timeout", d.idle_timeout),
+        tunnel_idle_timeout=p.duration("tunnel_idle_timeout", d.tunnel_idle_timeout),   # 0 = never
         connect_timeout=p.duration("connect_timeout", d.connect_timeout),
         response_timeout=p.duration("response_timeout", d.response_timeout),
         max_header_bytes=p.int("max_header_bytes", _default_head_bytes(p), min=1024),

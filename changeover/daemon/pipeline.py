@@ -336,9 +336,9 @@ class Pipeline:
             if self.state.slot(standby).state == "empty":
                 return {"stopped": None}
             version = self.slots.version(standby)
-            await self.slots.retire(standby, why="stop-standby")
+            note = await self.slots.retire(standby, why="stop-standby")
             self.state.clear_timer("standby_expiry")
-            return {"stopped": {"slot": standby, "version": version}}
+            return {"stopped": {"slot": standby, "version": version, **({"tunnels": note} if note else {})}}
 
     # -- phases ----------------------------------------------------------------------------------
     async def _prepare(self, a: Active) -> dict[str, Any]:
@@ -351,8 +351,9 @@ class Pipeline:
             if a.kind == DeploymentKind.DEPLOY:
                 a.migrated = await self.verify.migrate_expand(steps, config, release)
             if self.state.slot(a.target).state != "empty" or self.slots.supervisor.records(a.target):
+                # a standby holding only tunnels is not waited for: the step's detail says so
                 await steps.run(StepKind.RETIRE, f"retire standby {a.target}", lambda: self.slots.retire(
-                    a.target, why=f"making room for {release.version}"))
+                    a.target, why=f"making room for {release.version}"), detail=lambda note: note)
             await steps.run(StepKind.START, f"start {a.target}", lambda: self.slots.start(a.target, release),
                             detail=lambda recs: ", ".join(f"pid {r.pid} port {r.port}" for r in recs),
                             undo=self._cleanup_undo(a))

@@ -231,16 +231,17 @@ def tagged_groups(owner: str, slots: Iterable[str]) -> set[int]:
     return groups
 
 
-def kill_orphans(owner: str, slots: Iterable[str], timeout: float = 3.0) -> list[int]:
+def kill_orphans(owner: str, slots: Iterable[str], timeout: float = 3.0, keep: Iterable[int] = ()) -> list[int]:
     """SIGTERM, then SIGKILL, every process group tagged as an instance of `owner` in `slots`.
 
     Called for slots that hold nothing after recovery: what still runs there is an instance whose
     pid never reached the state (the daemon died right after spawning it), or its leftovers. Left
     alone, it would hold a port and database connections. Slots with adopted instances are never
-    swept, so whatever those instances started themselves is left to them.
+    swept, so whatever those instances started themselves is left to them, and so are the groups
+    in `keep` (a retired slot's processes still serving tunnels: daemon/linger.py).
     """
     slots = list(slots)
-    orphans = sorted(tagged_groups(owner, slots) - {os.getpid(), os.getpgrp()})
+    orphans = sorted(tagged_groups(owner, slots) - {os.getpid(), os.getpgrp(), *keep})
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pgid in orphans:
             try:

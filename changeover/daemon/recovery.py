@@ -156,7 +156,7 @@ async def recover(state: State, slots: SlotManager, proxy: ProxyControl, adopted
     # An empty slot runs nothing: a process tagged with it was spawned just before the daemon
     # died, before its pid was recorded. Found by its environment tag, stopped.
     empty = [name for name in SLOTS if state.slot(name).state == SlotState.EMPTY]
-    orphans = kill_orphans(slots.supervisor.owner, empty)
+    orphans = kill_orphans(slots.supervisor.owner, empty, keep=slots.linger.pids())
     if orphans:
         log.warning("stopped %d orphaned instance process group(s): %s", len(orphans), orphans)
         state.event("recovery.orphans", None, pgids=orphans)

@@ -102,6 +102,7 @@ class Daemon:
             await self.reload_proxy("the running proxy has other [proxy] settings or an older control protocol")
         await self.telemetry.start(self.state.live_slot())
         self.pipeline.arm_expiry()
+        self.slots.linger.arm()            # processes kept for tunnels by a previous daemon
         for r in resumes:
             await self.pipeline.resume(r.deployment, r.at, self.config)
         handlers: dict[str, Callable[[dict[str, Any], rpc.Emit], Awaitable[Any]]] = {
@@ -198,6 +199,7 @@ class Daemon:
             await self._bounded("the fleet agent", self.fleet.close())
         await self._bounded("the deploy pipeline", self.pipeline.close())
         await self._bounded("the monitor", self.telemetry.close())
+        await self.slots.linger.close()
         await self.slots.supervisor.close()
         self.state.event("daemon.stop", down=self._down)
         self.state.close()
@@ -463,6 +465,7 @@ class Daemon:
             self.state.transition_slot(slot, SlotState.EMPTY, release_id=None, instances=[], why="changeover down")
             stopped.append(slot)
         await self.proxy.shutdown()
+        await self.slots.linger.stop_due(float("inf"))   # processes kept for tunnels (daemon/linger.py)
         self.stopping.set()
         return {"stopping": True, "stopped": stopped}
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from changeover.config import AppConfig, Config, require_app
+from changeover.daemon.linger import Lingering
 from changeover.daemon.model import SlotState, other
 from changeover.daemon.supervisor import InstanceRecord, ReleaseSpec, Supervisor, SupervisorEvent
 from changeover.errors import DeployError
-from changeover.proxy.control import ProxyControl
+from changeover.proxy.control import ProxyControl, TunnelDrainControl
 from changeover.state import SLOTS, Release, State
 
 log = logging.getLogger("changeover.slots")
@@ -44,6 +45,7 @@ class SlotManager:
         self.supervisor = Supervisor(require_app(config), config.state_dir / "logs", on_event=self._on_event)
         self.crashes: list[tuple[float, str]] = []  # (time, slot): read by the monitor's crash-loop trigger
         self._pending: list[SupervisorEvent] = []
+        self.linger = Lingering(state)     # processes of retired slots kept for their tunnels
 
     # -- transitions ------------------------------------------------------------------------------
     def transition(self, slot: str, new: SlotState, *, release_id: int | None = -1,
@@ -85,20 +87,40 @@ class SlotManager:
         self.state.event("switch", slot, was=was, ms=round(elapsed * 1000, 2), version=self.version(slot))
         return elapsed
 
-    async def retire(self, slot: str, *, drain: bool = True, why: str = "") -> None:
-        """Stop routing to a slot, drain it, stop its processes, forget it."""
+    async def retire(self, slot: str, *, drain: bool = True, why: str = "") -> str | None:
+        """Stop routing to a slot, drain it, stop its processes, forget it. Tunnels (WebSockets)
+        do not hold the drain up: when only they are left, the slot is free at once, its processes
+        serve them until the drain limit (daemon/linger.py) and the returned text says so."""
         current = self.state.slot(slot)
         if current.state == SlotState.EMPTY and not self.supervisor.records(slot):
-            return
+            return None
         if self.state.live_slot() == slot:
             raise DeployError(f"slot {slot} is live; switch away from it first")
         if current.state != SlotState.STOPPING:
             self.transition(slot, SlotState.STOPPING, why=why)
-        if drain:
+        held: dict[str, Any] = {}
+        if drain and isinstance(self.proxy, TunnelDrainControl):
+            held = await self.proxy.drain_requests(slot, self.config.proxy.drain_timeout)
+        elif drain:
             await self.proxy.drain(slot, self.config.proxy.drain_timeout)
+        note = None
+        if held.get("tunnels"):
+            version = self.version(slot)
+            records, running = await self.supervisor.release_slot(slot)
+            n, ws, left = int(held["tunnels"]), int(held.get("websockets", 0)), float(held.get("limit_in", 0))
+            self.linger.hold(slot, version, left, records, running, n)
+            what = f"{n} WebSocket tunnel{'s' if n != 1 else ''}" if ws == n else \
+                f"{n} tunnel{'s' if n != 1 else ''} ({ws} WebSocket)"
+            label = current.state if current.state in (SlotState.STANDBY, SlotState.LIVE) else "slot"
+            note = (f"{label} {slot} holds {what} only: not waiting; "
+                    f"they get 1001 at the drain limit in {left:.0f} s")
+            log.info("slot=%s %s", slot, note)
+            self.state.event("drain.tunnels", slot, version=version, tunnels=n, websockets=ws,
+                             limit_in=round(left, 1), detail=note)
         await self.proxy.remove_slot(slot)
         await self.supervisor.stop_slot(slot)
         self.transition(slot, SlotState.EMPTY, release_id=None, instances=[], why=why)
+        return note
 
     # -- supervisor events --------------------------------------------------------------------------
     def _on_event(self, ev: SupervisorEvent) -> None:

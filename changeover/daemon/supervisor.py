@@ -384,6 +384,19 @@ class Supervisor:
         finally:
             self._forget(slot)
 
+    async def release_slot(self, slot: str) -> tuple[list[InstanceRecord], list[procs.Proc]]:
+        """Stop supervising the slot's instances and forget the slot, leaving them running: they
+        still serve tunnels the proxy closes at the drain limit (daemon/linger.py stops them).
+        Returns their records and processes."""
+        s = self._slots.get(slot)
+        if s is None:
+            return [], []
+        records = self.records(slot)
+        await self._cancel_keepers(s)
+        running = [i.proc for i in s.instances if i.proc is not None and not i.proc.exited]
+        self._forget(slot)
+        return records, running
+
     def adopt(self, slot: str, release: ReleaseSpec,
               records: Sequence[InstanceRecord]) -> list[InstanceRecord]:
         """Take over a slot's instances after a daemon restart; return the ones still alive.

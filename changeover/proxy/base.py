@@ -18,6 +18,7 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 10.0          # whole request head must arrive within this (slowloris)
 DEFAULT_BODY_TIMEOUT = 30.0            # max gap between body chunks from the client
 DEFAULT_IDLE_TIMEOUT = 60.0            # keep-alive connection with no request
+DEFAULT_TUNNEL_IDLE_TIMEOUT = 3600.0   # a tunnel (WebSocket) with no byte either way is closed (0 = never)
 DEFAULT_CONNECT_TIMEOUT = 2.0          # upstream connect
 DEFAULT_RESPONSE_TIMEOUT = 60.0        # upstream response head -> 504
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024   # -> 431
@@ -37,6 +38,7 @@ class ProxySettings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    tunnel_idle_timeout: float = DEFAULT_TUNNEL_IDLE_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES

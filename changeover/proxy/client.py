@@ -75,7 +75,11 @@ class ClientConn(Exchange):
         elif state == S_BODY:
             self._body(data)
         elif state == S_TUNNEL and self.up is not None:
-            self.up.transport.write(data)
+            self.tun_active = self.proxy.now
+            if self.ws_in is None:
+                self.up.transport.write(data)
+            else:
+                self.tunnel_in(data)
         else:                              # pipelined request, or bytes before an upgrade completes
             self.buf += data
             self.pause(P_PIPELINE)

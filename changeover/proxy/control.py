@@ -21,7 +21,7 @@ from changeover.proxy.base import ProxySettings
 
 # Bumped whenever an op, an argument or a result of the control protocol changes: a daemon and a
 # proxy worker of different protocol versions refuse to talk (a clear error, never a misread).
-PROXY_PROTOCOL = 3
+PROXY_PROTOCOL = 4
 
 Engine = Literal["embedded", "haproxy"]
 ENGINES: tuple[str, ...] = ("embedded", "haproxy")
@@ -86,6 +86,17 @@ class RouteControl(Protocol):
         """Point the private route `route` ("drill") at `slot` for requests carrying
         `X-Changeover-Drill: <token>`; `fault` {"status": 500} or {"delay": seconds} is applied
         by the data plane to that route's requests. slot None closes the route."""
+
+
+@runtime_checkable
+class TunnelDrainControl(Protocol):
+    """A data plane that tells tunnels from requests when it drains (the embedded proxy): the
+    daemon then waits for a slot's requests only, and the tunnels get the drain limit."""
+
+    async def drain_requests(self, slot: str, timeout: float) -> dict[str, Any]:
+        """Wait until the slot's HTTP requests are done (at the timeout cut what is left); tunnels
+        still open are closed at the drain limit, `timeout` from now (a WebSocket with 1001).
+        Returns {"clean", "tunnels", "websockets", "limit_in"} (proxy.ops.DrainResult)."""
 
 
 @runtime_checkable

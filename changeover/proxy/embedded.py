@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING
 from changeover.errors import ChangeoverError, ConfigError
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
-from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, Exchange
+from changeover.proxy.exchange import D_CUT, D_HEAD, D_IDLE, S_HEAD, S_TUNNEL, WS_CUT_WAIT, Exchange
+from changeover.proxy.ops import DrainResult
 from changeover.proxy.tls import TlsClientConn, TlsEdge
 from changeover.proxy.upstream import Upstream, UpstreamPool
 
@@ -195,6 +196,8 @@ class EmbeddedProxy:
         for task in [*self.tasks, *self._adopting]:
             task.cancel()
         for client in list(self.clients):
+            if client.state == S_TUNNEL:
+                client.tunnel_cut("shutdown", wait=False)   # a WebSocket at a frame boundary gets 1001
             client.transport.close()
         self.clients.clear()
         for slot in self.slots.values():
@@ -240,6 +243,10 @@ class EmbeddedProxy:
             except Exception:
                 log.exception("closing a connection at the retire timeout failed")
                 client.transport.abort()
+        # WebSocket tunnels being closed wait for a frame in flight to end (exchange.WS_CUT_WAIT)
+        end = loop.time() + WS_CUT_WAIT + RETIRE_TICK
+        while any(c.dkind == D_CUT for c in self.clients) and loop.time() < end:
+            await asyncio.sleep(RETIRE_TICK)
         self.clients.clear()
         self._close_idle_upstreams()
         if cut:
@@ -470,6 +477,46 @@ class EmbeddedProxy:
             for up in s.upstreams:
                 up.close_idle()
         return clean
+
+    async def drain_requests(self, slot: str, timeout: float) -> DrainResult:
+        """Like `drain()`, but tunnels do not hold it up: it returns once the slot's HTTP requests
+        are done (a WebSocket can stay open for hours), and the tunnels still open get the drain
+        limit, `timeout` from now, when they are closed (a WebSocket with 1001), unless they end
+        first. {"clean": no request was cut, "tunnels": open, "websockets": of which WebSocket,
+        "limit_in": seconds until the limit}."""
+        s = self.slots.get(slot)
+        loop = self.loop
+        limit = loop.time() + timeout
+        clean = True
+        while s is not None and s.inflight:
+            tunnels = [c for c in self.clients if c.req_slot is s and c.state == S_TUNNEL]
+            if len(tunnels) >= s.inflight:
+                for c in tunnels:
+                    c.tunnel_limit(limit)
+                n, ws = len(tunnels), sum(1 for c in tunnels if c.ws_in is not None)
+                left = max(0.0, limit - loop.time())
+                log.info("drain of slot %s: %d tunnel(s) left (%d WebSocket), not waiting for them; "
+                         "closed at the drain limit in %.1fs", slot, n, ws, left)
+                return {"clean": True, "tunnels": n, "websockets": ws, "limit_in": left}
+            now = loop.time()
+            if now >= limit:
+                clean = False
+                for client in list(self.clients):
+                    if client.req_slot is s:
+                        client.drain_abort()
+                log.warning("drain of slot %s timed out after %.1fs; closed what was left", slot, timeout)
+                break
+            waiter: asyncio.Future[None] = loop.create_future()
+            s.waiters.append(waiter)
+            # woken when nothing is in flight; looked at again every tick for "only tunnels left"
+            await asyncio.wait((waiter,), timeout=min(RETIRE_TICK, limit - now))
+            if not waiter.done():
+                with contextlib.suppress(ValueError):
+                    s.waiters.remove(waiter)
+        if s is not None and s is not self.live_slot:
+            for up in s.upstreams:
+                up.close_idle()
+        return {"clean": clean, "tunnels": 0, "websockets": 0, "limit_in": 0.0}
 
     # -- used by the connections -----------------------------------------------------------------
     def record(self, slot: str, status: int, seconds: float, upstream_failed: bool,

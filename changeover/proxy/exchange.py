@@ -9,6 +9,8 @@ Timeouts are deadlines checked by the proxy's sweeper, so the hot path only stor
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -16,20 +18,27 @@ import httptools
 
 from changeover.proxy.http1 import ChunkScanner, error_response
 from changeover.proxy.upstream import Upstream, UpstreamConn, UpstreamPool
+from changeover.proxy.websocket import SENT_CLOSE, SENT_NOTHING, FrameTracker, close_frame
 
 if TYPE_CHECKING:
     from changeover.proxy.embedded import EmbeddedProxy
 
 # client states
 S_HEAD, S_BODY, S_WAIT, S_TUNNEL, S_CLOSED = range(5)
-# deadline kinds, checked by the sweeper
-D_NONE, D_HEAD, D_IDLE, D_BODY, D_RESPONSE = range(5)
+# deadline kinds, checked by the sweeper (D_TUNNEL: idle timeout or drain limit of a tunnel;
+# D_CUT: a WebSocket tunnel being closed waits for its frames to end)
+D_NONE, D_HEAD, D_IDLE, D_BODY, D_RESPONSE, D_TUNNEL, D_CUT = range(7)
 # reasons to pause reading from the client (bit mask)
 P_PIPELINE, P_UPSTREAM, P_CONNECT, P_DELAY = 1, 2, 4, 8   # P_DELAY: a drill fault holds the request
 MAX_PENDING = 256 * 1024
 SAFE_REUSE_IDLE = 1.0
 REPLAYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 perf = time.perf_counter
+# how long a WebSocket tunnel being cut waits for a frame still being relayed to end, so that the
+# close frame goes in at a frame boundary; past it the tunnel is closed without one
+WS_CUT_WAIT = 1.0
+WS_UPGRADE = re.compile(rb"\r\nupgrade:[^\r]*websocket", re.IGNORECASE)
+log = logging.getLogger("changeover.proxy")
 
 
 class _Validate:
@@ -44,7 +53,8 @@ class Exchange(asyncio.Protocol):
                  "ip", "parser", "partial", "pending", "pending_size", "proxy", "req_drill", "req_head_only",
                  "req_http11", "req_keep", "req_out", "req_replayable", "req_seq", "req_slot", "req_t0",
                  "req_upgrade", "resp_close", "resp_started", "resp_status", "rpause", "scanner", "state", "transport",
-                 "trusted", "up", "upstream_failed", "wpaused")
+                 "trusted", "tun_active", "tun_cut", "tun_limit", "up", "upstream_failed", "wpaused", "ws_in",
+                 "ws_out")
 
     transport: asyncio.Transport
 
@@ -78,6 +88,12 @@ class Exchange(asyncio.Protocol):
         self.fwd = b""
         self.trusted = False               # the peer is in [proxy] trusted_proxies
         self.partial = False               # counted in proxy.partial_heads (a head is unfinished)
+        # tunnels (after a 101): last byte either way (sweeper clock), the drain limit (0: none),
+        # why it is being cut, and for a WebSocket the frame boundaries each way (None: not one)
+        self.tun_active = self.tun_limit = 0.0
+        self.tun_cut = ""
+        self.ws_in: FrameTracker | None = None   # client -> app
+        self.ws_out: FrameTracker | None = None  # app -> client
 
     # -- asyncio callbacks shared by both sides ---------------------------------------------------
     def connection_lost(self, exc: Exception | None) -> None:
@@ -109,7 +125,8 @@ class Exchange(asyncio.Protocol):
         if up is not None and up.paused:
             up.paused = False
             up.transport.resume_reading()
-            self.deadline = self.proxy.now + self.proxy.settings.response_timeout
+            if self.state != S_TUNNEL:     # a tunnel's deadline is its idle timeout or drain limit
+                self.deadline = self.proxy.now + self.proxy.settings.response_timeout
 
     def pause(self, reason: int) -> None:
         if not self.rpause and not self.closed:
@@ -210,15 +227,139 @@ class Exchange(asyncio.Protocol):
         self._next()
 
     def tunnel_open(self, up: UpstreamConn) -> None:
-        """101: from now on bytes are relayed both ways until one side closes."""
+        """101: from now on bytes are relayed both ways until one side closes (or the proxy ends the
+        tunnel: `tunnel_cut`)."""
+        proxy = self.proxy
         self.state = S_TUNNEL
-        self.dkind = D_NONE
-        self.proxy.record(self.req_slot.name if self.req_slot else "", 101, perf() - self.req_t0,
-                          self.upstream_failed, self.req_out)
+        self.tun_active = proxy.now
+        idle = proxy.settings.tunnel_idle_timeout
+        self.dkind = D_TUNNEL if idle else D_NONE
+        self.deadline = proxy.now + idle
+        if WS_UPGRADE.search(self.req_out) is not None:
+            self.ws_in, self.ws_out = FrameTracker(), FrameTracker()
+        proxy.record(self.req_slot.name if self.req_slot else "", 101, perf() - self.req_t0,
+                     self.upstream_failed, self.req_out)
         if self.buf:
-            up.transport.write(bytes(self.buf))
+            data = bytes(self.buf)
             self.buf.clear()
+            self.tunnel_in(data)
         self.unpause(P_PIPELINE)
+
+    # -- tunnels: relaying, limits, and the close ------------------------------------------------
+    def tunnel_in(self, data: bytes) -> None:
+        """Client bytes for the app, on a WebSocket tunnel (plain ones write straight through)."""
+        up = self.up
+        ws = self.ws_in
+        if up is None:
+            return
+        if ws is None:
+            up.transport.write(data)
+        elif not self.tun_cut:
+            ws.feed(data)
+            up.transport.write(data)
+        else:
+            self._cut_feed(ws, data, up.transport, True)
+
+    def tunnel_out(self, data: bytes) -> None:
+        """App bytes for the client on a tunnel (called by the upstream connection)."""
+        self.tun_active = self.proxy.now
+        ws = self.ws_out
+        if ws is None:
+            self.transport.write(data)
+        elif not self.tun_cut:
+            ws.feed(data)
+            self.transport.write(data)
+        else:
+            self._cut_feed(ws, data, self.transport, False)
+
+    def tunnel_limit(self, limit: float) -> None:
+        """The drain limit: at `limit` (loop time) the tunnel is cut, 1001 for a WebSocket."""
+        if self.state != S_TUNNEL or self.tun_cut:
+            return
+        if not self.tun_limit or limit < self.tun_limit:
+            self.tun_limit = limit
+        if self.dkind != D_TUNNEL or limit < self.deadline:
+            self.dkind = D_TUNNEL
+            self.deadline = limit
+
+    def tunnel_cut(self, why: str, wait: bool = True) -> None:
+        """End a tunnel the proxy may not keep open (`why`: drain limit, retire timeout, idle,
+        shutdown). A WebSocket gets a close frame 1001 (going away) both ways, each at a frame
+        boundary: a frame still being relayed is given WS_CUT_WAIT to end (none with `wait`
+        False), then the tunnel closes without a close frame that way (logged)."""
+        if self.closed:
+            return
+        if self.ws_in is None or self.ws_out is None or self.up is None:
+            return self._end_tunnel()
+        if not self.tun_cut:
+            self.tun_cut = why
+            self.dkind = D_CUT
+            self.deadline = self.proxy.now + WS_CUT_WAIT
+            self._cut_feed(self.ws_out, b"", self.transport, False)
+            if not self.closed and self.up is not None:
+                self._cut_feed(self.ws_in, b"", self.up.transport, True)
+        if not wait and not self.closed:
+            self._cut_overdue()
+
+    def _cut_feed(self, ws: FrameTracker, data: bytes, transport: asyncio.Transport, masked: bool) -> None:
+        """Relay `data` up to the next frame boundary, then the close frame; nothing after it."""
+        if ws.sent:
+            return                         # that way is ended: what still comes is dropped
+        if ws.broken:
+            ws.sent = SENT_NOTHING         # not frames the proxy can follow: no close frame
+        else:
+            k = ws.feed(data, stop=True)
+            if k < 0:
+                if data:
+                    transport.write(data)
+                return
+            if k:
+                transport.write(data[:k])
+            if not ws.closed:              # a close frame already went that way: no second one
+                transport.write(close_frame(masked=masked))
+            ws.sent = SENT_CLOSE
+        ins, out = self.ws_in, self.ws_out
+        if ins is not None and out is not None and ins.sent and out.sent:
+            if ins.sent == SENT_CLOSE and out.sent == SENT_CLOSE:
+                log.info("WebSocket tunnel closed with 1001 (going away): %s", self.tun_cut)
+            else:
+                self._log_unframed()
+            self._end_tunnel()
+
+    def _cut_overdue(self) -> None:
+        """WS_CUT_WAIT is over and a frame is still being relayed: close without a close frame."""
+        for ws in (self.ws_in, self.ws_out):
+            if ws is not None and not ws.sent:
+                ws.sent = SENT_NOTHING
+        self._log_unframed()
+        self._end_tunnel()
+
+    def _log_unframed(self) -> None:
+        ways = [name for name, ws in (("to the client", self.ws_out), ("to the app", self.ws_in))
+                if ws is not None and ws.sent == SENT_NOTHING]
+        log.warning("WebSocket tunnel closed (%s) without a close frame %s: a frame was still being relayed, "
+                    "or the stream was not frames the proxy can follow", self.tun_cut, " or ".join(ways))
+
+    def _end_tunnel(self) -> None:
+        up, self.up = self.up, None
+        if up is not None:
+            up.client = None
+            up.transport.close()
+        self._finish_request(self.resp_status, False)
+        self._close()
+
+    def _tunnel_timeout(self, now: float) -> None:
+        limit = self.tun_limit
+        idle = self.proxy.settings.tunnel_idle_timeout
+        if limit and now >= limit:
+            return self.tunnel_cut("drain limit")
+        if idle and now - self.tun_active >= idle:
+            return self.tunnel_cut(f"no bytes either way for {idle:g}s (tunnel_idle_timeout)")
+        nxt = self.tun_active + idle if idle else 0.0
+        if limit and (not nxt or limit < nxt):
+            nxt = limit
+        self.deadline = nxt
+        self.dkind = D_TUNNEL if nxt else D_NONE
 
     def _finish_request(self, status: int, failed: bool) -> None:
         slot, self.req_slot = self.req_slot, None
@@ -293,6 +434,10 @@ class Exchange(asyncio.Protocol):
     # -- timeouts and drain ----------------------------------------------------------------------
     def timeout(self, now: float) -> None:
         kind = self.dkind
+        if kind == D_TUNNEL:
+            return self._tunnel_timeout(now)
+        if kind == D_CUT:
+            return self._cut_overdue()
         if kind == D_IDLE or (kind == D_HEAD and not self.buf):
             self._close()                  # nothing started: close quietly
         elif kind == D_HEAD:
@@ -322,9 +467,12 @@ class Exchange(asyncio.Protocol):
                 return self._close()
             self.upstream_error(504)
 
-    def drain_abort(self) -> None:
-        """Drain timeout: whatever is still open to the draining slot is closed now."""
-        if self.state == S_TUNNEL or self.resp_started:
+    def drain_abort(self, why: str = "drain timeout") -> None:
+        """Drain timeout: whatever is still open to the draining slot is closed now (a WebSocket
+        tunnel with 1001)."""
+        if self.state == S_TUNNEL:
+            self.tunnel_cut(why)
+        elif self.resp_started:
             up, self.up = self.up, None
             if up is not None:
                 up.client = None
@@ -338,7 +486,7 @@ class Exchange(asyncio.Protocol):
     def retire_abort(self) -> None:
         """Retire timeout: a request still unanswered gets a 504, anything else is closed."""
         if self.req_slot is not None or self.state == S_TUNNEL:
-            self.drain_abort()
+            self.drain_abort("retire timeout")
         else:
             self._close()
 

@@ -39,11 +39,23 @@ REMOVE_SLOT = "remove_slot"  # {"slot"}
 SET_VERSION = "set_version"  # {"slot", "version"}
 SWITCH = "switch"            # {"slot": name | None} -> SwitchResult
 DRAIN = "drain"              # {"slot", "timeout"} -> bool (drained cleanly)
+DRAIN_REQUESTS = "drain_requests"   # {"slot", "timeout"} -> DrainResult (tunnels get the limit)
 METRICS = "metrics"          # {"since": second | None} -> monitor.mirror.export()
 SET_ROUTE = "set_route"      # {"route": "drill", "slot": name | None, "token", "fault": {...} | None}
 SET_HEALTH = "set_health"    # {"ok": bool, "reason": str}
 
-OPS = (*HANDOVER_OPS, SET_SLOT, REMOVE_SLOT, SET_VERSION, SWITCH, DRAIN, METRICS, SET_ROUTE, SET_HEALTH)
+OPS = (*HANDOVER_OPS, SET_SLOT, REMOVE_SLOT, SET_VERSION, SWITCH, DRAIN, METRICS, SET_ROUTE, SET_HEALTH,
+       DRAIN_REQUESTS)
+
+
+class DrainResult(TypedDict):
+    """`drain_requests`: the slot's requests are done; `tunnels` still open (`websockets` of them
+    WebSocket) are closed at the drain limit, `limit_in` seconds from now."""
+
+    clean: bool
+    tunnels: int
+    websockets: int
+    limit_in: float
 
 
 class Health(TypedDict):

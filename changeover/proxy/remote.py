@@ -218,6 +218,9 @@ class ProxyProcess:
     async def drain(self, slot: str, timeout: float) -> bool:
         return bool(await self._call(ops.DRAIN, wait=timeout + 10, slot=slot, timeout=timeout))
 
+    async def drain_requests(self, slot: str, timeout: float) -> dict[str, Any]:
+        return dict(await self._call(ops.DRAIN_REQUESTS, wait=timeout + 10, slot=slot, timeout=timeout))
+
     async def set_version(self, slot: str, version: str | None) -> None:
         await self._call(ops.SET_VERSION, slot=slot, version=version)
 

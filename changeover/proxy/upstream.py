@@ -182,7 +182,9 @@ class UpstreamConn(asyncio.Protocol):
             self._head(data)
         elif state == R_CHUNKED:
             self._chunked(data)
-        elif state in (R_EOF, R_TUNNEL):
+        elif state == R_TUNNEL:
+            c.tunnel_out(data)             # exchange.py: idle timeout, drain limit, WebSocket frames
+        elif state == R_EOF:
             c.deadline = c.proxy.now + c.proxy.settings.response_timeout
             c.transport.write(data)
         else:                              # bytes after a complete response: broken framing
@@ -315,7 +317,7 @@ class UpstreamConn(asyncio.Protocol):
         elif framing == R_TUNNEL:
             c.tunnel_open(self)
             if rest:
-                c.transport.write(rest)
+                c.tunnel_out(rest)
         elif rest:
             c.transport.write(rest)
 

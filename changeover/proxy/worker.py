@@ -79,6 +79,7 @@ class Worker:
             ops.PING: self.ping, ops.RETIRE: self.retire, ops.SHUTDOWN: self.shutdown,
             ops.SET_SLOT: self.set_slot, ops.REMOVE_SLOT: self.remove_slot, ops.SET_VERSION: self.set_version,
             ops.SWITCH: self.switch, ops.DRAIN: self.drain, ops.METRICS: self.metrics,
+            ops.DRAIN_REQUESTS: self.drain_requests,
             ops.SET_ROUTE: self.set_route, ops.SET_HEALTH: self.set_health,
         }))
         inode = os.stat(self.socket_path).st_ino
@@ -131,6 +132,9 @@ class Worker:
 
     async def drain(self, args: dict[str, Any], emit: rpc.Emit) -> bool:
         return await self.proxy.drain(args["slot"], float(args["timeout"]))
+
+    async def drain_requests(self, args: dict[str, Any], emit: rpc.Emit) -> ops.DrainResult:
+        return await self.proxy.drain_requests(args["slot"], float(args["timeout"]))
 
     async def set_version(self, args: dict[str, Any], emit: rpc.Emit) -> None:
         self.recorder.set_version(args["slot"], str(args.get("version") or ""))

@@ -282,6 +282,7 @@ def test_websocket_is_cut_at_the_timeout(lt: LoopThread, proxies: Proxies) -> No
         t0 = time.monotonic()
         assert proxies.retire(p, 0.3).result(5) == 1
         assert 0.25 < time.monotonic() - t0 < 1
+        assert ws.recv(100) == b"\x88\x02\x03\xe9"   # a WebSocket close frame, 1001 (going away)
         assert ws.recv(100) == b""
     assert lt.call(p.inflight, "blue") == 0
 
