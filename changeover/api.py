@@ -48,6 +48,9 @@ class Op(StrEnum):
     SERIES = "series"               # read-only: per-second traffic per slot (the dashboard)
     RELEASES = "releases"           # read-only: releases deployed, with their paths (the dashboard)
     DRILL = "drill"                 # rehearse every rollback path on a drill copy (daemon/drill.py)
+    PAUSE = "pause"                 # hold new requests briefly, released in order (daemon/traffic.py)
+    RESUME = "resume"               # release what a pause holds
+    MAINTENANCE = "maintenance"     # 503 with a page and Retry-After for every request, or back to serving
 
 
 A = TypeVar("A")
@@ -134,6 +137,29 @@ class RollbackArgs:
 @dataclass(frozen=True)
 class HistoryArgs:
     limit: int = 20
+    traffic: bool = False           # also pause / resume / maintenance events (rows with id None)
+
+
+@dataclass(frozen=True)
+class PauseArgs:
+    timeout: float | None = None    # seconds (default [proxy] pause_timeout); then it resumes by itself
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ResumeArgs:
+    actor: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class MaintenanceArgs:
+    on: bool
+    page: str | None = None         # an HTML file on the daemon's host (default [proxy] maintenance_page)
+    retry_after: int | None = None  # seconds (default [proxy] retry_after)
+    actor: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,7 @@ ARGS: dict[Op, type[Any]] = {
     Op.DOWN: Empty,
     Op.SERIES: SeriesArgs, Op.RELEASES: Empty,
     Op.DRILL: DrillArgs,
+    Op.PAUSE: PauseArgs, Op.RESUME: ResumeArgs, Op.MAINTENANCE: MaintenanceArgs,
 }
 
 

@@ -20,12 +20,16 @@ from changeover import commands
 from changeover import config as config_mod
 from changeover.config import Config
 from changeover.errors import ChangeoverError
+from changeover.errors import UsageError as ChangeoverUsage
 from changeover.fleet import cli as fleet_cli
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Zero-downtime blue-green deploys for any HTTP app.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(config_app, name="config")
+maintenance_app = typer.Typer(no_args_is_help=True, help="Answer every request with 503 and a maintenance page, "
+                              "or serve again.")
+app.add_typer(maintenance_app, name="maintenance")
 
 # Piped output is read by programs and people with wide windows: never wrap it at 80 columns.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 400)
@@ -245,6 +249,80 @@ def down(config: ConfigOpt = DEFAULT) -> None:
               "are stopping")
 
 
+def _duration(value: str | None, option: str) -> float | None:
+    if value is None:
+        return None
+    from changeover.tables import parse_duration
+
+    try:
+        return parse_duration(value.strip())
+    except ValueError:
+        raise ChangeoverUsage(f"{option} {value!r}: expected seconds, or a duration like '30s' or '2m'") from None
+
+
+@app.command()
+def pause(timeout: Annotated[str | None, typer.Option("--timeout", help="Seconds (or '30s', '2m') before the "
+                                                       "proxy resumes by itself ([proxy] pause_timeout).")] = None,
+          reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in history).")] = None,
+          config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Hold new requests briefly (e.g. a database failover): none is forwarded or failed; `resume`
+    sends them on in order. Requests in flight finish."""
+    result = commands.pause(daemon_at(config), timeout=_duration(timeout, "--timeout"), reason=reason)
+    if json_out:
+        _print_json(result)
+        return
+    p = result.get("pause") or {}
+    err.print(f"[yellow]paused[/]: new requests are held until `changeover resume`, at most "
+              f"{p.get('timeout') or 0:g}s (until {_ts(p.get('until'))}), then the proxy resumes by itself")
+    if result.get("maintenance"):
+        err.print("maintenance is on: released requests get the maintenance page")
+
+
+@app.command()
+def resume(reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in history).")] = None,
+           config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """End a pause: the held requests go to the live release in the order they arrived."""
+    result = commands.resume(daemon_at(config), reason=reason)
+    if json_out:
+        _print_json(result)
+    elif result.get("was_paused") or result.get("released"):
+        err.print(f"[green]resumed[/]: {result.get('released', 0)} held request(s) sent on in order")
+    else:
+        err.print("not paused; nothing to resume")
+
+
+@maintenance_app.command("on")
+def maintenance_on(page: Annotated[Path | None, typer.Option("--page", help="HTML file served with the 503 ([proxy] "
+                                                             "maintenance_page, else a built-in page).")] = None,
+                   retry_after: Annotated[int | None, typer.Option("--retry-after", help="Seconds in the Retry-After "
+                                                                   "header ([proxy] retry_after).")] = None,
+                   reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in history).")] = None,
+                   config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Answer every request with 503, the page and Retry-After; requests in flight finish. Deploys
+    still run (verified on their slot directly); users see the page until `maintenance off`."""
+    result = commands.maintenance(daemon_at(config), True, page=None if page is None else str(page),
+                                  retry_after=retry_after, reason=reason)
+    if json_out:
+        _print_json(result)
+        return
+    m = result.get("maintenance") or {}
+    err.print(f"[yellow]maintenance on[/]: every request gets 503 (page: {escape(str(m.get('page')))}"
+              f", Retry-After: {m.get('retry_after')}); `changeover maintenance off` serves again")
+
+
+@maintenance_app.command("off")
+def maintenance_off(reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in history).")] = None,
+                    config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
+    """Serve the live release again."""
+    result = commands.maintenance(daemon_at(config), False, reason=reason)
+    if json_out:
+        _print_json(result)
+    elif result.get("was_on"):
+        err.print("[green]maintenance off[/]: serving the live release again")
+    else:
+        err.print("maintenance was not on; serving")
+
+
 def _fmt_metrics(m: dict[str, Any] | None) -> str:
     if not m:
         return ""
@@ -285,6 +363,11 @@ def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
         _print_json(st)
         return
     out.print(render_status(st))
+    for line in _mode_lines(st):
+        out.print(line)
+    if (px := st.get("proxy") or {}).get("hosts"):     # host routing (docs/hosting-several-apps.md)
+        out.print(f"hosts: {escape(', '.join(px['hosts']))}"
+                  + (f" (shared front on {px['listen']}, pid {px.get('pid')})" if px.get("shared") else ""))
     if st.get("deployment"):
         d = st["deployment"]
         out.print(f"{d['kind']} of {d['version']} (#{d['id']}) {d['phase']}")
@@ -300,6 +383,21 @@ def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     for ev in st.get("incidents", []):
         when = datetime.fromtimestamp(ev["ts"]).strftime("%H:%M:%S")
         out.print(f"[yellow]{when} {ev['kind']} {ev.get('slot') or ''}[/] {escape(str(ev.get('detail', '')))}")
+
+
+def _mode_lines(st: dict[str, Any]) -> list[str]:
+    lines = []
+    if (m := st.get("maintenance")):
+        lines.append(f"[yellow]maintenance on[/] since {_ts(m.get('since'))}: every request gets 503 "
+                     f"(page: {escape(str(m.get('page')))}, Retry-After: {m.get('retry_after')})"
+                     + (f" — {escape(str(m['why']))}" if m.get("why") else ""))
+    if (p := st.get("pause")):
+        held = p.get("held")
+        lines.append(f"[yellow]paused[/] since {_ts(p.get('since'))}: new requests are held"
+                     + (f" ({held} now)" if held is not None else "")
+                     + f", resumes by itself at {_ts(p.get('until'))} (in {p.get('remaining') or 0:.0f}s)"
+                     + (f" — {escape(str(p['why']))}" if p.get("why") else ""))
+    return lines
 
 
 @app.command()
@@ -334,7 +432,7 @@ def history(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False,
     """Past deployments and rollbacks, newest first."""
     if (fleet := fleet_cli.configured(config)) is not None:   # [fleet] hook: every host (changeover/fleet)
         return fleet_cli.history(config, fleet, limit, json_out)
-    rows = commands.history(daemon_at(config), limit)
+    rows = commands.history(daemon_at(config), limit, traffic=True)
     if json_out:
         _print_json(rows)
         return
@@ -343,10 +441,17 @@ def history(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False,
         t.add_column(col)
     for d in rows:
         took = f"{d['finished_at'] - d['started_at']:.1f}s" if d.get("finished_at") else "-"
+        if d["id"] is None:   # pause / resume / maintenance (daemon/traffic.py)
+            who = f" ({d['actor']})" if d.get("actor") else ""
+            t.add_row("-", _ts(d["started_at"]), d["kind"], "-", "-", "-", d["state"], "-",
+                      escape(f"{d.get('reason') or ''}{who}".strip()))
+            continue
         t.add_row(str(d["id"]), _ts(d["started_at"]), d["kind"], d["version"], d.get("from") or "-",
                   d.get("slot") or "-", d["state"], took, d.get("reason") or "")
     out.print(t)
     for d in rows if (checks or steps) else []:
+        if d["id"] is None:
+            continue
         out.print(f"[bold]#{d['id']} {d['kind']} {d['version']}[/]")
         if steps:
             for s in d["steps"]:

@@ -122,11 +122,13 @@ def status(config: Daemon) -> dict[str, Any]:
     return dict(_stream(config, Op.STATUS, {}, None, timeout=10))
 
 
-def history(config: Daemon, limit: int = 20) -> list[dict[str, Any]]:
-    """From the daemon when it runs, else straight from the state file (history survives it)."""
+def history(config: Daemon, limit: int = 20, traffic: bool = False) -> list[dict[str, Any]]:
+    """From the daemon when it runs, else straight from the state file (history survives it).
+    With traffic, pause / resume / maintenance events are rows too (their id is None)."""
     if config.socket_path.exists():
         try:
-            return list(_stream(config, Op.HISTORY, {"limit": limit}, None, timeout=10))
+            return list(_stream(config, Op.HISTORY, api.encode(api.HistoryArgs(limit=limit, traffic=traffic)), None,
+                                timeout=10))
         except DaemonError:
             pass  # a socket left by a daemon that was killed: the state file has the history
     db = config.state_dir / "state.db"
@@ -134,9 +136,42 @@ def history(config: Daemon, limit: int = 20) -> list[dict[str, Any]]:
         return []
     state = State(db, readonly=True)
     try:
+        if traffic:
+            from changeover.daemon.traffic import merge_history
+
+            return merge_history(state.history(limit), state.mode_events(limit), limit)
         return state.history(limit)
     finally:
         state.close()
+
+
+def pause(config: Daemon, *, timeout: float | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Hold new requests (not forwarded, not failed) until `resume`, or `timeout` seconds (default
+    [proxy] pause_timeout), when the proxy resumes by itself; held requests are then sent in order."""
+    args = api.PauseArgs(timeout=timeout, actor=_actor(), reason=reason)
+    return dict(_stream(config, Op.PAUSE, api.encode(args), None, timeout=30))
+
+
+def resume(config: Daemon, *, reason: str | None = None) -> dict[str, Any]:
+    """End a pause: what it held goes to the live release in arrival order."""
+    return dict(_stream(config, Op.RESUME, api.encode(api.ResumeArgs(actor=_actor(), reason=reason)), None,
+                        timeout=30))
+
+
+def maintenance(config: Daemon, on: bool, *, page: str | None = None, retry_after: int | None = None,
+                reason: str | None = None) -> dict[str, Any]:
+    """On: every request gets 503 with the page (FILE, else [proxy] maintenance_page, else a
+    built-in one) and Retry-After; requests in flight finish. Off: back to serving."""
+    if page is not None:
+        # read by the daemon, which runs on this host: it gets the file's absolute path
+        path = Path(page).expanduser().absolute()
+        if not path.is_file():
+            raise UsageError(f"--page {page}: no such file" if not path.exists() else f"--page {page}: not a file")
+        page = str(path)
+    if retry_after is not None and not 0 <= retry_after <= 86400:
+        raise UsageError(f"--retry-after {retry_after}: expected whole seconds, 0 to 86400")
+    args = api.MaintenanceArgs(on=on, page=page, retry_after=retry_after, actor=_actor(), reason=reason)
+    return dict(_stream(config, Op.MAINTENANCE, api.encode(args), None, timeout=30))
 
 
 def stop_standby(config: Daemon) -> dict[str, Any]:

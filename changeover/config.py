@@ -203,6 +203,10 @@ def load(path: str | os.PathLike[str] = DEFAULT_CONFIG, environ: dict[str, str] 
         haproxy_socket=p.str("haproxy_socket", "") or None,
         trusted_proxies=_cidrs(p, "trusted_proxies", d.trusted_proxies),
         health_path=_health_path(p, d.health_path),   # the load balancer's check (proxy/embedded.py)
+        pause_timeout=_pause_timeout(p, d.pause_timeout),   # `changeover pause` (proxy/hold.py)
+        pause_max_held=p.int("pause_max_held", d.pause_max_held, min=1, max=1_000_000),
+        maintenance_page=_maintenance_page(p, file.parent),
+        retry_after=p.int("retry_after", d.retry_after, min=0, max=86400),
         max_idle_per_instance=p.int("max_idle_per_instance", d.max_idle_per_instance, min=1),
         workers=p.int("workers", os.cpu_count() or 1, min=1, max=256),   # proxy processes (proxy/workers.py)
         hosts=_hosts(p),
@@ -268,6 +272,25 @@ def _health_path(t: Table, default: str) -> str:
     if v and (not v.startswith("/") or any(c.isspace() or c in "?#" for c in v)):
         raise t.error("health_path", "a path starting with '/' (no spaces, '?' or '#'), or \"\" for none", v)
     return v
+
+
+def _pause_timeout(t: Table, default: float) -> float:
+    v: float = t.duration("pause_timeout", default)
+    if not 0 < v <= 3600:
+        raise t.error("pause_timeout", "a duration above 0 and at most 1h, e.g. '30s'", v)
+    return v
+
+
+def _maintenance_page(t: Table, root: Path) -> str:
+    """[proxy] maintenance_page: the HTML file `maintenance on` serves (relative to the config
+    file), read when maintenance is switched on; "" for the built-in page."""
+    v: str = t.str("maintenance_page", "")
+    if not v:
+        return ""
+    path = (root / v).expanduser()
+    if not path.is_file():
+        raise t.error("maintenance_page", "an HTML file that exists (relative to changeover.toml)", v)
+    return str(path.absolute())
 
 
 def _app(t: Table) -> AppConfig:

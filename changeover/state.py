@@ -98,6 +98,8 @@ CREATE TABLE IF NOT EXISTS timers (
     data TEXT NOT NULL DEFAULT '{}'
 );
 """
+# history events of the traffic modes (State.set_mode)
+MODE_EVENTS = ("paused", "resumed", "maintenance_on", "maintenance_off")
 # Columns added after the first release of the schema: (table, column, definition).
 ADDED_COLUMNS = (
     ("steps", "kind", "TEXT NOT NULL DEFAULT 'note'"),
@@ -447,6 +449,34 @@ class State:
     @_writes
     def clear_timer(self, name: str) -> None:
         self.db.execute("DELETE FROM timers WHERE name = ?", (name,))
+
+    # -- traffic modes: pause and maintenance (daemon/traffic.py) ----------------------------------
+    @_writes
+    def set_mode(self, name: str, on: bool, event: str, *, due: float = 0.0, data: dict[str, Any] | None = None,
+                 **detail: Any) -> None:
+        """Pause or maintenance on (kept as the timer `mode.<name>`: `due` is a pause's end, wall
+        clock) or off, with its history event, in one transaction: what a restarted daemon
+        re-applies to the data plane. `data` is kept with the mode only (not in the event).
+        """
+        with self.tx() as db:
+            if on:
+                db.execute("INSERT INTO timers(name, due, data) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE"
+                           " SET due = excluded.due, data = excluded.data",
+                           (f"mode.{name}", due, json.dumps({**detail, **(data or {})})))
+            else:
+                db.execute("DELETE FROM timers WHERE name = ?", (f"mode.{name}",))
+            self._event(db, event, None, **detail)
+        log.info("mode=%s %s (%s)", name, "on" if on else "off", event)
+
+    def mode(self, name: str) -> tuple[float, dict[str, Any]] | None:
+        """("pause" | "maintenance") -> (due, what it was set with), or None when off."""
+        return self.timer(f"mode.{name}")
+
+    def mode_events(self, limit: int = 20) -> list[dict[str, Any]]:
+        """History of the traffic modes, newest first."""
+        rows = self.db.execute("SELECT * FROM events WHERE kind IN (?, ?, ?, ?) ORDER BY id DESC LIMIT ?",
+                               (*MODE_EVENTS, limit))
+        return [{"ts": r["ts"], "kind": r["kind"], **json.loads(r["detail"])} for r in rows]
 
     # -- growth ---------------------------------------------------------------------------------
     @_writes

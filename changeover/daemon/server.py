@@ -37,6 +37,7 @@ from changeover.daemon.pipeline import Pipeline
 from changeover.daemon.recovery import configure_proxy, recover, routing
 from changeover.daemon.slots import SlotManager
 from changeover.daemon.telemetry import Telemetry
+from changeover.daemon.traffic import TrafficModes, merge_history
 from changeover.daemon.verification import Verification
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy.control import ProxyControl
@@ -75,7 +76,9 @@ class Daemon:
         self.proxy = make_control(config)
         self.slots = SlotManager(config, self.state, self.proxy)
         self.telemetry = Telemetry(config.monitor, self.proxy, str(config.file))
-        self.verification = Verification(self.slots, self._proxy_url)
+        # pause and maintenance (daemon/traffic.py); in maintenance the checks skip the proxy's page
+        self.traffic = TrafficModes(self.state, self.slots, self.proxy, lambda: self.config.proxy)
+        self.verification = Verification(self.slots, self.traffic.check_url(self._proxy_url))
         self.pipeline = Pipeline(self.state, self.slots, self.verification, self.telemetry)
         self.stopping = asyncio.Event()
         self.started_at = time.time()
@@ -100,6 +103,7 @@ class Daemon:
         if how == "adopted" and self.proxy.settings_differ:
             # [proxy] changed since the worker started: apply it without a gap.
             await self.reload_proxy("the running proxy has other [proxy] settings or an older control protocol")
+        await self.traffic.restore()      # pause / maintenance as recorded (a lapsed pause is not re-applied)
         await self.telemetry.start(self.state.live_slot())
         self.pipeline.arm_expiry()
         self.slots.linger.arm()            # processes kept for tunnels by a previous daemon
@@ -113,6 +117,7 @@ class Daemon:
             Op.DOWN: self.h_down,
             Op.SERIES: self.h_series, Op.RELEASES: self.h_releases,
             Op.DRILL: self.h_drill,
+            Op.PAUSE: self.h_pause, Op.RESUME: self.h_resume, Op.MAINTENANCE: self.h_maintenance,
         }
         self._server = await rpc.serve(self.config.socket_path, {str(k): v for k, v in handlers.items()},
                                        protocol=api.PROTOCOL)
@@ -145,6 +150,7 @@ class Daemon:
                     await asyncio.wait_for(self.stopping.wait(), SYNC_INTERVAL)
                 try:
                     await self.slots.sync()
+                    self.traffic.tick()   # a pause past its timeout: the proxy resumed, the state follows
                 except Exception:
                     log.exception("syncing slots failed")
         finally:
@@ -178,8 +184,10 @@ class Daemon:
                 continue
             log.error("the proxy (pid %s) stopped answering: starting a new one", self.proxy.pid)
             try:
-                await self.proxy.ensure(routing(self.state, self.slots))  # routable before it listens
+                # routable, and in its pause / maintenance mode, before it listens
+                await self.proxy.ensure({**routing(self.state, self.slots), "mode": self.traffic.wire()})
                 await configure_proxy(self.state, self.slots, self.proxy)
+                await self.traffic.restore()
                 self.telemetry.reset_mirror()
                 self.state.event("proxy.restarted", pid=self.proxy.pid)
                 misses = 0
@@ -291,8 +299,11 @@ class Daemon:
             self._handover = True
             old = self.proxy.pid
             try:
-                await self.proxy.handover(routing(self.state, self.slots),
-                                          lambda p: configure_proxy(self.state, self.slots, p))
+                async def configure(p: Any) -> None:
+                    await configure_proxy(self.state, self.slots, p)
+                    await self.traffic.restore(p)   # preloaded already (wire); checked again
+
+                await self.proxy.handover({**routing(self.state, self.slots), "mode": self.traffic.wire()}, configure)
             finally:
                 self._handover = False
             self.telemetry.reset_mirror()
@@ -332,6 +343,7 @@ class Daemon:
             out["deployment"] = {"id": a.id, "kind": str(a.kind), "version": a.version, "phase": str(a.phase),
                                  "slot": a.target, "started_at": a.started, "step": a.steps.current}
         out["proxy"] = {"listen": self.config.proxy.listen, "pid": self.proxy.pid, "engine": self.config.proxy.engine}
+        out.update(await self.traffic.status())   # "mode": serving | paused | maintenance, "pause", "maintenance"
         if self.config.proxy.hosts:        # host routing: this project's names, on a shared front or not
             shared = self.config.proxy.shared
             out["proxy"].update(hosts=list(self.config.proxy.hosts), shared=shared,
@@ -376,6 +388,10 @@ class Daemon:
         if self.pipeline.active is not None:
             raise self.pipeline.busy_error()
         config = await self.fresh_config()
+        if self.traffic.in_maintenance():
+            await emit({"type": "check", "name": "maintenance", "ok": True,
+                        "detail": "maintenance is on: users keep getting the maintenance page until `changeover "
+                                  "maintenance off`; the release is verified on its slot directly"})
         return await self.pipeline.deploy(config, a.version, a.path, emit, wait=a.wait, env=a.env, actor=a.actor,
                                           no_switch=a.no_switch, source=builds.Source.of(a.git, a.archive))
 
@@ -426,7 +442,21 @@ class Daemon:
 
     async def h_history(self, args: dict[str, Any], emit: rpc.Emit) -> list[dict[str, Any]]:
         a = api.decode(api.HistoryArgs, args)
+        if a.traffic:
+            return merge_history(self.state.history(limit=a.limit), self.state.mode_events(a.limit), a.limit)
         return self.state.history(limit=a.limit)
+
+    async def h_pause(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        a = api.decode(api.PauseArgs, args)
+        return await self.traffic.pause(a.timeout, a.actor, a.reason)
+
+    async def h_resume(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        a = api.decode(api.ResumeArgs, args)
+        return await self.traffic.resume(a.actor, a.reason)
+
+    async def h_maintenance(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        a = api.decode(api.MaintenanceArgs, args)
+        return await self.traffic.maintenance(a.on, a.page, a.retry_after, a.actor, a.reason)
 
     async def h_metrics(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         return self.telemetry.live_metrics()
@@ -451,6 +481,8 @@ class Daemon:
         stopped = []
         live = self.state.live_slot()
         order = [s for s in SLOTS if s != live] + ([live] if live else [])
+        with contextlib.suppress(ChangeoverError):
+            await self.traffic.release_for_down()   # held requests go on to the app before it stops
         with contextlib.suppress(ChangeoverError):
             await self.proxy.switch(None)   # new requests: 503; those in flight finish
         for slot in order:

@@ -28,6 +28,9 @@ DEFAULT_RETRIES = 2                    # other instances tried when connect fail
 DEFAULT_ENGINE = "embedded"            # or "haproxy"
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")  # peers whose X-Forwarded-* headers are kept
 DEFAULT_HEALTH_PATH = "/_changeover/health"  # answered by the proxy for the load balancer ("" = off)
+DEFAULT_PAUSE_TIMEOUT = 30.0           # `changeover pause`: resumes by itself after this
+DEFAULT_PAUSE_MAX_HELD = 10000         # requests held at once while paused; beyond: 503 + Retry-After
+DEFAULT_RETRY_AFTER = 30               # `changeover maintenance on`: the Retry-After its 503s carry
 DEFAULT_MAX_IDLE_PER_INSTANCE = 10000  # idle keep-alive connections kept per app instance (the pool follows demand)
 
 
@@ -52,6 +55,11 @@ class ProxySettings:
     routes: tuple[str, ...] = ()
     max_routes: int = 32
     health_path: str = DEFAULT_HEALTH_PATH  # the host's health for a load balancer, never forwarded
+    # pause and maintenance (proxy/hold.py): defaults of `changeover pause` / `maintenance on`
+    pause_timeout: float = DEFAULT_PAUSE_TIMEOUT
+    pause_max_held: int = DEFAULT_PAUSE_MAX_HELD
+    maintenance_page: str = ""             # an HTML file (absolute once loaded); "" = a built-in page
+    retry_after: int = DEFAULT_RETRY_AFTER
     max_idle_per_instance: int = DEFAULT_MAX_IDLE_PER_INSTANCE
     workers: int = 1                       # embedded proxy processes sharing the port (config: one per core)
     # A shared front (proxy/front.py): this project's host names, and whether it attaches to the

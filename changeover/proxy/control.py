@@ -105,3 +105,24 @@ class HealthControl(Protocol):
 
     async def set_health(self, ok: bool, reason: str = "") -> None:
         """Whether this host serves what it should (a fleet host in sync): 200 or 503."""
+
+
+@runtime_checkable
+class TrafficControl(Protocol):
+    """A data plane that can pause traffic and serve a maintenance page (`changeover pause`,
+    `changeover maintenance`); the embedded proxy and the fake have it."""
+
+    async def pause(self, timeout: float, max_held: int) -> dict[str, Any]:
+        """Hold new requests (not forwarded, not failed) in arrival order, up to `max_held`
+        (beyond: 503 with Retry-After), until `resume()` or `timeout` seconds, when the data plane
+        resumes by itself. Returns the mode (proxy.hold.Gate.mode())."""
+
+    async def resume(self) -> int:
+        """End the pause: the held requests go to the live slot in arrival order. Returns how many."""
+
+    async def maintenance(self, on: bool, page: bytes | None = None, retry_after: int = 30) -> dict[str, Any]:
+        """On: every public request is answered 503 with `page` (None: a built-in page),
+        Retry-After and Cache-Control: no-store; requests in flight finish. Returns the mode."""
+
+    async def mode(self) -> dict[str, Any] | None:
+        """The mode the data plane is in now (None: it does not answer)."""

@@ -27,6 +27,8 @@ The header is one of the names the head scan already looks for: a request withou
 
 The health check (`[proxy] health_path`, for a load balancer in front): answered by the proxy,
 never forwarded; 200 while the daemon says the host is in sync and a slot is live, else 503.
+
+Pause and maintenance (`changeover pause`, `changeover maintenance on`): `proxy/hold.py`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from changeover.errors import ChangeoverError, ConfigError
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
 from changeover.proxy.exchange import D_CUT, D_HEAD, D_IDLE, S_HEAD, S_TUNNEL, WS_CUT_WAIT, Exchange
+from changeover.proxy.hold import Gate
 from changeover.proxy.ops import DrainResult
 from changeover.proxy.tls import TlsClientConn, TlsEdge
 from changeover.proxy.upstream import Upstream, UpstreamPool
@@ -121,6 +124,9 @@ class EmbeddedProxy:
         self.health_path = settings.health_path.encode()
         self.health_ok = True
         self.health_reason = ""
+        # pause and maintenance (proxy/hold.py): `gate` is None unless one is on, one check per request
+        self.gate: Gate | None = None
+        self.traffic = Gate(self)
         # a shared front (proxy/front.py): the Host header picks the project; None: one project
         self.sites: HostTable | None = None
         # [proxy.tls] (proxy/tls.py): the HTTPS listener, and what the HTTP one answers itself

@@ -30,6 +30,7 @@ S_HEAD, S_BODY, S_WAIT, S_TUNNEL, S_CLOSED = range(5)
 D_NONE, D_HEAD, D_IDLE, D_BODY, D_RESPONSE, D_TUNNEL, D_CUT = range(7)
 # reasons to pause reading from the client (bit mask)
 P_PIPELINE, P_UPSTREAM, P_CONNECT, P_DELAY = 1, 2, 4, 8   # P_DELAY: a drill fault holds the request
+P_HOLD = 16                        # a pause holds the request (proxy/hold.py)
 MAX_PENDING = 256 * 1024
 SAFE_REUSE_IDLE = 1.0
 REPLAYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))

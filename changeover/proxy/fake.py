@@ -6,13 +6,15 @@ way): `switches` lists every `switch()` target in order, `drains` every (slot, t
 `request(slot, status, seconds)` records a simulated request for the monitor; `begin(slot)` /
 `end(slot)` move the in-flight count that `drain()` waits for. `fail_next(op)` makes the next
 call of that op raise, to test what a data-plane failure does to a deploy. `routes` holds the
-private routes (`set_route`: the drill's), `health` what the health check would answer.
+private routes (`set_route`: the drill's), `health` what the health check would answer,
+`paused_until` and `maintenance_page` the pause and the maintenance mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -41,6 +43,11 @@ class FakeControl:
         self._running_settings = dataclasses.asdict(self.settings)
         self.routes: dict[str, dict[str, Any]] = {}     # route -> {"slot", "token", "fault"}
         self.health: tuple[bool, str] = (True, "")
+        # pause and maintenance, as proxy.hold.Gate.mode() reports them
+        self.paused_until: float | None = None
+        self.max_held = 0
+        self.maintenance_page: bytes | None = None   # set while maintenance is on
+        self.retry_after = 0
 
     # -- test controls ------------------------------------------------------------------------
     def fail_next(self, op: str, message: str = "the proxy did not answer") -> None:
@@ -153,6 +160,30 @@ class FakeControl:
 
     async def metrics(self, since: Any = None) -> dict[str, Any]:
         return mirror.export(self.recorder, since)
+
+    async def pause(self, timeout: float, max_held: int) -> dict[str, Any]:
+        self._call("pause")
+        self.paused_until, self.max_held = time.time() + timeout, max_held
+        return await self.mode()
+
+    async def resume(self) -> int:
+        self._call("resume")
+        self.paused_until = None
+        return 0
+
+    async def maintenance(self, on: bool, page: bytes | None = None, retry_after: int = 30) -> dict[str, Any]:
+        self._call("maintenance")
+        self.maintenance_page = (page or b"maintenance") if on else None
+        self.retry_after = retry_after if on else 0
+        return await self.mode()
+
+    async def mode(self) -> dict[str, Any]:
+        if self.paused_until is not None and time.time() >= self.paused_until:
+            self.paused_until = None       # the pause timeout: it resumes by itself, as the proxies do
+        on = self.maintenance_page is not None
+        return {"paused": self.paused_until is not None, "until": self.paused_until, "held": 0,
+                "max_held": self.max_held, "maintenance": on, "retry_after": self.retry_after if on else None,
+                "page_bytes": len(self.maintenance_page or b"")}
 
     async def handover(self, initial: dict[str, Any], configure: Callable[[Any], Awaitable[None]]) -> None:
         self._call("handover")

@@ -14,7 +14,8 @@ Version 1 (the first embedded worker) differs from 2 only in what 2 adds: `proto
 `routing` in the ping result; its other ops take and return the same. A daemon may therefore
 drive a version-1 worker until it has replaced it (`ADOPTABLE`). Version 3 adds `set_route`
 (the drill route), `set_health` (the load balancer's health check), and `drill` and `health`
-in the ping result.
+in the ping result. Version 4 adds `pause`, `resume`, `maintenance` and `mode`, and `mode` in the ping
+result (and in `Routing`, to preload a successor with it).
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ DRAIN_REQUESTS = "drain_requests"   # {"slot", "timeout"} -> DrainResult (tunnel
 METRICS = "metrics"          # {"since": second | None} -> monitor.mirror.export()
 SET_ROUTE = "set_route"      # {"route": "drill", "slot": name | None, "token", "fault": {...} | None}
 SET_HEALTH = "set_health"    # {"ok": bool, "reason": str}
+PAUSE = "pause"              # {"seconds", "max_held": n} -> Mode (proxy/hold.py)
+RESUME = "resume"            # {} -> {"released": n}
+MAINTENANCE = "maintenance"  # {"on": bool, "page": str | None, "retry_after": seconds} -> Mode
+MODE = "mode"                # {} -> Mode: pause and maintenance now (held: every worker's)
 
 OPS = (*HANDOVER_OPS, SET_SLOT, REMOVE_SLOT, SET_VERSION, SWITCH, DRAIN, METRICS, SET_ROUTE, SET_HEALTH,
+       PAUSE, RESUME, MAINTENANCE, MODE,
        DRAIN_REQUESTS)
 
 
@@ -70,6 +76,7 @@ class Routing(TypedDict):
     versions: dict[str, str]
     live: str | None
     health: NotRequired[Health]           # preloaded into a successor when given (the daemon re-asserts it)
+    mode: NotRequired[dict[str, Any]]     # pause / maintenance to preload (see Worker.apply_mode)
 
 
 class HandoverPing(TypedDict):
@@ -86,6 +93,7 @@ class PingResult(HandoverPing):
     routing: Routing                      # lets a daemon of another version hand over without the state
     drill: NotRequired[dict[str, Any] | None]   # the drill route: {"slot", "status", "delay"}
     health: NotRequired[Health]           # what the health check answers now
+    mode: NotRequired[dict[str, Any]]     # pause and maintenance now: proxy.hold.Gate.mode()
     tls: NotRequired[dict[str, Any] | None]   # the HTTPS listener: port, certificates, reload errors (proxy/tls.py)
 
 

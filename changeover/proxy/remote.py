@@ -234,6 +234,19 @@ class ProxyProcess:
     async def metrics(self, since: Any = None) -> dict[str, Any]:
         return dict(await self._call(ops.METRICS, wait=5, since=since))
 
+    async def pause(self, timeout: float, max_held: int) -> dict[str, Any]:
+        return dict(await self._call(ops.PAUSE, seconds=timeout, max_held=max_held))
+
+    async def resume(self) -> int:
+        return int((await self._call(ops.RESUME))["released"])
+
+    async def maintenance(self, on: bool, page: bytes | None = None, retry_after: int = 30) -> dict[str, Any]:
+        text = page.decode() if page is not None else None
+        return dict(await self._call(ops.MAINTENANCE, on=on, page=text, retry_after=retry_after))
+
+    async def mode(self) -> dict[str, Any] | None:
+        return dict(await self._call(ops.MODE, wait=5))
+
     async def shutdown(self) -> None:
         """Stop the worker (used by `changeover down`) and return once it has exited, its control
         socket gone with it."""

@@ -66,13 +66,32 @@ class Worker:
         health = initial.get("health")
         if isinstance(health, dict):
             self.proxy.set_health(bool(health.get("ok", True)), str(health.get("reason", "")))
+        mode = initial.get("mode")
+        if isinstance(mode, dict):
+            self.apply_mode(mode)
+
+    def apply_mode(self, mode: dict[str, Any]) -> None:
+        """Pause and maintenance as the daemon wants them: {"pause": {"timeout", "max_held"} | None,
+        "maintenance": {"page", "retry_after"} | None} (a successor gets them before it listens)."""
+        gate = self.proxy.traffic
+        pause, maint = mode.get("pause"), mode.get("maintenance")
+        if isinstance(maint, dict):
+            page = maint.get("page")
+            gate.set_maintenance(True, page.encode() if isinstance(page, str) else None, int(maint["retry_after"]))
+        elif gate.maintenance:
+            gate.set_maintenance(False)
+        if isinstance(pause, dict):
+            gate.pause(float(pause["timeout"]), int(pause["max_held"]))
+        elif gate.paused:
+            gate.resume()
 
     async def run(self) -> None:
         await self.proxy.start()
         if not self.follower and self.settings.workers > 1:
             self.group = Group(self.socket_path, self.settings)
             await self.group.start({**self.routing(), "health": {"ok": self.proxy.health_ok,
-                                                                  "reason": self.proxy.health_reason}})
+                                                                  "reason": self.proxy.health_reason},
+                                    "mode": self.proxy.traffic.wire()})
         if self.follower:
             await self._watch_leader()
         server = await rpc.serve(self.socket_path, self._fan_out({
@@ -81,6 +100,7 @@ class Worker:
             ops.SWITCH: self.switch, ops.DRAIN: self.drain, ops.METRICS: self.metrics,
             ops.DRAIN_REQUESTS: self.drain_requests,
             ops.SET_ROUTE: self.set_route, ops.SET_HEALTH: self.set_health,
+            ops.PAUSE: self.pause, ops.RESUME: self.resume, ops.MAINTENANCE: self.maintenance, ops.MODE: self.mode,
         }))
         inode = os.stat(self.socket_path).st_ino
         log.info("proxy listening on %s (pid %d)", self.settings.listen, os.getpid())
@@ -101,6 +121,7 @@ class Worker:
         return {"pid": os.getpid(), "port": self.proxy.port, "live": self.proxy.live, "protocol": ops.PROTOCOL,
                 "settings": dataclasses.asdict(self.settings), "routing": self.routing(), "drill": self.proxy.drill,
                 "health": {"ok": self.proxy.health_ok, "reason": self.proxy.health_reason},
+                "mode": self.proxy.traffic.mode(),
                 "tls": self.proxy.tls.status() if self.proxy.tls is not None else None}
 
     def routing(self) -> ops.Routing:
@@ -130,6 +151,20 @@ class Worker:
     async def set_health(self, args: dict[str, Any], emit: rpc.Emit) -> None:
         self.proxy.set_health(bool(args["ok"]), str(args.get("reason") or ""))
 
+    async def pause(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        return self.proxy.traffic.pause(float(args["seconds"]), int(args["max_held"]))
+
+    async def resume(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        return {"released": self.proxy.traffic.resume()}
+
+    async def mode(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        return self.proxy.traffic.mode()
+
+    async def maintenance(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
+        page = args.get("page")
+        return self.proxy.traffic.set_maintenance(bool(args["on"]), page.encode() if isinstance(page, str) else None,
+                                                  int(args.get("retry_after", 30)))
+
     async def drain(self, args: dict[str, Any], emit: rpc.Emit) -> bool:
         return await self.proxy.drain(args["slot"], float(args["timeout"]))
 
@@ -147,6 +182,7 @@ class Worker:
         """Hand over to a successor that already listens: stop accepting, finish what is open
         (keep-alive clients are told `Connection: close`), then exit. Returns at once."""
         timeout = float(args["timeout"])
+        self.proxy.traffic.retiring(timeout)   # what a pause holds here is released, never cut
         # the successors' sockets follow this group's in the port's SO_REUSEPORT group
         first = int(args.get("first") or self.settings.workers)
         count = int(args.get("count", 1))
