@@ -258,10 +258,12 @@ def test_a_host_cut_off_before_the_barrier_aborts_after_the_switch_it_converges(
     with UnixRecorder(sock) as load:
         Fleet.wait(lambda: len(load.records) > 100, "traffic through the front")
 
-        # Before the barrier: h3 is cut off while the hosts prepare v2 -> aborted everywhere.
+        # Before the barrier: h3 is cut off while the hosts prepare v2 -> aborted everywhere. Each
+        # instance takes 12 s to start, so a test slowed by a loaded machine still cuts h3 before
+        # its prepare ends (the abort stops the others' starts: the test does not wait them out).
         path = releases(fleet, op, "v2")
         bg = subprocess.Popen([*net.exec(net.core), sys.executable, "-m", "changeover", "deploy", "v2", "--path",
-                               path, "--env", "FAULT_START_DELAY=4", "-c", str(op / "changeover.toml")], cwd=op,
+                               path, "--env", "FAULT_START_DELAY=12", "-c", str(op / "changeover.toml")], cwd=op,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         Fleet.wait(lambda: (status(net, op)["hosts"]["h3"].get("deployment") or {}).get("version") == "v2",
                    "h3 prepares v2")
