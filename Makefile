@@ -31,7 +31,7 @@ unit: setup services
 test: lint typecheck unit
 
 # Each benchmark prints its table and the command that produced it (see docs/benchmarks.md).
-BENCHES := proxy_bench rollback_bench migrations_bench
+BENCHES := proxy_bench rollback_bench migrations_bench websocket_bench
 
 bench: setup services
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done

@@ -135,7 +135,7 @@ defaults
     timeout client {_ms(s.body_timeout)}
     timeout connect {_ms(s.connect_timeout)}
     timeout server {_ms(s.response_timeout)}
-    timeout tunnel 1h
+    timeout tunnel {_ms(s.tunnel_idle_timeout) if s.tunnel_idle_timeout else "2147483647ms"}
     log-format "{LOG_TAG}|%s|%ST|%[date(0,us),sub(txn.t0)]|%Tr|%ts"
 frontend changeover
     bind {bind}
