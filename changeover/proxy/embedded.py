@@ -67,6 +67,9 @@ RETIRE_TICK = 0.05
 # how long a retiring listener that steered new connections to its successor still accepts, so
 # that handshakes already under way complete here instead of being reset (about one client RTT)
 RETIRE_LISTEN_SETTLE = 0.25
+# the accept queue: a burst of thousands of new connections (a load balancer's pool refilling)
+# must not overflow it into SYN retries of 1 s and more; the kernel caps it at net.core.somaxconn
+LISTEN_BACKLOG = 65535
 _SO_ATTACH_REUSEPORT_CBPF = 51      # linux/asm-generic/socket.h
 _SO_DETACH_REUSEPORT_BPF = 68
 _BPF_RET_K = 0x06                    # BPF_RET | BPF_K: return the constant k
@@ -153,7 +156,7 @@ class EmbeddedProxy:
             raise ChangeoverError(f"proxy listen address {self.settings.listen!r}: expected host:port") from None
         try:
             self._server = await self._loop.create_server(
-                lambda: ClientConn(self), self.settings.host or None, port, backlog=2048,
+                lambda: ClientConn(self), self.settings.host or None, port, backlog=LISTEN_BACKLOG,
                 reuse_address=True, reuse_port=self.reuse_port)
         except OSError as e:
             raise ListenError(e.errno or 0, e.strerror or str(e), self.settings.listen) from None
@@ -267,6 +270,15 @@ class EmbeddedProxy:
                 with contextlib.suppress(OSError):
                     out.append(socket.socket(fileno=os.dup(s.fileno())))
         return out
+
+    def unsteer(self) -> None:
+        """Remove the steering program a retired predecessor group left on the SO_REUSEPORT group
+        (proxy/workers.py calls it once the predecessor's listeners are gone: a program picking
+        socket k would otherwise keep sending every connection to one worker of a larger group)."""
+        for ls in self._listeners():
+            with contextlib.suppress(OSError):
+                ls.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
+            ls.close()
 
     def _steer_away(self, first: int = 1, count: int = 1) -> bool:
         """Ask the kernel to send new connections for the address to the successor: a one-

@@ -36,7 +36,7 @@ from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy, ListenError
 from changeover.proxy.tls_settings import TlsSettings
-from changeover.proxy.workers import Group, merge
+from changeover.proxy.workers import Group, merge, unsteer_when_alone
 
 log = logging.getLogger("changeover.proxy.worker")
 
@@ -89,9 +89,9 @@ class Worker:
         await self.proxy.start()
         if not self.follower and self.settings.workers > 1:
             self.group = Group(self.socket_path, self.settings)
-            await self.group.start({**self.routing(), "health": {"ok": self.proxy.health_ok,
-                                                                  "reason": self.proxy.health_reason},
-                                    "mode": self.proxy.traffic.wire()})
+            await self.group.start(lambda: {**self.routing(), "health": {"ok": self.proxy.health_ok,
+                                                                          "reason": self.proxy.health_reason},
+                                            "mode": self.proxy.traffic.wire()})
         if self.follower:
             await self._watch_leader()
         server = await rpc.serve(self.socket_path, self._fan_out({
@@ -107,7 +107,12 @@ class Worker:
         pids = [os.getpid(), *(self.group.pids if self.group else ())]
         print(json.dumps({"ready": True, "pid": os.getpid(), "port": self.proxy.port, "pids": pids}), flush=True)
         self.ready = True
+        # a predecessor group's steering program goes once its listeners are gone (proxy/workers.py)
+        unsteer = None if self.follower else asyncio.get_running_loop().create_task(
+            unsteer_when_alone(self.proxy, self.settings.workers))
         await self.stopped.wait()
+        if unsteer is not None:
+            unsteer.cancel()
         server.close()
         if self.group is not None and not self.group.stopping:
             await self.group.stop()

@@ -31,13 +31,17 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from changeover import rpc
 from changeover.errors import ChangeoverError, DaemonError
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
+
+if TYPE_CHECKING:
+    from changeover.proxy.embedded import EmbeddedProxy
 
 log = logging.getLogger("changeover.proxy.workers")
 START_TIMEOUT = 10.0
@@ -62,14 +66,43 @@ class Group:
         self.base = leader_socket.parent / f"proxy.{os.getpid()}"
         self.followers: list[Follower] = []
         self.stopping = False
+        self.routing: Callable[[], dict[str, Any]] = dict
+        self._watchers: set[asyncio.Task[None]] = set()
 
-    async def start(self, routing: dict[str, Any]) -> None:
-        """Start every follower preloaded with `routing`; returns once all of them listen."""
+    async def start(self, routing: Callable[[], dict[str, Any]]) -> None:
+        """Start every follower preloaded with `routing()` (the leader's routing now); returns once
+        all of them listen. A follower that exits on its own later is started again, the same way."""
+        self.routing = routing
         try:
-            self.followers = list(await asyncio.gather(*(self._spawn(i, routing) for i in range(1, self.count + 1))))
+            now = routing()
+            self.followers = list(await asyncio.gather(*(self._spawn(i, now) for i in range(1, self.count + 1))))
         except BaseException:
             await self.stop()
             raise
+        for f in self.followers:
+            self._watch(f)
+
+    def _watch(self, f: Follower) -> None:
+        task = asyncio.get_running_loop().create_task(self._restart_on_exit(f))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _restart_on_exit(self, f: Follower) -> None:
+        code = await f.proc.wait()
+        while not self.stopping:
+            log.error("proxy worker %d (pid %d) exited (status %s): starting it again", f.index, f.pid, code)
+            try:
+                new = await self._spawn(f.index, self.routing())
+            except Exception:
+                log.exception("proxy worker %d could not be started again", f.index)
+                await asyncio.sleep(1.0)
+                continue
+            if self.stopping:              # stopped meanwhile: this one goes too
+                self.followers.append(new)
+                return
+            self.followers = [new if x is f else x for x in self.followers]
+            self._watch(new)
+            return
 
     async def _spawn(self, index: int, routing: dict[str, Any]) -> Follower:
         sock = Path(f"{self.base}.{index}.sock")
@@ -225,3 +258,32 @@ def _add_rows(into: dict[int, list[Any]], rows: list[Any]) -> None:
 
 def _rows_list(rows: dict[int, list[Any]]) -> list[Any]:
     return [[t, c, [[b, n] for b, n in sorted(h.items())]] for t, (c, h) in sorted(rows.items())]
+
+
+def listeners_on(port: int) -> int:
+    """How many sockets listen on `port` on this host (/proc/net/tcp and tcp6; state 0A is LISTEN)."""
+    n = 0
+    suffix = f":{port:04X}"
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split(None, 4)
+                    if len(fields) > 3 and fields[3] == "0A" and fields[1].endswith(suffix):
+                        n += 1
+        except OSError:
+            continue
+    return n
+
+
+async def unsteer_when_alone(proxy: EmbeddedProxy, size: int, timeout: float = 120.0) -> None:
+    """Once only this group listens on the port (a predecessor group has closed its listeners),
+    remove the steering program the predecessor left (see `EmbeddedProxy.unsteer`)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if await loop.run_in_executor(None, listeners_on, proxy.port) <= size:
+            proxy.unsteer()
+            return
+        await asyncio.sleep(0.5)

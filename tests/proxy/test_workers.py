@@ -87,11 +87,32 @@ def test_every_worker_serves_and_switches_together(group: ProxyProcess) -> None:
 
 
 def test_a_worker_that_cannot_take_a_switch_fails_it_and_the_others_go_back(group: ProxyProcess) -> None:
-    follower = group.pids[1]
-    os.kill(follower, signal.SIGKILL)
-    with pytest.raises(ChangeoverError, match="not acknowledged"):
-        asyncio.run(group.switch("green"))
-    assert asyncio.run(group.live()) == "blue"
+    sock = _follower_socket(group)
+    away = sock.with_name("unreachable.sock")
+    sock.rename(away)                      # the follower cannot be told (it still serves)
+    try:
+        with pytest.raises(ChangeoverError, match="not acknowledged"):
+            asyncio.run(group.switch("green"))
+        assert asyncio.run(group.live()) == "blue"
+        assert set(_fresh_gets(group.port or 0, 30)) == {b"blue"}
+    finally:
+        away.rename(sock)
+    assert [w["live"] for w in _ping(group)["workers"]] == ["blue", "blue"]
+
+
+def test_a_follower_that_dies_is_started_again_with_the_routing(group: ProxyProcess) -> None:
+    asyncio.run(group.switch("green"))
+    dead = group.pids[1]
+    os.kill(dead, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        pids = _ping(group)["pids"]
+        if len(pids) == 2 and dead not in pids and _alive(pids[1]):
+            break
+        assert time.monotonic() < deadline, "the follower was not started again"
+        time.sleep(0.1)
+    assert [w["live"] for w in _ping(group)["workers"]] == ["green", "green"]
+    assert set(_fresh_gets(group.port or 0, 30)) == {b"green"}
 
 
 def test_a_follower_that_disagrees_is_put_back_on_the_leaders_slot(group: ProxyProcess) -> None:
@@ -157,6 +178,45 @@ def test_handover_to_a_new_group_loses_no_request(group: ProxyProcess, backends:
     assert set(_fresh_gets(port, 10)) == {b"blue"}
 
 
+def test_a_handover_to_a_larger_group_spreads_over_all_of_it(tmp_path: Path,
+                                                               backends: tuple[Backend, Backend]) -> None:
+    """One worker hands over to two: once the old listener is gone, its steering program is
+    removed, and new connections reach both new workers again (not only the one it picked)."""
+    import dataclasses
+    p = ProxyProcess(ProxySettings(listen=f"127.0.0.1:{free_port()}", workers=1, drain_timeout=5), tmp_path)
+    asyncio.run(p.ensure(_initial(backends)))
+    try:
+        p.settings = dataclasses.replace(p.settings, workers=2)
+
+        async def configure(_: ProxyProcess) -> None:
+            pass
+
+        asyncio.run(p.handover(_initial(backends), configure))
+        assert len(p.pids) == 2
+        follower = _follower_socket(p)
+
+        def served_by_follower() -> int:
+            m = asyncio.run(rpc.call(follower, "metrics", {}))
+            return sum(sum(r[1][0] for r in s["rows"]) for s in m["slots"].values())
+
+        deadline = time.monotonic() + 10
+        cpus = os.sched_getaffinity(0)
+        while True:
+            try:
+                for cpu in sorted(cpus):                   # handshakes from every CPU
+                    os.sched_setaffinity(0, {cpu})
+                    assert set(_fresh_gets(p.port or 0, 10)) == {b"blue"}
+            finally:
+                os.sched_setaffinity(0, cpus)
+            total = asyncio.run(p.metrics())
+            n = sum(sum(r[1][0] for r in s["rows"]) for s in total["slots"].values())
+            if 0 < served_by_follower() < n or time.monotonic() > deadline:
+                break
+        assert 0 < served_by_follower() < n, "new connections reach both workers of the new group"
+    finally:
+        asyncio.run(p.shutdown())
+
+
 def test_followers_leave_when_the_leader_is_killed(tmp_path: Path, backends: tuple[Backend, Backend]) -> None:
     p = ProxyProcess(ProxySettings(listen=f"127.0.0.1:{free_port()}", workers=3, drain_timeout=5), tmp_path)
     asyncio.run(p.ensure(_initial(backends)))
@@ -199,3 +259,4 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(b")")[2].split()[0] != b"Z"
     except OSError:
         return False
+
