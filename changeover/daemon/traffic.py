@@ -64,8 +64,12 @@ class TrafficModes:
     def _control(self, proxy: Any = None) -> TrafficControl:
         p = self.proxy if proxy is None else proxy
         if not isinstance(p, TrafficControl):
-            raise ChangeoverError(f'[proxy] engine = "{self.settings().engine}" cannot pause traffic or serve a '
-                                  'maintenance page; the embedded proxy (engine = "embedded") can')
+            s = self.settings()
+            if getattr(s, "shared", False):
+                raise ChangeoverError("a project on a shared front ([proxy] shared = true) cannot pause traffic or "
+                                      "serve a maintenance page yet; a project with its own proxy can")
+            raise ChangeoverError(f'[proxy] engine = "{s.engine}" cannot pause traffic or serve a maintenance page; '
+                                  'the embedded proxy (engine = "embedded") can')
         return p
 
     @staticmethod
