@@ -7,6 +7,7 @@ N connections each send GET in a loop on one keep-alive connection and count ans
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +15,12 @@ from typing import Any
 RW = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def get(host: str, port: int, path: str = "/", conn: RW | None = None, timeout: float = 10
-              ) -> tuple[int, dict[str, str], bytes, RW | None]:
-    """One HTTP/1.1 GET on an existing or new connection: status, headers (lower-case), body, conn."""
+async def get(host: str, port: int, path: str = "/", conn: RW | None = None, timeout: float = 10,
+              tls: _ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes, RW | None]:
+    """One HTTP/1.1 GET on an existing or new connection: status, headers (lower-case), body, conn.
+    With `tls`, a new connection is HTTPS (SNI: `host`)."""
     if conn is None:
-        conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        conn = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), timeout)
     reader, writer = conn
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
@@ -45,14 +47,15 @@ class Load:
     versions: Counter[str] = field(default_factory=Counter)
     failed_versions: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    tls: _ssl.SSLContext | None = None    # HTTPS to the proxy's [proxy.tls] listener
     _stop: bool = False
 
     async def _conn(self) -> None:
         conn: RW | None = None
         while not self._stop:
             try:
-                status, headers, _, conn = await get(self.host, self.port, self.path, conn)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError) as e:
+                status, headers, _, conn = await get(self.host, self.port, self.path, conn, tls=self.tls)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError, _ssl.SSLError) as e:
                 self.failed += 1
                 self.errors.append(f"{type(e).__name__}: {e}")
                 conn = None

@@ -107,17 +107,20 @@ class ProxyProcess:
     def _check_port_free(self) -> None:
         """A worker binds with SO_REUSEPORT (for handovers), which would silently share the port with
         another such process: make sure nobody listens there before starting one from scratch."""
-        host, port = self.settings.host, self.settings.port
-        if port == 0:
-            return
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {self.settings.listen}: {e.strerror or e} "
-                                  "(another process uses it)", key="proxy.listen") from None
+        tls = self.settings.tls            # [proxy.tls]: the HTTPS listener binds the same way
+        addresses = [(self.settings.listen, "proxy.listen")] + ([(tls.listen, "proxy.tls.listen")] if tls else [])
+        for listen, key in addresses:
+            host, port = listen.rsplit(":", 1)[0].strip("[]"), int(listen.rsplit(":", 1)[1])
+            if port == 0:
+                continue
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                except OSError as e:
+                    raise ConfigError(f"cannot listen on {listen}: {e.strerror or e} "
+                                      "(another process uses it)", key=key) from None
 
     async def handover(self, initial: dict[str, Any], configure: Callable[[ProxyProcess], Awaitable[None]]) -> None:
         """Replace the running worker without dropping a request: start a successor on the same
