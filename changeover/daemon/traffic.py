@@ -83,6 +83,10 @@ class TrafficModes:
     async def pause(self, timeout: float | None, actor: str | None, why: str | None) -> dict[str, Any]:
         ctl = self._control()
         s = self.settings()
+        if getattr(ctl, "can_pause", True) is False:    # refused before anything is recorded
+            raise ChangeoverError(f'[proxy] engine = "{s.engine}" cannot hold requests in order (`changeover '
+                                  'pause` needs the embedded proxy, engine = "embedded"); `changeover maintenance` '
+                                  "works on both")
         timeout = s.pause_timeout if timeout is None else float(timeout)
         if not 0 < timeout <= MAX_PAUSE:
             raise UsageError(f"--timeout {timeout:g}: expected seconds above 0 and at most {MAX_PAUSE:g}")

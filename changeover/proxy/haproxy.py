@@ -45,6 +45,11 @@ _MAINT_BITS = 0x01 | 0x02 | 0x20 | 0x40
 _DRAIN_BITS = 0x08 | 0x10
 
 SETTINGS_MARK = "# changeover settings: "
+MAINT = "changeover_maintenance"   # the proc variables the maintenance rule reads (haproxy_engine.maintenance)
+MAX_MAINT_PAGE = 8 * 1024          # its page travels base64 on one CLI line, within tune.bufsize
+MAINT_RULE = (f'http-request return status 503 content-type "text/html; charset=utf-8" '
+              f'lf-string "%[var(proc.{MAINT}_page),b64dec]" hdr Retry-After "%[var(proc.{MAINT}_retry)]" '
+              f"hdr Cache-Control no-store if {{ var(proc.{MAINT}) -m int 1 }}")
 ROUTING_MARK = f"backend {BACKEND}\n"
 
 
@@ -140,6 +145,8 @@ defaults
 frontend changeover
     bind {bind}
     http-request set-var(txn.t0) date(0,us)
+    # `changeover maintenance on`: the page (base64) and Retry-After are set through the runtime API
+    {MAINT_RULE}
 {limit}    acl trusted src {trusted}
     acl has_xff req.fhdr_cnt(x-forwarded-for) gt 0
     acl one_xff req.fhdr_cnt(x-forwarded-for) eq 1

@@ -20,6 +20,7 @@ are never added in; they only cross-check the log (`lost()`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import logging
@@ -346,6 +347,46 @@ class HAProxyControl:
                 await self._run(hx.commands(cmds))
         return clean
 
+    # -- pause and maintenance (daemon/traffic.py) -----------------------------------------------------
+    can_pause = False                      # HAProxy queues per server up to `timeout queue`, never in order
+
+    async def pause(self, timeout: float, max_held: int) -> dict[str, Any]:
+        raise ChangeoverError('[proxy] engine = "haproxy" cannot hold requests in order (`changeover pause` needs '
+                              'the embedded proxy, engine = "embedded"); `changeover maintenance` works on both')
+
+    async def resume(self) -> int:
+        return 0                           # nothing is ever held here
+
+    async def maintenance(self, on: bool, page: bytes | None = None, retry_after: int = 30) -> dict[str, Any]:
+        """The frontend's maintenance rule (haproxy.settings_part) switched by proc variables: no
+        reload. A reload or a restart forgets them; the daemon sets them again (traffic.restore)."""
+        if self.attached:
+            raise ChangeoverError(f"HAProxy is attached through [proxy] haproxy_socket ({self.admin}): its config "
+                                  "has no maintenance rule of changeover's; switch maintenance in that HAProxy")
+        if not on:
+            await self._run(f"experimental-mode on; set var proc.{hx.MAINT} int(0)")
+            return await self.mode() or {}
+        from changeover.proxy.hold import DEFAULT_PAGE
+
+        body = page or DEFAULT_PAGE
+        if len(body) > hx.MAX_MAINT_PAGE:
+            raise ChangeoverError(f'maintenance page of {len(body)} bytes: [proxy] engine = "haproxy" serves pages '
+                                  f"of up to {hx.MAX_MAINT_PAGE} bytes (the embedded proxy up to 1 MiB)")
+        # HAProxy escapes control characters in what a log-format writes (%0A): line breaks and tabs
+        # go out as spaces, which HTML reads alike (not inside <pre>, nor a // comment in a script)
+        encoded = base64.b64encode(body.translate(_SPACES)).decode()
+        await self._run(f"experimental-mode on; set var proc.{hx.MAINT}_page str({encoded}); "
+                        f"set var proc.{hx.MAINT}_retry int({int(retry_after)}); set var proc.{hx.MAINT} int(1)")
+        return await self.mode() or {}
+
+    async def mode(self) -> dict[str, Any] | None:
+        try:
+            out = await self._cli(f"experimental-mode on; get var proc.{hx.MAINT}")
+        except OSError as e:
+            raise ChangeoverError(f"HAProxy admin socket {self.admin}: {e.strerror or e}") from None
+        on = "value=<1>" in out
+        return {"paused": False, "held": 0, "maintenance": on}
+
     async def set_version(self, slot: str, version: str | None) -> None:
         self.recorder.set_version(slot, version)
 
@@ -464,6 +505,9 @@ class HAProxyControl:
         tmp = self.paths.config.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, self.paths.config)
+
+
+_SPACES = bytes.maketrans(b"\r\n\t", b"   ")
 
 
 def _live(servers: Sequence[hx.Server]) -> str | None:

@@ -251,10 +251,25 @@ def test_the_proxy_keeps_the_mode_while_the_daemon_is_away(project: Project, poo
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/ensure-services.sh)")
-def test_haproxy_refuses_clearly(project: Project) -> None:
+def test_haproxy_engine_serves_maintenance_and_refuses_pause_clearly(project: Project) -> None:
     project.write('engine = "haproxy"\n')
+    (project.root / "page.html").write_text(PAGE)
     project.start_daemon()
-    for args in (("pause",), ("maintenance", "on")):
-        p = project.cli(*args, check=False)
-        assert p.returncode != 0 and 'engine = "haproxy"' in p.stderr and "Traceback" not in p.stderr
-    assert status(project)["mode"] == "serving"
+    project.deploy("v1")
+    p = project.cli("pause", check=False)
+    assert p.returncode != 0 and 'engine = "haproxy"' in p.stderr and "Traceback" not in p.stderr
+    assert [r for r in history(project) if r["id"] is None] == []      # refused before anything was recorded
+
+    project.cli("maintenance", "on", "--page", "page.html", "--retry-after", "9")
+    code, headers, body = fetch(project)
+    assert (code, headers["retry-after"], headers["cache-control"]) == (503, "9", "no-store")
+    assert body.decode() == PAGE.replace("\n", " ")    # HAProxy sends line breaks as spaces
+    project.kill_daemon(signal.SIGKILL)
+    assert fetch(project)[0] == 503               # HAProxy keeps the mode while no daemon runs
+    project.start_daemon()
+    assert status(project)["mode"] == "maintenance"
+    commands.reload_proxy(config.locate(project.config))   # a reload forgets the variables: set again
+    assert fetch(project)[0] == 503
+    ctl(project).maintenance(False)
+    code, headers, _ = fetch(project)
+    assert code == 200 and headers["x-version"] == "v1"
