@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -50,7 +51,10 @@ from changeover.monitor.metrics import Recorder
 from changeover.monitor.routes import RouteRules
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy, ListenError
+from changeover.proxy.http1 import error_response
 from changeover.proxy.routes import FrontRecorder, HostTable, Site, bare
+from changeover.proxy.tls import CHALLENGE_PREFIX, TlsEdge, _Cert
+from changeover.proxy.tls_settings import TlsSettings
 from changeover.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("changeover.proxy.front")
@@ -58,6 +62,7 @@ log = logging.getLogger("changeover.proxy.front")
 FRONT_PROTOCOL = 1
 MOVED = "the shared front was handed over to a new process"   # the client retries on this
 START_TIMEOUT = 10.0
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")   # an ACME token: never a path
 Handler = Callable[[dict[str, Any], int], Awaitable[Any]]
 
 
@@ -71,6 +76,7 @@ class Member:
     key_hash: str
     routes: tuple[str, ...]
     max_routes: int
+    tls: dict[str, Any] | None = None   # the project's [proxy.tls] (wire form): its certificates
 
 
 def key_hash(key: str) -> str:
@@ -129,13 +135,14 @@ class Front:
         for sid, m in data.get("sites", {}).items():
             member = self._member(sid, m["project"], m["config"], int(m["uid"]), m["key_hash"],
                                   tuple(m.get("routes") or ()), int(m.get("max_routes") or 32))
+            member.tls = m.get("tls")
             self._claim(member, tuple(m.get("hosts") or ()))
             self._load_routing(member, m.get("routing") or {})
 
     def save(self) -> None:
         sites = {sid: {"project": m.project, "config": m.config, "uid": m.uid, "key_hash": m.key_hash,
                        "hosts": list(m.site.hosts), "routes": list(m.routes), "max_routes": m.max_routes,
-                       "routing": self.routing(m)} for sid, m in self.proxy.members.items()}
+                       "routing": self.routing(m), "tls": m.tls} for sid, m in self.proxy.members.items()}
         tmp = self.registry.with_name(self.registry.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -222,6 +229,65 @@ class Front:
                 return m
         raise ChangeoverError("refused: this key opens no project on the shared front (attach first)")
 
+    # -- HTTPS ---------------------------------------------------------------------------------
+    async def apply_tls(self) -> None:
+        """Every attached project's certificates on one HTTPS listener, chosen by SNI (proxy/tls.py).
+        The listener is started with the [proxy.tls] of the first project that has one; a project
+        with another TLS address is refused. Files keep being watched and reloaded as usual."""
+        with_tls = [m for m in self.proxy.members.values() if m.tls]
+        proxy = self.proxy
+        if proxy.tls is None:
+            if not with_tls:
+                return
+            settings = dataclasses.replace(TlsSettings.from_wire(with_tls[0].tls or {}), challenge_dir="")
+            edge = TlsEdge(proxy, settings)
+            await edge.start(proxy.loop, proxy.reuse_port)
+            proxy.tls = edge
+            proxy.edge = self.plain_request
+            log.info("HTTPS on %s for the shared front", settings.listen)
+        tls = proxy.tls
+        for m in with_tls:
+            if (m.tls or {}).get("listen") != tls.settings.listen:
+                raise ConfigError(f"the shared front serves HTTPS on {tls.settings.listen}, not on "
+                                  f"{(m.tls or {}).get('listen')}: use that address", file=m.config,
+                                  key="proxy.tls.listen")
+        wanted = {(str(c), str(k)): str(c) in set((m.tls or {}).get("managed") or ())
+                  for m in with_tls for c, k in (m.tls or {}).get("certificates") or ()}
+        store = tls.store
+        have = {(c.cert, c.key) for c in store.certs}
+        # CertStore's own loading and placeholder steps, one certificate at a time
+        for (cert, key), managed in wanted.items():
+            if (cert, key) in have:
+                continue
+            c = _Cert(cert, key, managed)
+            if not store._load(c):
+                if not managed:
+                    raise ConfigError(f"{cert}: {store.errors.get(cert, 'cannot be read')}", key="proxy.tls.cert")
+                store._placeholder(c)
+            store.certs.append(c)
+        if wanted:
+            store.certs = [c for c in store.certs if (c.cert, c.key) in wanted]
+        store._index()
+
+    def plain_request(self, conn: Any, method: bytes, head: bytes, target: int) -> bytes | None:
+        """The HTTP listener's HTTPS duties for every project: its ACME tokens (each project's
+        daemon writes them to its own directory), then the redirect of proxy/tls.py."""
+        tls = self.proxy.tls
+        if tls is None:
+            return None
+        if head.startswith(CHALLENGE_PREFIX, target):
+            end = head.find(b" ", target)
+            token = head[target + len(CHALLENGE_PREFIX):end].partition(b"?")[0].decode("latin-1")
+            for m in self.proxy.members.values():
+                d = (m.tls or {}).get("challenge_dir")
+                if d and _TOKEN.fullmatch(token):
+                    with contextlib.suppress(OSError):
+                        body = (Path(d) / token).read_bytes()
+                        return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: no-store\r\n"
+                                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            return error_response(404, False)
+        return tls.plain_request(conn, method, head, target)
+
     # -- ops -----------------------------------------------------------------------------------
     def handlers(self) -> dict[str, Handler]:
         return {"ping": self.ping, "attach": self.attach, "detach": self.detach, "handover": self.handover,
@@ -280,6 +346,14 @@ class Front:
                 raise
             if not adopted and isinstance(args.get("initial"), dict):
                 self._load_routing(m, args["initial"])
+            before, m.tls = m.tls, args.get("tls") if isinstance(args.get("tls"), dict) else None
+            try:
+                await self.apply_tls()
+            except ChangeoverError:
+                m.tls = before
+                if not adopted:
+                    self._detach(m)
+                raise
             self.save()
         log.info("site %s attached (%s) for %s: %s", sid, "adopted" if adopted else "new", config, ", ".join(hosts))
         return {"site": sid, "adopted": adopted, "pid": os.getpid(), "port": self.proxy.port,
@@ -290,6 +364,7 @@ class Front:
             self._not_moved()
             m = self._site(args, uid)
             self._detach(m)
+            await self.apply_tls()
             self.save()
             left = len(self.proxy.members)
         log.info("site %s detached (%s); %d left", m.site.id, m.config, left)
@@ -391,6 +466,7 @@ class Front:
     # -- running -------------------------------------------------------------------------------
     async def run(self) -> None:
         await self.proxy.start()
+        await self.apply_tls()
         server = await serve(self.bind_path, self.handlers())
         inode = os.stat(self.bind_path).st_ino
         log.info("shared front listening on %s (pid %d), control socket %s", self.settings.listen, os.getpid(),
@@ -502,7 +578,6 @@ async def start_front(socket_path: Path, registry: Path, settings: ProxySettings
 def settings_from_json(text: str) -> ProxySettings:
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
     if isinstance(fields.get("tls"), dict):          # [proxy.tls], nested in the JSON
-        from changeover.proxy.tls_settings import TlsSettings
         fields["tls"] = TlsSettings.from_wire(fields["tls"])
     return ProxySettings(**fields)
 

@@ -52,9 +52,9 @@ def registry_path(sock: Path) -> Path:
 
 def front_settings(settings: ProxySettings) -> ProxySettings:
     """What the front itself runs with: the listener's settings, no project's own. One process
-    (host routing keeps its tables in it)."""
+    (host routing keeps its tables in it); HTTPS comes from the attached projects' [proxy.tls]."""
     one: dict[str, Any] = {"workers": 1} if any(f.name == "workers" for f in dataclasses.fields(ProxySettings)) else {}
-    return dataclasses.replace(settings, hosts=(), shared=False, front_socket="", routes=(), **one)
+    return dataclasses.replace(settings, hosts=(), shared=False, front_socket="", routes=(), tls=None, **one)
 
 
 async def front_info(sock: Path) -> dict[str, Any] | None:
@@ -93,7 +93,7 @@ class SharedFront:
 
     def _wanted(self) -> tuple[Any, ...]:
         s = self.settings
-        return (s.hosts, s.routes, s.max_routes, s.listen, str(self.socket))
+        return (s.hosts, s.routes, s.max_routes, s.listen, str(self.socket), s.tls)
 
     @property
     def settings_differ(self) -> bool:
@@ -146,7 +146,7 @@ class SharedFront:
         s = self.settings
         result = dict(await self._call("attach", project=str(self.state_dir.absolute()), config=self.config_file,
                                        hosts=list(s.hosts), routes=list(s.routes), max_routes=s.max_routes,
-                                       initial=initial))
+                                       initial=initial, tls=dataclasses.asdict(s.tls) if s.tls else None))
         self.pid, self.port = int(result["pid"]), int(result["port"])
         self.attached = self._wanted()
         theirs = result.get("settings") or {}

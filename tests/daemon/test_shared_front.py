@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +24,7 @@ import pytest
 
 from changeover import rpc
 from changeover.errors import ChangeoverError
+from changeover.proxy.tls import self_signed
 from changeover.state import State
 from tests.daemon.harness import Project, free_port
 
@@ -33,6 +35,7 @@ class HostLoad:
     port: int
     host: str
     connections: int = 8
+    tls: ssl.SSLContext | None = None     # HTTPS, the certificate checked for `host` (SNI)
     ok: int = 0
     failed: int = 0
     versions: Counter[str] = field(default_factory=Counter)
@@ -44,7 +47,8 @@ class HostLoad:
         while not done.is_set():
             try:
                 if conn is None:
-                    conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 5)
+                    conn = await asyncio.wait_for(asyncio.open_connection(
+                        "127.0.0.1", self.port, ssl=self.tls, server_hostname=self.host if self.tls else None), 5)
                 reader, writer = conn
                 writer.write(req)
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -55,7 +59,7 @@ class HostLoad:
                 if headers.get("connection", "").lower() == "close":
                     writer.close()
                     conn = None
-            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as e:
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, ssl.SSLError) as e:
                 self.failed += 1
                 self.errors.append(f"{type(e).__name__}: {e}")
                 conn = None
@@ -75,8 +79,14 @@ class HostLoad:
         await asyncio.gather(*(self._conn(done) for _ in range(self.connections)))
 
 
-def _shared(front: Path, *hosts: str) -> str:
-    return f'hosts = {json.dumps(list(hosts))}\nshared = true\nfront_socket = "{front}"\n'
+def _shared(front: Path, *hosts: str, tls: str = "") -> str:
+    return f'hosts = {json.dumps(list(hosts))}\nshared = true\nfront_socket = "{front}"\n{tls}'
+
+
+def _tls(p: Project, tls_port: int, *names: str) -> str:
+    """[proxy.tls] with a self-signed certificate of the project's own names (key in the file)."""
+    pem = self_signed(list(names), p.root / "certs")
+    return f'\n[proxy.tls]\nlisten = "127.0.0.1:{tls_port}"\ncert = "{pem}"\nkey = "{pem}"\n'
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +98,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Project, Pr
     front.parent.mkdir()
     a = Project(tmp / "a", port=port)
     b = Project(tmp / "b", port=port)
-    for p, hosts in ((a, ("shop.test", "www.shop.test")), (b, ("*.blog.test",))):
+    tls_port = free_port()
+    for p, hosts, names in ((a, ("shop.test", "www.shop.test"), ("shop.test", "www.shop.test")),
+                            (b, ("*.blog.test",), ("*.blog.test",))):
         p.root.mkdir()
-        p.write(_shared(front, *hosts))
+        p.tls = _tls(p, tls_port, *names)      # type: ignore[attr-defined]
+        p.tls_port = tls_port                  # type: ignore[attr-defined]
+        p.write(_shared(front, *hosts, tls=p.tls))  # type: ignore[attr-defined]
     try:
         a.start_daemon()
         b.start_daemon()
@@ -125,12 +139,13 @@ def _version(port: int, host: str) -> str | None:
     return asyncio.run(go())
 
 
-def _under_load(a: Project, b: Project, action: Callable[[], Awaitable[None]]) -> tuple[HostLoad, HostLoad]:
-    """Both projects' users hammer the port while `action` runs."""
+def _under_load(a: Project, b: Project, action: Callable[[], Awaitable[None]],
+                *more: HostLoad) -> tuple[HostLoad, HostLoad]:
+    """Both projects' users hammer the port (and `more`) while `action` runs."""
     async def go() -> tuple[HostLoad, HostLoad]:
         la, lb = HostLoad(a.port, "shop.test"), HostLoad(a.port, "en.blog.test")
         done = asyncio.Event()
-        runners = [asyncio.create_task(la.run_until(done)), asyncio.create_task(lb.run_until(done))]
+        runners = [asyncio.create_task(x.run_until(done)) for x in (la, lb, *more)]
         await asyncio.sleep(0.2)
         try:
             await action()
@@ -165,10 +180,17 @@ def test_two_projects_deploy_and_roll_back_without_failing_each_other(pair: tupl
         await asyncio.to_thread(a.cli, "rollback", "--json")   # warm: back to a1, and b's users see nothing
         await asyncio.to_thread(b.cli, "rollback", "--json")
 
-    la, lb = _under_load(a, b, deploys)
-    assert la.failed == 0 and lb.failed == 0, (la.errors[:5], lb.errors[:5])
+    # the same over HTTPS on the shared 443-style listener: each name gets its own project's certificate
+    trust = ssl.create_default_context()
+    for p in (a, b):
+        trust.load_verify_locations(str(next((p.root / "certs").iterdir())))
+    sa, sb = HostLoad(a.tls_port, "shop.test", 4, trust), HostLoad(a.tls_port, "en.blog.test", 4, trust)  # type: ignore[attr-defined]
+    la, lb = _under_load(a, b, deploys, sa, sb)
+    for load in (la, lb, sa, sb):
+        assert load.failed == 0, (load.host, load.tls is not None, load.errors[:5])
     assert set(la.versions) == {"a1", "a2"} and set(lb.versions) == {"b1", "b2"}, (la.versions, lb.versions)
-    assert la.ok > 100 and lb.ok > 100
+    assert set(sa.versions) == {"a1", "a2"} and set(sb.versions) == {"b1", "b2"}, (sa.versions, sb.versions)
+    assert la.ok > 100 and lb.ok > 100 and sa.ok > 20 and sb.ok > 20
     assert _version(port, "shop.test") == "a1" and _version(port, "x.blog.test") == "b1"
 
 
@@ -293,10 +315,12 @@ def test_front_handover_without_failed_requests(pair: tuple[Project, Project, Pa
 def test_reload_with_new_host_names_re_attaches(pair: tuple[Project, Project, Path]) -> None:
     a, b, _ = pair
     served = _version(a.port, "x.blog.test")
-    b.write(_shared(b.config.parent.parent / "front" / "front.sock", "*.blog.test", "news.test"))
+    b.write(_shared(b.config.parent.parent / "front" / "front.sock", "*.blog.test", "news.test",
+                    tls=b.tls))  # type: ignore[attr-defined]
     b.cli("reload")
     assert _version(a.port, "news.test") == served and _version(a.port, "x.blog.test") == served
-    b.write(_shared(b.config.parent.parent / "front" / "front.sock", "*.blog.test", "shop.test"))
+    b.write(_shared(b.config.parent.parent / "front" / "front.sock", "*.blog.test", "shop.test",
+                    tls=b.tls))  # type: ignore[attr-defined]
     refused = b.cli("reload", check=False)
     assert refused.returncode != 0 and str(a.config) in refused.stdout + refused.stderr
     assert _version(a.port, "shop.test") is not None and _version(a.port, "news.test") == served

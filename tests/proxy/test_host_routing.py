@@ -216,3 +216,42 @@ def test_detaching_frees_the_names(front: FrontUnderTest) -> None:
     assert fetch(front.port, "blog.test")[0] == 404
     assert fetch(front.port, "shop.test") == (200, b"shop-blue")
     front.attach("blog2", ["blog.test"])                 # a free name can be claimed again
+
+
+def test_https_serves_each_projects_certificate_and_acme_tokens(front: FrontUnderTest, tmp_path: Path) -> None:
+    """[proxy.tls] of each attached project on one HTTPS listener: SNI picks the project's own
+    certificate, the Host its routes; each project's ACME tokens are answered on HTTP."""
+    import socket as socketmod
+    import ssl
+
+    from changeover.proxy.tls import self_signed
+    from tests.daemon.harness import free_port
+
+    tls_port = free_port()
+    certs = {name: self_signed(names, tmp_path / name / "certs")
+             for name, names in (("shop", ["shop.test", "*.shop.test"]), ("blog", ["blog.test"]))}
+    for name, hosts in (("shop", ["shop.test", "*.shop.test"]), ("blog", ["blog.test"])):
+        challenges = tmp_path / name / "challenges"
+        challenges.mkdir()
+        (challenges / f"tok-{name}").write_text(f"proof-{name}")
+        tls = {"listen": f"127.0.0.1:{tls_port}", "certificates": [[certs[name], ""]], "managed": [],
+               "https_redirect": False, "hsts_max_age": 0, "min_version": "1.2",
+               "challenge_dir": str(challenges)}
+        front.lt.run(front.front.handlers()["attach"](
+            {"project": str(tmp_path / name / ".changeover"), "config": str(tmp_path / name / "changeover.toml"),
+             "hosts": hosts, "key": front.keys[name], "tls": tls}, UID))
+    trust = ssl.create_default_context()
+    for pem in certs.values():
+        trust.load_verify_locations(pem)
+    for host, body in (("shop.test", b"shop-blue"), ("www.shop.test", b"shop-blue"), ("blog.test", b"blog-blue")):
+        with socketmod.create_connection(("127.0.0.1", tls_port), timeout=5) as s, \
+                trust.wrap_socket(s, server_hostname=host) as t:        # verifies the certificate for host
+            t.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := t.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(body), (host, data[:200])
+    for name in ("shop", "blog"):
+        token = f"/.well-known/acme-challenge/tok-{name}"
+        assert fetch(front.port, "shop.test", token) == (200, f"proof-{name}".encode())
+    assert fetch(front.port, "shop.test", "/.well-known/acme-challenge/..%2fkey")[0] == 404
