@@ -17,11 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from changeover import commands, config
+from changeover.errors import ConfigError
 from changeover.loadgen import Load, get
 from changeover.state import State
 from tests.daemon.harness import Project
@@ -273,3 +275,20 @@ def test_haproxy_engine_serves_maintenance_and_refuses_pause_clearly(project: Pr
     ctl(project).maintenance(False)
     code, headers, _ = fetch(project)
     assert code == 200 and headers["x-version"] == "v1"
+
+
+def test_config_keys_are_checked(tmp_path: Path) -> None:
+    def load(proxy: str) -> config.Config:
+        (tmp_path / "changeover.toml").write_text(f'[app]\ncommand = ["true"]\n[proxy]\n{proxy}\n')
+        return config.load(tmp_path / "changeover.toml")
+
+    (tmp_path / "down.html").write_text(PAGE)
+    c = load('pause_timeout = "2m"\npause_max_held = 50\nmaintenance_page = "down.html"\nretry_after = 120')
+    assert (c.proxy.pause_timeout, c.proxy.pause_max_held, c.proxy.retry_after) == (120.0, 50, 120)
+    assert c.proxy.maintenance_page == str(tmp_path / "down.html")
+    assert load("").proxy.pause_timeout == 30.0 and load("").proxy.maintenance_page == ""
+    for bad, key in (('maintenance_page = "gone.html"', "proxy.maintenance_page"),
+                     ('pause_timeout = "0s"', "proxy.pause_timeout"), ("retry_after = -1", "proxy.retry_after")):
+        with pytest.raises(ConfigError) as e:
+            load(bad)
+        assert e.value.key == key and e.value.file
