@@ -109,6 +109,8 @@ class SlotManager:
             records, running = await self.supervisor.release_slot(slot)
             n, ws, left = int(held["tunnels"]), int(held.get("websockets", 0)), float(held.get("limit_in", 0))
             self.linger.hold(slot, version, left, records, running, n)
+            # from now on the timer owns them: a recovery of this half-retired slot must not kill them
+            self.state.set_instances(slot, [])
             what = f"{n} WebSocket tunnel{'s' if n != 1 else ''}" if ws == n else \
                 f"{n} tunnel{'s' if n != 1 else ''} ({ws} WebSocket)"
             label = current.state if current.state in (SlotState.STANDBY, SlotState.LIVE) else "slot"

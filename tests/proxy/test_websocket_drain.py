@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -430,8 +431,9 @@ def _events(project: Any, kind: str) -> list[dict[str, Any]]:
 def _after_the_limit(project: Any, ws: WsClient, pids: list[int], live: str) -> None:
     """The proxy (which outlived any daemon) closes the tunnel with 1001 at the drain limit; the
     daemon then stops the processes kept for it; the live release serves, reconnects included."""
-    ws.send(b"grace")
-    assert ws.recv() == (2, b"grace")                   # the tunnel still works meanwhile
+    # the tunnel works until the limit (a slow restart may come after it: then the 1001 is there)
+    with contextlib.suppress(OSError):
+        ws.send(b"grace")
     assert ws.close_code() == 1001                      # going away at the drain limit, not 1006
     wait_until(lambda: not _linger(project), timeout=15)
     assert not any(_alive(p) for p in pids)             # the processes kept for it are stopped
@@ -456,8 +458,12 @@ def test_deploy_does_not_wait_for_a_standby_holding_only_tunnels_then_sigterm(pr
         groups = _linger(project)
         assert [g["slot"] for g in groups] == ["blue"] and groups[0]["version"] == "v1"
         pids = [r["pid"] for r in groups[0]["records"]]
-        assert pids and all(_alive(p) for p in pids)    # v1 still serves its tunnel
-        assert _events(project, "drain.tunnels")[0]["tunnels"] == 1
+        ev = _events(project, "drain.tunnels")[0]
+        assert ev["tunnels"] == 1 and ev["websockets"] == 1 and ev["version"] == "v1"
+        if time.time() < ev["ts"] + ev["limit_in"] - 0.5:   # (a loaded machine may take longer to deploy)
+            assert pids and all(_alive(p) for p in pids)    # v1 still serves its tunnel
+            ws.send(b"grace")
+            assert ws.recv() == (2, b"grace")           # the deploy is done: the tunnel still works
         project.kill_daemon(signal.SIGTERM)
         project.start_daemon()
         _after_the_limit(project, ws, pids, "v3")
@@ -477,13 +483,13 @@ def test_daemon_killed_inside_the_retire_step_that_kept_tunnels(project: Any, mo
                                    str(project.release("v3")), "--wait", "-c", str(project.config)],
                                   cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: bool(_linger(project)), timeout=30)
-        held = time.monotonic()
         pids = [r["pid"] for r in _linger(project)[0]["records"]]
         project.kill_daemon(signal.SIGKILL)
         monkeypatch.delenv("CHANGEOVER_TEST_STEP_DELAY")
         deploy.wait(timeout=30)
         project.start_daemon()
-        if time.monotonic() - held < DRAIN_TIMEOUT:     # (a slow restart may come after the limit)
+        ev = _events(project, "drain.tunnels")[0]
+        if time.time() < ev["ts"] + ev["limit_in"]:     # (a slow restart may come after the limit)
             assert all(_alive(p) for p in pids)         # recovery did not take them for orphans
         _after_the_limit(project, ws, pids, "v2")
         h = json.loads(project.cli("history", "--json").stdout)[0]
