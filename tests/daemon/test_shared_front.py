@@ -14,6 +14,8 @@ import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -267,6 +269,44 @@ def test_a_daemon_stopped_leaves_both_serving_and_adopts_its_routes(
     assert _last_start(a)["proxy"] == "adopted"
     now = _version(a.port, "shop.test")
     assert (now != was) == (sig == signal.SIGKILL) and a.status()["live"]["version"] == now
+
+
+def test_killed_inside_the_switch_the_front_and_the_state_agree(
+        pair: tuple[Project, Project, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL while the switch step holds (it acted on the front, it is not recorded done): the
+    next daemon adopts what the front serves, finishes the deploy, and the other project's users
+    notice nothing."""
+    a, b, _ = pair
+    monkeypatch.setenv("CHANGEOVER_TEST_STEP_DELAY", "switch:30")
+    a.kill_daemon(signal.SIGTERM)
+    a.start_daemon()
+    monkeypatch.delenv("CHANGEOVER_TEST_STEP_DELAY")
+    blog = _version(a.port, "x.blog.test")
+
+    async def kill_in_switch() -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "a3", "--path", str(a.release("a3")),
+                                 "-c", str(a.config)], cwd=a.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        await asyncio.to_thread(a.wait_for_step, "switch")
+        for _ in range(200):                      # the step's row is written before it acts
+            if await asyncio.to_thread(_version, a.port, "shop.test") == "a3":
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(a.kill_daemon, signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 60)
+        await asyncio.to_thread(a.start_daemon)
+
+    la, lb = _under_load(a, b, kill_in_switch)
+    assert la.failed == 0 and lb.failed == 0, (la.errors[:5], lb.errors[:5])
+    assert set(lb.versions) == {blog} and "a3" in la.versions
+    assert _version(a.port, "shop.test") == "a3" and _version(a.port, "x.blog.test") == blog
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        h = json.loads(a.cli("history", "--json").stdout)[0]
+        if h["state"] != "running":
+            break
+        time.sleep(0.2)
+    assert h["version"] == "a3" and h["state"] == "succeeded", h
+    assert a.status()["live"]["version"] == "a3"
 
 
 def test_the_front_killed_is_started_again_with_every_projects_routes(pair: tuple[Project, Project, Path]) -> None:
