@@ -132,8 +132,18 @@ def _ms(v: str, unit: str) -> float:
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(port: int, duration: float, conns: int, cpu: str | None = OTHER_CPU) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, duration: float, conns: int, cpu: str | None = OTHER_CPU,
+        pid: int | None = None) -> dict[str, float]:
+    """wrk's figures; with `pid`, also that process's CPU time per request, which other load on a
+    shared machine moves far less than req/s (it is the proxy's own cost)."""
     threads = 1 if conns < 2000 else 2
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         pinned(cpu, ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration:g}s", "--timeout", "10s", "--latency",
                      f"http://127.0.0.1:{port}/"]),
@@ -149,8 +159,10 @@ def wrk(port: int, duration: float, conns: int, cpu: str | None = OTHER_CPU) -> 
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         errors += int(m.group(1))
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    us = (cpu_seconds(pid) - cpu0) / max(n, 1) * 1e6 if pid else 0.0
     return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "max": _ms(*mx.groups()) if mx else -1.0,
-            "errors": errors}
+            "errors": errors, "us": us}
 
 
 def bulk(port: int, size: int, rounds: int = 3) -> float:
@@ -225,22 +237,25 @@ def main() -> None:
         for port in (backend, hport, eport):
             wait_port(port)
         paths = {"direct": backend, "changeover": eport, "haproxy": hport}
+        pids = {"changeover": emb.pid, "haproxy": procs[1].pid}     # taskset execs: the proxies' own pids
         if args.only:
             paths = {k: v for k, v in paths.items() if k in args.only.split(",")}
         print(f"backend: {kind}; embedded proxy from {args.tree}")
-        for conns in [int(c) for c in args.conns.split(",")]:
+        for conns in [int(c) for c in args.conns.split(",") if c]:
             rows = {}
             for name, port in paths.items():
                 wrk(port, 2, conns)                                   # warm-up: pools, caches
-                rows[name] = wrk(port, args.duration, conns)
+                rows[name] = wrk(port, args.duration, conns, pid=pids.get(name))
             print(f"\nwrk -c{conns} -d{args.duration:g}s --timeout 10s")
-            print("| path | req/s | p50 ms | p99 ms | max ms | errors |\n|---|---|---|---|---|---|")
+            print("| path | req/s | p50 ms | p99 ms | max ms | errors | proxy CPU µs/req |\n"
+                  "|---|---|---|---|---|---|---|")
             for name, r in rows.items():
                 print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.0f} | "
-                      f"{r['errors']:.0f} |")
+                      f"{r['errors']:.0f} | {r['us']:.1f} |")
             if "changeover" in rows and "haproxy" in rows:
                 c, h = rows["changeover"], rows["haproxy"]
-                print(f"changeover / haproxy: req/s {c['rps'] / h['rps']:.2f}x, p99 {c['p99'] / h['p99']:.2f}x")
+                print(f"changeover / haproxy: req/s {c['rps'] / h['rps']:.2f}x, p99 {c['p99'] / h['p99']:.2f}x, "
+                      f"CPU per request {c['us'] / max(h['us'], 0.001):.2f}x")
             sys.stdout.flush()
         if shutil.which("nginx") and args.bulk_mb:
             print(f"\nbulk: one {args.bulk_mb} MB response (curl to /dev/null, best of 3)")

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("changeover.proxy.workers")
 START_TIMEOUT = 10.0
 CALL_TIMEOUT = 10.0
+SWITCH_TIMEOUT = 5.0    # a follower's switch: the leader answers (and switches back) before the daemon gives up
+REPAIR_TIMEOUT = 0.5    # per call of a ping's check of the followers (the daemon's ping waits 2 s)
 
 
 @dataclasses.dataclass
@@ -141,7 +143,7 @@ class Group:
     async def switch(self, slot: str | None, was: str | None) -> list[str]:
         """Switch every follower to `slot`. Those that did not acknowledge are named in the result,
         and then every follower is sent back to `was` (the caller switches the leader back)."""
-        results = await asyncio.gather(*(rpc.call(f.socket, ops.SWITCH, {"slot": slot}, timeout=CALL_TIMEOUT)
+        results = await asyncio.gather(*(rpc.call(f.socket, ops.SWITCH, {"slot": slot}, timeout=SWITCH_TIMEOUT)
                                          for f in self.followers), return_exceptions=True)
         failed = [f"worker {f.index} (pid {f.pid}): {r}" for f, r in zip(self.followers, results, strict=True)
                   if isinstance(r, BaseException)]
@@ -156,25 +158,25 @@ class Group:
 
     async def repair(self, live: str | None) -> list[dict[str, Any]]:
         """Every follower's pid and live slot; one that disagrees with the leader's `live` is
-        switched to it (the leader's state is the group's: a deterministic resolution)."""
-        out: list[dict[str, Any]] = []
-        for f in self.followers:
+        switched to it (the leader's state is the group's: a deterministic resolution). Bounded
+        well inside the daemon's ping timeout, so a hung follower never makes the leader look dead."""
+        return list(await asyncio.gather(*(self._repair_one(f, live) for f in self.followers)))
+
+    async def _repair_one(self, f: Follower, live: str | None) -> dict[str, Any]:
+        try:
+            info = await rpc.call(f.socket, ops.PING, timeout=REPAIR_TIMEOUT)
+        except (DaemonError, OSError) as e:
+            return {"pid": f.pid, "live": None, "error": str(e)}
+        theirs = info.get("live")
+        if theirs != live:
+            log.warning("proxy worker %d (pid %d) routes to %s, the leader to %s: switching it to %s",
+                        f.index, f.pid, theirs, live, live)
             try:
-                info = await rpc.call(f.socket, ops.PING, timeout=2)
+                await rpc.call(f.socket, ops.SWITCH, {"slot": live}, timeout=REPAIR_TIMEOUT)
+                theirs = live
             except (DaemonError, OSError) as e:
-                out.append({"pid": f.pid, "live": None, "error": str(e)})
-                continue
-            theirs = info.get("live")
-            if theirs != live:
-                log.warning("proxy worker %d (pid %d) routes to %s, the leader to %s: switching it to %s",
-                            f.index, f.pid, theirs, live, live)
-                try:
-                    await rpc.call(f.socket, ops.SWITCH, {"slot": live}, timeout=CALL_TIMEOUT)
-                    theirs = live
-                except (DaemonError, OSError) as e:
-                    log.error("proxy worker %d could not be switched: %s", f.index, e)
-            out.append({"pid": f.pid, "live": theirs})
-        return out
+                log.error("proxy worker %d could not be switched: %s", f.index, e)
+        return {"pid": f.pid, "live": theirs}
 
     async def metrics(self, since: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.each(ops.METRICS, {"since": since}, timeout=5)]
