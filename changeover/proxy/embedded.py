@@ -44,12 +44,12 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from changeover.errors import ChangeoverError, ConfigError
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
-from changeover.proxy.exchange import D_CUT, D_HEAD, D_IDLE, S_HEAD, S_TUNNEL, WS_CUT_WAIT, Exchange
+from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, S_TUNNEL, WS_CUT_WAIT, Exchange
 from changeover.proxy.hold import Gate
 from changeover.proxy.ops import DrainResult
 from changeover.proxy.tls import TlsClientConn, TlsEdge
@@ -131,7 +131,11 @@ class EmbeddedProxy:
         self.gate: Gate | None = None
         self.traffic = Gate(self)
         # a shared front (proxy/front.py): the Host header picks the project; None: one project
-        self.sites: HostTable | None = None
+        self.sites: HostTable[Any] | None = None
+        if settings.hosts and not settings.shared:   # a project's own proxy: only its host names
+            from changeover.proxy.routes import HostTable as Table
+            self.sites = Table()
+            self.sites.set_hosts(self, settings.hosts)
         # [proxy.tls] (proxy/tls.py): the HTTPS listener, and what the HTTP one answers itself
         # (ACME tokens, the redirect to https); `edge` is None unless one of those is on
         tls = settings.tls
@@ -254,7 +258,7 @@ class EmbeddedProxy:
                 client.transport.abort()
         # WebSocket tunnels being closed wait for a frame in flight to end (exchange.WS_CUT_WAIT)
         end = loop.time() + WS_CUT_WAIT + RETIRE_TICK
-        while any(c.dkind == D_CUT for c in self.clients) and loop.time() < end:
+        while any(c.cut_pending for c in self.clients) and loop.time() < end:
             await asyncio.sleep(RETIRE_TICK)
         self.clients.clear()
         self._close_idle_upstreams()

@@ -182,6 +182,10 @@ class Exchange(asyncio.Protocol):
         """The upstream connection closed before its response completed."""
         if self.up is up:
             self.up = None
+        ins, out = self.ws_in, self.ws_out
+        if self.tun_cut and self.state == S_TUNNEL and ins is not None and out is not None \
+                and ins.sent == SENT_CLOSE and out.sent == SENT_CLOSE and self.dkind == D_CUT:
+            return                         # the app closed after 1001, as it should: the client is next
         if not up.got_bytes and up.reused and self.req_replayable and not self.resp_started:
             self.pending = [self.req_out]  # stale keep-alive connection: nothing was processed
             self.pending_size = 0
@@ -323,14 +327,36 @@ class Exchange(asyncio.Protocol):
         if ins is not None and out is not None and ins.sent and out.sent:
             if ins.sent == SENT_CLOSE and out.sent == SENT_CLOSE:
                 log.info("WebSocket tunnel closed with 1001 (going away): %s", self.tun_cut)
-            else:
-                self._log_unframed()
+                return self._wind_down()
+            self._log_unframed()
             self._end_tunnel()
 
+    @property
+    def cut_pending(self) -> bool:
+        """Being cut and still waiting for a frame to end before its close frame can go."""
+        return self.dkind == D_CUT and any(ws is not None and not ws.sent for ws in (self.ws_in, self.ws_out))
+
+    def _wind_down(self) -> None:
+        """Both close frames are out: a FIN follows each, and the peers answer theirs and close (the
+        closing handshake, RFC 6455 §7.1.1) within WS_CUT_WAIT; closing at once would answer their
+        close frames with a reset. A transport without half-close (TLS) is closed now."""
+        if not self.transport.can_write_eof():
+            return self._end_tunnel()
+        self.dkind = D_CUT
+        self.deadline = self.proxy.now + WS_CUT_WAIT
+        self.transport.write_eof()
+        up = self.up
+        if up is not None and up.transport.can_write_eof():
+            up.transport.write_eof()
+
     def _cut_overdue(self) -> None:
-        """WS_CUT_WAIT is over and a frame is still being relayed: close without a close frame."""
-        for ws in (self.ws_in, self.ws_out):
-            if ws is not None and not ws.sent:
+        """WS_CUT_WAIT is over: a peer did not close after the closing handshake (closed now), or
+        a frame is still being relayed (closed without a close frame that way, logged)."""
+        ways = [ws for ws in (self.ws_in, self.ws_out) if ws is not None]
+        if ways and all(ws.sent for ws in ways):
+            return self._end_tunnel()
+        for ws in ways:
+            if not ws.sent:
                 ws.sent = SENT_NOTHING
         self._log_unframed()
         self._end_tunnel()

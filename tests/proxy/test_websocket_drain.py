@@ -264,6 +264,8 @@ def test_drain_limit_sends_1001_both_ways(lt: LoopThread, wsp: EmbeddedProxy, ap
         ws.send(b"still here")                          # the grace: the tunnel still works
         assert ws.recv() == (2, b"still here")
         assert ws.close_code() == 1001                  # at the drain limit: going away, not 1006
+        ws.send(struct.pack("!H", 1001), op=8)          # the client answers it, as browsers do...
+        assert ws.buf == b"" and ws.sock.recv(100) == b""   # ...and sees the proxy's FIN, not a reset
     finally:
         ws.close()
     wait_until(lambda: apps[0].closes == [1001])        # the app got a masked close frame 1001 too
