@@ -251,8 +251,9 @@ def _check_shared(p: Table, proxy: ProxySettings) -> None:
     """A shared front routes by host name: a project on it must name its hosts."""
     if proxy.shared and not proxy.hosts:
         raise p.error("hosts", "at least one host name when shared = true (the front routes by Host)", [])
-    if proxy.shared and proxy.engine != "embedded":
-        raise p.error("shared", 'false with engine = "haproxy" (the shared front is the embedded proxy)', True)
+    if proxy.hosts and proxy.engine != "embedded":
+        raise p.error("hosts", 'no host names with engine = "haproxy" (host routing is the embedded proxy\'s)',
+                      list(proxy.hosts))
     if proxy.front_socket and not proxy.front_socket.startswith("/"):
         raise p.error("front_socket", "an absolute path to the shared front's control socket", proxy.front_socket)
 

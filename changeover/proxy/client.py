@@ -45,7 +45,7 @@ from changeover.proxy.http1 import (
 from changeover.proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
-    from changeover.proxy.routes import HostTable
+    from changeover.proxy.routes import Routable
 
 # connections from one untrusted address that may hold an unfinished request head at once: a
 # head normally arrives in one read, so only a slow (slowloris) client holds many
@@ -182,28 +182,22 @@ class ClientConn(Exchange):
             if answer is not None:
                 return self._answer(answer, rest, length, chunked)
         slot = proxy.live_slot
-        if proxy.sites is not None:        # a shared front: the Host header picks the project
-            return self._site(proxy.sites, head, method, out, rest, length, chunked, drill)
+        site: Routable = proxy
+        if proxy.sites is not None:        # host routing: the Host header picks the site (proxy/routes.py)
+            found = proxy.sites.lookup(head)
+            if found is None:
+                return self.reject(404)    # no project serves that host name
+            site = found
+            slot = site.live_slot
         self.req_drill = False
         if drill:                          # X-Changeover-Drill: only its own token opens the route
-            ds = proxy.drill_match(drill)
+            ds = site.drill_match(drill)
             if ds is not None:
                 slot = ds
                 self.req_drill = True
         if proxy.gate is not None and not self.req_drill:   # paused or in maintenance (proxy/hold.py)
             return proxy.gate.admit(self, method, out, rest, length, chunked)
         self._route(method, out, rest, length, chunked, slot)
-
-    def _site(self, sites: HostTable, head: bytes, method: bytes, out: bytes, rest: bytes, length: int,
-              chunked: bool, drill: bytes) -> None:
-        """Route on a shared front: the site of the request's Host (proxy/routes.py), else 404."""
-        site = sites.lookup(head)
-        if site is None:
-            return self.reject(404)            # no project serves that host name
-        slot = site.live_slot
-        ds = site.drill_match(drill) if drill else None
-        self.req_drill = ds is not None
-        self._route(method, out, rest, length, chunked, slot if ds is None else ds)
 
     def _health(self, method: bytes, rest: bytes, length: int, chunked: bool) -> None:
         """The load balancer's health check: answered here, never forwarded, not recorded."""

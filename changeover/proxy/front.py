@@ -93,7 +93,7 @@ class FrontProxy(EmbeddedProxy):
     def __init__(self, settings: ProxySettings) -> None:
         self.front_recorder = FrontRecorder()
         super().__init__(settings, self.front_recorder, reuse_port=True)
-        self.table = HostTable()
+        self.table: HostTable[Site] = HostTable()
         self.sites = self.table            # host routing on (read per request by proxy/client.py)
         self.members: dict[str, Member] = {}
 
@@ -175,6 +175,7 @@ class Front:
                                   f"the project of {theirs}; {member.config} cannot claim it (remove it from one "
                                   "of the two [proxy] hosts lists)", file=member.config, key="proxy.hosts")
         self.proxy.table.set_hosts(member.site, hosts)
+        member.site.hosts = hosts
 
     def _load_routing(self, m: Member, routing: dict[str, Any]) -> None:
         for slot, ups in (routing.get("slots") or {}).items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from typing import Generic, Protocol, TypeVar
 
 from changeover.errors import ChangeoverError
 from changeover.monitor.metrics import Recorder
@@ -43,6 +44,16 @@ def request_host(value: bytes) -> str:
         return v[1:].partition(b"]")[0].decode("latin-1")
     v = v.partition(b":")[0]
     return v.rstrip(b".").decode("latin-1")
+
+
+class Routable(Protocol):
+    """What a request is routed by once its host is known."""
+    live_slot: UpstreamPool | None
+
+    def drill_match(self, token: bytes) -> UpstreamPool | None: ...
+
+
+S = TypeVar("S", bound=Routable)
 
 
 class Site:
@@ -80,29 +91,29 @@ def bare(pool_name: str) -> str:
     return pool_name.partition("@")[0]
 
 
-class HostTable:
-    """Host name -> Site, with the lookup cache (see the module docstring)."""
+class HostTable(Generic[S]):
+    """Host name -> site (a `Site`, or a project's own proxy), with the lookup cache (see the
+    module docstring)."""
 
     def __init__(self) -> None:
-        self.names: dict[str, Site] = {}
-        self._cache: dict[bytes, Site | None] = {}
+        self.names: dict[str, S] = {}
+        self._cache: dict[bytes, S | None] = {}
 
-    def claimant(self, host: str) -> Site | None:
+    def claimant(self, host: str) -> S | None:
         return self.names.get(host)
 
-    def set_hosts(self, site: Site, hosts: tuple[str, ...]) -> None:
+    def set_hosts(self, site: S, hosts: tuple[str, ...]) -> None:
         """Give `site` exactly `hosts` (claims by other sites are checked by the caller)."""
         for name in [n for n, s in self.names.items() if s is site and n not in hosts]:
             del self.names[name]
         for name in hosts:
             self.names[name] = site
-        site.hosts = hosts
         self._cache.clear()
 
-    def remove(self, site: Site) -> None:
+    def remove(self, site: S) -> None:
         self.set_hosts(site, ())
 
-    def find(self, host: str) -> Site | None:
+    def find(self, host: str) -> S | None:
         names = self.names
         site = names.get(host)
         if site is not None:
@@ -115,7 +126,7 @@ class HostTable:
                 return site
         return names.get("*")
 
-    def lookup(self, head: bytes) -> Site | None:
+    def lookup(self, head: bytes) -> S | None:
         """The site a request head is for; None: no project serves that host (404)."""
         m = HOST.search(head)
         raw = b"" if m is None else m.group(1)

@@ -255,3 +255,19 @@ def test_https_serves_each_projects_certificate_and_acme_tokens(front: FrontUnde
         token = f"/.well-known/acme-challenge/tok-{name}"
         assert fetch(front.port, "shop.test", token) == (200, f"proof-{name}".encode())
     assert fetch(front.port, "shop.test", "/.well-known/acme-challenge/..%2fkey")[0] == 404
+
+
+def test_a_project_of_its_own_with_hosts_answers_only_those(lt: LoopThread,
+                                                            backends: tuple[Backend, Backend]) -> None:
+    """`[proxy] hosts` without `shared`: the project's own proxy serves its names, 404 for others."""
+    from tests.proxy.conftest import make_proxy
+
+    proxy = make_proxy(lt, backends, hosts=("shop.test", "*.shop.test"))
+    try:
+        assert fetch(proxy.port, "Shop.Test:8000") == (200, b"blue")
+        assert fetch(proxy.port, "a.shop.test") == (200, b"blue")
+        assert fetch(proxy.port, "elsewhere.test")[0] == 404
+        lt.call(proxy.switch, "green")
+        assert fetch(proxy.port, "shop.test") == (200, b"green")
+    finally:
+        lt.run(proxy.close())
