@@ -365,6 +365,10 @@ def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     out.print(render_status(st))
     for line in _mode_lines(st):
         out.print(line)
+    for k in st.get("tunnels_kept") or []:   # a retired release still serving its tunnels (docs/operations.md)
+        until = time.strftime("%H:%M:%S", time.localtime(float(k.get("until") or 0)))
+        out.print(f"tunnels: {k.get('tunnels')} on {escape(str(k.get('version')))} (retired from {k.get('slot')}), "
+                  f"closed with 1001 at the drain limit; its processes stop at {until}")
     if (px := st.get("proxy") or {}).get("hosts"):     # host routing (docs/hosting-several-apps.md)
         out.print(f"hosts: {escape(', '.join(px['hosts']))}"
                   + (f" (shared front on {px['listen']}, pid {px.get('pid')})" if px.get("shared") else ""))

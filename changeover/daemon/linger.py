@@ -110,12 +110,11 @@ class Lingering:
                     continue               # gone already (or the pid is someone else's now)
                 proc = procs.Proc(rec.pid, rec.proc_start)
             outcomes.append(f"pid {rec.pid} {await procs.terminate(proc, STOP_TIMEOUT)}")
-        left = [g for g in self.groups() if g != group]
-        self._write(left)
         log.info("slot=%s release %s: the processes kept for tunnels after the drain limit are stopped (%s)",
                  slot, group.get("version"), "; ".join(outcomes) or "none was running")
         self.state.event("drain.tunnels_stopped", slot, version=group.get("version"),
                          detail="; ".join(outcomes) or "none was running")
+        self._write([g for g in self.groups() if g != group])   # last: until then it is retried
 
     def _write(self, groups: list[dict[str, Any]]) -> None:
         if groups:

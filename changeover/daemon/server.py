@@ -343,6 +343,10 @@ class Daemon:
             out["deployment"] = {"id": a.id, "kind": str(a.kind), "version": a.version, "phase": str(a.phase),
                                  "slot": a.target, "started_at": a.started, "step": a.steps.current}
         out["proxy"] = {"listen": self.config.proxy.listen, "pid": self.proxy.pid, "engine": self.config.proxy.engine}
+        kept = self.slots.linger.groups()  # a retired release's processes kept for its tunnels (daemon/linger.py)
+        if kept:
+            out["tunnels_kept"] = [{"slot": g.get("slot"), "version": g.get("version"), "tunnels": g.get("tunnels"),
+                                    "until": g.get("due")} for g in kept]
         out.update(await self.traffic.status())   # "mode": serving | paused | maintenance, "pause", "maintenance"
         if self.config.proxy.hosts:        # host routing: this project's names, on a shared front or not
             shared = self.config.proxy.shared

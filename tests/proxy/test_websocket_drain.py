@@ -441,7 +441,7 @@ def _after_the_limit(project: Any, ws: WsClient, pids: list[int], live: str) -> 
     assert not any(_alive(p) for p in pids)             # the processes kept for it are stopped
     assert _events(project, "drain.tunnels_stopped")
     st = project.status()
-    assert st["live"]["version"] == live and st["deploying"] is False
+    assert st["live"]["version"] == live and st["deploying"] is False and "tunnels_kept" not in st
     ws2 = WsClient(project.port)                        # clients reconnect: to the live release
     ws2.send(b"again")
     assert ws2.recv() == (2, b"again")
@@ -464,6 +464,9 @@ def test_deploy_does_not_wait_for_a_standby_holding_only_tunnels_then_sigterm(pr
         assert ev["tunnels"] == 1 and ev["websockets"] == 1 and ev["version"] == "v1"
         if time.time() < ev["ts"] + ev["limit_in"] - 0.5:   # (a loaded machine may take longer to deploy)
             assert pids and all(_alive(p) for p in pids)    # v1 still serves its tunnel
+            assert [(k["slot"], k["version"], k["tunnels"]) for k in project.status()["tunnels_kept"]] == \
+                [("blue", "v1", 1)]
+            assert "tunnels: 1 on v1 (retired from blue)" in project.cli("status").stdout
             ws.send(b"grace")
             assert ws.recv() == (2, b"grace")           # the deploy is done: the tunnel still works
         project.kill_daemon(signal.SIGTERM)
