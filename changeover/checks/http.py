@@ -31,8 +31,10 @@ def normalize_url(url: str) -> str:
 def client(base_url: str, timeout: float = DEFAULT_TIMEOUT, cookies: httpx.Cookies | None = None
            ) -> httpx.AsyncClient:
     # trust_env off: checks target our own proxy and instances, never an HTTP(S)_PROXY from the env.
+    # verify off: the proxy's own HTTPS listener on this host ([proxy.tls] https_redirect), whose
+    # certificate names the public host, not the loopback address it is reached on here.
     return httpx.AsyncClient(base_url=normalize_url(base_url), timeout=timeout, cookies=cookies,
-                             follow_redirects=False, trust_env=False)
+                             follow_redirects=False, trust_env=False, verify=False)
 
 
 # -- templates and JSON ----------------------------------------------------------------------

@@ -92,6 +92,10 @@ class Daemon:
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         port = self.proxy.port or self.config.proxy.port
+        tls = self.config.proxy.tls
+        if tls is not None and tls.https_redirect:   # HTTP answers 301: go the way the public goes
+            host = tls.host if tls.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            return f"https://{host}:{tls.port}"
         return f"http://{host}:{port}"
 
     # -- lifecycle ------------------------------------------------------------------------------

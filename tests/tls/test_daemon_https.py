@@ -4,6 +4,7 @@ HTTPS load with 0 failed requests; the HTTP listener redirects, its health check
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,8 @@ def https_load(ca: TestCA, port: int, connections: int = 8) -> Load:
 
 def test_deploys_over_https_without_a_failed_request(project: Project, tmp_path: Path) -> None:
     ca, tls_port = TestCA(tmp_path), free_port()
-    project.write()
+    # a smoke check through the proxy: with https_redirect the daemon goes in over HTTPS too
+    project.write('[[checks.smoke]]\npath = "/health"\n')
     with project.config.open("a") as f:
         f.write(tls_section(ca, tls_port, "https_redirect = true\nhsts = 3600"))
     project.start_daemon()
@@ -68,6 +70,9 @@ def test_deploys_over_https_without_a_failed_request(project: Project, tmp_path:
     assert (status, headers["location"]) == (301, f"https://localhost:{tls_port}/cart")
     assert http_get(project.port, "/_changeover/health", host="localhost")[0] == 200
     assert project.status()["proxy"]["tls"]["listen"] == f"127.0.0.1:{tls_port}"
+    hist = json.loads(project.cli("history", "--json").stdout)
+    through = [st for h in hist if h["kind"] == "deploy" for st in h["steps"] if "through the proxy" in st["name"]]
+    assert len(through) == 3 and all(st["state"] == "ok" for st in through), through
 
 
 def test_automatic_rollback_over_https(project: Project, tmp_path: Path) -> None:
