@@ -227,6 +227,8 @@ def stop_standby(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None
         _print_json(result)
     elif result["stopped"]:
         err.print(f"stopped {result['stopped']['version']} in {result['stopped']['slot']}")
+        if result["stopped"].get("tunnels"):   # its tunnels are not waited for (docs/operations.md)
+            err.print(f"  {escape(str(result['stopped']['tunnels']))}")
     else:
         err.print("no standby running")
 
