@@ -265,7 +265,8 @@ def _tls(p: Table, proxy: ProxySettings, root: Path) -> tuple[tls_settings.TlsSe
     if t.data and proxy.engine != "embedded":
         raise ConfigError('is only served by engine = "embedded" (terminate TLS in front of HAProxy, or use the '
                           'embedded proxy)', file=t.file, key="proxy.tls")
-    return tls_settings.load(t, root, root / STATE_DIR_NAME)
+    names = tuple(h for h in proxy.hosts if "*" not in h)   # ACME's default: [proxy] hosts, no wildcards
+    return tls_settings.load(t, root, root / STATE_DIR_NAME, names)
 
 
 def _health_path(t: Table, default: str) -> str:

@@ -117,9 +117,11 @@ def _hsts(t: Table) -> int:
     raise t.error("hsts", "true, false or a max-age in seconds (e.g. 31536000)", v)
 
 
-def load(t: Table, root: Path, state_dir: Path) -> tuple[TlsSettings | None, AcmeSettings | None]:
+def load(t: Table, root: Path, state_dir: Path, default_hosts: tuple[str, ...] = ()
+         ) -> tuple[TlsSettings | None, AcmeSettings | None]:
     """[proxy.tls] -> (TlsSettings, AcmeSettings); (None, None) when the table is absent.
-    Relative paths are read from the config file's directory."""
+    Relative paths are read from the config file's directory; ACME `hosts` default to
+    `default_hosts` ([proxy] hosts without wildcards)."""
     if not t.data:
         t.finish()
         return None, None
@@ -136,9 +138,10 @@ def load(t: Table, root: Path, state_dir: Path) -> tuple[TlsSettings | None, Acm
     managed: tuple[str, ...] = ()
     challenge_dir = ""
     if t.bool("acme", False):
-        hosts = t.str_list("hosts", [])
+        hosts = t.str_list("hosts", list(default_hosts))
         if not hosts:
-            raise t.error("hosts", "the host names to get certificates for, e.g. [\"shop.example.com\"]")
+            raise t.error("hosts", "the host names to get certificates for, e.g. [\"shop.example.com\"] "
+                          "(or [proxy] hosts)")
         for h in hosts:
             if not _HOSTNAME.match(h.lower()):
                 raise t.error("hosts", "host names (ACME over HTTP-01 cannot issue wildcards or IP addresses)", h)

@@ -49,6 +49,11 @@ def test_acme(tmp_path: Path) -> None:
     assert c.proxy.tls.challenge_dir == str(state / "acme-challenges")
 
 
+def test_acme_hosts_default_to_the_proxy_hosts(tmp_path: Path) -> None:
+    c = load(tmp_path, "acme = true", 'hosts = ["shop.example.com", "*.example.com"]')
+    assert c.acme is not None and c.acme.hosts == ("shop.example.com",)
+
+
 @pytest.mark.parametrize(("tls", "proxy", "key", "words"), [
     ('cert = "site.pem"', "", "proxy.tls.key", "cert and key together"),
     ('cert = "missing.pem"\nkey = "site.key"', "", "proxy.tls.cert", "no such file"),
