@@ -133,6 +133,9 @@ class Front:
             log.error("cannot read the front's registry %s (%s): starting with no sites", self.registry, e)
             return
         for sid, m in data.get("sites", {}).items():
+            if not os.path.isdir(m["project"]):     # the project is gone (deleted without `down`)
+                log.warning("site %s (%s): %s no longer exists, dropped", sid, m["config"], m["project"])
+                continue
             member = self._member(sid, m["project"], m["config"], int(m["uid"]), m["key_hash"],
                                   tuple(m.get("routes") or ()), int(m.get("max_routes") or 32))
             member.tls = m.get("tls")
@@ -169,6 +172,13 @@ class Front:
     def _claim(self, member: Member, hosts: tuple[str, ...]) -> None:
         for h in hosts:
             other = self.proxy.table.claimant(h)
+            if other is not None and other is not member.site and \
+                    not os.path.isdir(self.proxy.members[other.id].project):
+                gone = self.proxy.members[other.id]
+                log.warning("site %s (%s): %s no longer exists, its routes are dropped", other.id, gone.config,
+                            gone.project)
+                self._detach(gone)
+                other = None
             if other is not None and other is not member.site:
                 theirs = self.proxy.members[other.id].config
                 raise ConfigError(f"host {h!r} is already routed by the shared front on {self.settings.listen} to "

@@ -271,3 +271,17 @@ def test_a_project_of_its_own_with_hosts_answers_only_those(lt: LoopThread,
         assert fetch(proxy.port, "shop.test") == (200, b"green")
     finally:
         lt.run(proxy.close())
+
+
+def test_a_project_deleted_without_down_does_not_keep_its_names(front: FrontUnderTest, tmp_path: Path,
+                                                                 lt: LoopThread) -> None:
+    import shutil
+
+    front.attach("old", ["gone.test"])
+    shutil.rmtree(tmp_path / "old")
+    front.attach("new", ["gone.test"])                  # the old claim is dropped, not an error
+    assert {tuple(m.site.hosts) for m in front.front.proxy.members.values()} >= {("gone.test",)}
+    shutil.rmtree(tmp_path / "new")
+    again = Front(front.sock, front.registry, ProxySettings(listen="127.0.0.1:0"))
+    again.load()                                          # nor after a restart of the front
+    assert len(again.proxy.members) == 2 and again.proxy.table.find("gone.test") is None
