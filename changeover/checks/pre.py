@@ -13,10 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from changeover.checks import db
 from changeover.checks.config import ChecksConfig, Integrity, PreConfig, Service
 from changeover.checks.http import check_request, normalize_url
 from changeover.checks.result import GRACE, CheckResult, Failed, Outcome, passed, run_check, shorten, skipped
@@ -45,6 +41,9 @@ def _needs(env: dict[str, str], pre: PreConfig) -> str:
 
 async def redis_roundtrip(url: str, timeout: float) -> Outcome:
     """PING, then SET (with a TTL) / GET / DEL on a scratch key: proves reads and writes work."""
+    import redis.asyncio as aioredis  # (here: every `changeover` command imports this module)
+    from redis.exceptions import RedisError
+
     try:
         async with aioredis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) as client:
             t0 = time.perf_counter()
@@ -135,6 +134,8 @@ def _connectivity(mode: str, var: str, env: dict[str, str], probe: Callable[[str
 
 
 def _database(pre: PreConfig, env: dict[str, str]) -> Callable[[], Awaitable[Outcome]] | None:
+    from changeover.checks import db
+
     return _connectivity(pre.database, pre.database_var, env, lambda url: db.connectivity(url, pre.timeout))
 
 
@@ -163,12 +164,16 @@ async def run_pre(cfg: ChecksConfig, env: dict[str, str], live_url: str | None) 
         # the statement timeout fires first, with a clearer message than the hard limit
         jobs.append(run_check(f"integrity {c.name}", "integrity", c.timeout + GRACE, job))
     if (b := pre.connections) is not None:
+        from changeover.checks import db
+
         jobs.append(run_check("connection budget", "budget", b.timeout,
                               lambda: db.budget(_needs(env, pre), b)))
     return list(await asyncio.gather(*jobs))
 
 
 async def _integrity(env: dict[str, str], pre: PreConfig, c: Integrity) -> Outcome:
+    from changeover.checks import db
+
     return await db.integrity(_needs(env, pre), c)
 
 

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from changeover import config as config_mod
 from changeover.errors import LintFailed
-from changeover.migrations import commands, releases
-from changeover.migrations.engine import StepResult
-from changeover.migrations.results import ApplyResult
-from changeover.migrations.rules import LOCK_BLOCKS
+
+if TYPE_CHECKING:
+    from changeover.migrations.engine import StepResult
+    from changeover.migrations.results import ApplyResult
+
+# The migration modules (psycopg, pglast) are imported by the commands that run them: every other
+# `changeover` invocation would pay ~0.3 s for them.
 
 app = typer.Typer(help="Safe, reversible database migrations (expand/contract).", no_args_is_help=True)
 
@@ -43,6 +46,7 @@ def _emit(data: Any) -> None:
 def older_release_live(config: config_mod.Config) -> bool | None:
     """From the daemon's state (.changeover/state.db beside the config): is an older release still
     running? None when it cannot be told."""
+    from changeover.migrations import releases
     return releases.older_release_live(config)
 
 
@@ -73,6 +77,7 @@ def _apply_out(res: ApplyResult, as_json: bool) -> None:
 def status(config: str = CONFIG, release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE,
            as_json: bool = JSON) -> None:
     """Applied and pending migrations, drift, interrupted backfills, dirty migrations."""
+    from changeover.migrations import commands
     res = commands.status(config_mod.load(config), release_dir=release_dir, database_url=database)
     if as_json:
         _emit(res.to_json())
@@ -93,6 +98,8 @@ def plan(config: str = CONFIG, release_dir: str | None = RELEASE_DIR, database: 
          as_json: bool = JSON) -> None:
     """Dry run: each pending statement with its lock, rewrite, phase and lint findings, the locks each
     migration holds until it commits, and the sizes of the tables it touches."""
+    from changeover.migrations import commands
+    from changeover.migrations.rules import LOCK_BLOCKS
     res = commands.plan(config_mod.load(config), release_dir=release_dir, database_url=database)
     if as_json:
         _emit(res.to_json())
@@ -132,6 +139,7 @@ def safe(config: str = CONFIG, release: str | None = RELEASE, release_dir: str |
          database: str | None = DATABASE, allow_out_of_order: bool = OUT_OF_ORDER, wait: bool = WAIT,
          as_json: bool = JSON) -> None:
     """Apply expand migrations; stop before the first contract or unsafe one."""
+    from changeover.migrations import commands
     _apply_out(commands.safe(config_mod.load(config), release, _progress, wait=wait, release_dir=release_dir,
                              database_url=database, allow_out_of_order=allow_out_of_order), as_json)
 
@@ -141,6 +149,7 @@ def up(config: str = CONFIG, allow_unsafe: bool = typer.Option(False, "--allow-u
        release: str | None = RELEASE, release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE,
        allow_out_of_order: bool = OUT_OF_ORDER, wait: bool = WAIT, as_json: bool = JSON) -> None:
     """Apply everything pending; unsafe migrations need --allow-unsafe."""
+    from changeover.migrations import commands
     res = commands.up(config_mod.load(config), release, _progress, allow_unsafe=allow_unsafe, wait=wait,
                       release_dir=release_dir, database_url=database, allow_out_of_order=allow_out_of_order)
     _apply_out(res, as_json)
@@ -152,6 +161,7 @@ def contract(config: str = CONFIG, force: bool = typer.Option(
         release: str | None = RELEASE, release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE,
         allow_out_of_order: bool = OUT_OF_ORDER, wait: bool = WAIT, as_json: bool = JSON) -> None:
     """Apply contract migrations once no older release is live."""
+    from changeover.migrations import commands
     cfg = config_mod.load(config)
     res = commands.contract(cfg, release, _progress, older_release_live=older_release_live(cfg), force=force,
                             wait=wait, release_dir=release_dir, database_url=database,
@@ -170,6 +180,7 @@ def rollback(config: str = CONFIG, steps: int | None = typer.Option(None, "--ste
              release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE, wait: bool = WAIT,
              as_json: bool = JSON) -> None:
     """Run down scripts, newest first, each in its own transaction; all are checked first."""
+    from changeover.migrations import commands
     res = commands.rollback(config_mod.load(config), steps, to, everything=everything,
                             allow_data_loss=allow_data_loss, force=force, progress=_progress, wait=wait,
                             release_dir=release_dir, database_url=database)
@@ -190,6 +201,7 @@ def lint(paths: list[str] = typer.Argument(None, help="Files or directories (def
              "`config` for [migrations] database."),
          as_json: bool = JSON) -> None:
     """Lint migrations (down scripts too) with PostgreSQL's own parser; exit 1 on errors."""
+    from changeover.migrations import commands
     cfg = config_mod.load(config) if (not paths or Path(config).is_file()) else None
     if dialect not in (None, "postgresql", "sqlite"):
         raise LintFailed(f"--dialect expects postgresql or sqlite, got {dialect!r}")
@@ -209,6 +221,7 @@ def lint(paths: list[str] = typer.Argument(None, help="Files or directories (def
 @app.command()
 def new(name: str, config: str = CONFIG, release_dir: str | None = RELEASE_DIR, as_json: bool = JSON) -> None:
     """Create an empty migration in the directory's layout."""
+    from changeover.migrations import commands
     files = commands.new(config_mod.load(config), name, release_dir=release_dir)
     if as_json:
         _emit({"files": [str(f) for f in files]})
@@ -223,6 +236,7 @@ def repair(config: str = CONFIG, dirty: str | None = typer.Option(
                               "(none are)."),
         release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE, as_json: bool = JSON) -> None:
     """Accept changed migration files (record their current checksums); resolve a dirty migration."""
+    from changeover.migrations import commands
     fixed = commands.repair(config_mod.load(config), dirty=dirty, release_dir=release_dir, database_url=database)
     if as_json:
         _emit({"repaired": fixed})
@@ -234,6 +248,7 @@ def repair(config: str = CONFIG, dirty: str | None = typer.Option(
 def baseline(version: str, config: str = CONFIG, release: str | None = RELEASE,
              release_dir: str | None = RELEASE_DIR, database: str | None = DATABASE, as_json: bool = JSON) -> None:
     """Adopt an existing database: record every migration up to VERSION as applied, without running it."""
+    from changeover.migrations import commands
     ids = commands.baseline(config_mod.load(config), version, release=release, release_dir=release_dir,
                             database_url=database)
     if as_json:
