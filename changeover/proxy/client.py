@@ -195,8 +195,8 @@ class ClientConn(Exchange):
             if ds is not None:
                 slot = ds
                 self.req_drill = True
-        if proxy.gate is not None and not self.req_drill:   # paused or in maintenance (proxy/hold.py)
-            return proxy.gate.admit(self, method, out, rest, length, chunked)
+        if site.gate is not None and not self.req_drill:    # paused or in maintenance (proxy/hold.py)
+            return site.gate.admit(self, method, out, rest, length, chunked)
         self._route(method, out, rest, length, chunked, slot)
 
     def _health(self, method: bytes, rest: bytes, length: int, chunked: bool) -> None:

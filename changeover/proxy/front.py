@@ -108,6 +108,21 @@ class FrontProxy(EmbeddedProxy):
         return ok, body
 
 
+def apply_mode(site: Site, mode: dict[str, Any]) -> None:
+    """A project's pause and maintenance, in the shape of proxy/worker.py's apply_mode."""
+    gate = site.traffic
+    pause, maint = mode.get("pause"), mode.get("maintenance")
+    if isinstance(maint, dict):
+        page = maint.get("page")
+        gate.set_maintenance(True, page.encode() if isinstance(page, str) else None, int(maint["retry_after"]))
+    elif gate.maintenance:
+        gate.set_maintenance(False)
+    if isinstance(pause, dict):
+        gate.pause(float(pause["timeout"]), int(pause["max_held"]))
+    elif gate.paused:
+        gate.resume()
+
+
 class Front:
     def __init__(self, socket_path: Path, registry: Path, settings: ProxySettings,
                  bind_path: Path | None = None) -> None:
@@ -139,13 +154,16 @@ class Front:
             member = self._member(sid, m["project"], m["config"], int(m["uid"]), m["key_hash"],
                                   tuple(m.get("routes") or ()), int(m.get("max_routes") or 32))
             member.tls = m.get("tls")
+            if isinstance(m.get("mode"), dict):
+                apply_mode(member.site, m["mode"])
             self._claim(member, tuple(m.get("hosts") or ()))
             self._load_routing(member, m.get("routing") or {})
 
     def save(self) -> None:
         sites = {sid: {"project": m.project, "config": m.config, "uid": m.uid, "key_hash": m.key_hash,
                        "hosts": list(m.site.hosts), "routes": list(m.routes), "max_routes": m.max_routes,
-                       "routing": self.routing(m), "tls": m.tls} for sid, m in self.proxy.members.items()}
+                       "routing": self.routing(m), "tls": m.tls, "mode": m.site.traffic.wire()}
+                 for sid, m in self.proxy.members.items()}
         tmp = self.registry.with_name(self.registry.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -164,7 +182,7 @@ class Front:
 
     def _member(self, sid: str, project: str, config: str, uid: int, khash: str,
                 routes: tuple[str, ...], max_routes: int) -> Member:
-        site = Site(sid, (), Recorder(routes=RouteRules(routes, max_routes)))
+        site = Site(sid, (), Recorder(routes=RouteRules(routes, max_routes)), self.proxy)
         member = Member(site, project, config, uid, khash, routes, max_routes)
         self.proxy.members[sid] = member
         return member
@@ -304,7 +322,8 @@ class Front:
         return {"ping": self.ping, "attach": self.attach, "detach": self.detach, "handover": self.handover,
                 "shutdown": self.shutdown, "set_slot": self.set_slot, "remove_slot": self.remove_slot,
                 "set_version": self.set_version, "switch": self.switch, "drain": self.drain,
-                "metrics": self.metrics, "set_route": self.set_route, "set_health": self.set_health}
+                "metrics": self.metrics, "set_route": self.set_route, "set_health": self.set_health,
+                "pause": self.pause, "resume": self.resume, "maintenance": self.maintenance, "mode": self.mode}
 
     async def ping(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -422,6 +441,35 @@ class Front:
             m.site.drill_slot, m.site.drill_token = pool, token.encode()
         await self._change(args, uid, go, save=False)
 
+    async def pause(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+
+        def go(m: Member) -> None:
+            out.update(m.site.traffic.pause(float(args["seconds"]), int(args["max_held"])))
+        await self._change(args, uid, go)
+        return out
+
+    async def resume(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+
+        def go(m: Member) -> None:
+            out["released"] = m.site.traffic.resume()
+        await self._change(args, uid, go)
+        return out
+
+    async def maintenance(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        page = args.get("page")
+
+        def go(m: Member) -> None:
+            out.update(m.site.traffic.set_maintenance(bool(args["on"]), page.encode() if isinstance(page, str)
+                                                      else None, int(args.get("retry_after", 30))))
+        await self._change(args, uid, go)
+        return out
+
+    async def mode(self, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        return self._site(args, uid).site.traffic.mode()
+
     async def set_health(self, args: dict[str, Any], uid: int) -> None:
         m = self._site(args, uid)
         m.site.health_ok, m.site.health_reason = bool(args["ok"]), str(args.get("reason") or "")
@@ -464,6 +512,8 @@ class Front:
         log.info("front handed over to pid %d; retiring", pid)
 
         async def go() -> None:
+            for m in self.proxy.members.values():   # what a project's pause holds is released, never cut
+                m.site.traffic.retiring(self.settings.drain_timeout)
             cut = await self.proxy.retire(self.settings.drain_timeout)
             log.info("retired: %d connection(s) cut", cut)
             self.stopped.set()

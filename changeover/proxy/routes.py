@@ -14,14 +14,19 @@ per raw Host value, so a request pays one dict lookup.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
 from changeover.errors import ChangeoverError
 from changeover.monitor.metrics import Recorder
+from changeover.proxy.hold import Gate
 from changeover.proxy.http1 import HOST
 from changeover.proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from changeover.proxy.embedded import EmbeddedProxy
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 HOST_NAME = re.compile(rf"(?:\*|(?:\*\.)?{_LABEL}(?:\.{_LABEL})*)")
@@ -49,6 +54,7 @@ def request_host(value: bytes) -> str:
 class Routable(Protocol):
     """What a request is routed by once its host is known."""
     live_slot: UpstreamPool | None
+    gate: Gate | None                  # pause or maintenance on (proxy/hold.py)
 
     def drill_match(self, token: bytes) -> UpstreamPool | None: ...
 
@@ -59,11 +65,16 @@ S = TypeVar("S", bound=Routable)
 class Site:
     """One project on a shared front (see the module docstring)."""
 
-    def __init__(self, site_id: str, hosts: tuple[str, ...], recorder: Recorder) -> None:
+    def __init__(self, site_id: str, hosts: tuple[str, ...], recorder: Recorder,
+                 proxy: EmbeddedProxy | None = None) -> None:
         self.id = site_id
         self.hosts = hosts
         self.recorder = recorder
+        self.proxy = proxy                 # the front's listener (what a Gate reads: loop, retiring)
         self.live_slot: UpstreamPool | None = None
+        self.gate: Gate | None = None
+        # this project's own pause and maintenance: a Gate reads and sets what it would on a proxy
+        self.traffic = Gate(cast("EmbeddedProxy", self))
         self.drill_slot: UpstreamPool | None = None
         self.drill_token = b""
         self.health_ok = True
@@ -73,6 +84,15 @@ class Site:
         if not slot or not isinstance(slot, str) or "@" in slot:
             raise ChangeoverError(f"slot name must be a non-empty string without '@', got {slot!r}")
         return f"{slot}@{self.id}"
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self.proxy is not None
+        return self.proxy.loop
+
+    @property
+    def retiring(self) -> bool:
+        return self.proxy is not None and self.proxy.retiring
 
     @property
     def live(self) -> str | None:

@@ -221,6 +221,20 @@ class SharedFront:
     async def set_health(self, ok: bool, reason: str = "") -> None:
         await self._call("set_health", ok=ok, reason=reason)
 
+    async def pause(self, timeout: float, max_held: int) -> dict[str, Any]:
+        """This project's requests are held (the other projects' flow); see proxy/hold.py."""
+        return dict(await self._call("pause", seconds=timeout, max_held=max_held))
+
+    async def resume(self) -> int:
+        return int((await self._call("resume"))["released"])
+
+    async def maintenance(self, on: bool, page: bytes | None = None, retry_after: int = 30) -> dict[str, Any]:
+        text = page.decode() if page is not None else None
+        return dict(await self._call("maintenance", on=on, page=text, retry_after=retry_after))
+
+    async def mode(self) -> dict[str, Any] | None:
+        return dict(await self._call("mode", wait=5))
+
     async def handover(self, initial: dict[str, Any],
                        configure: Callable[[Any], Awaitable[None]]) -> None:
         """New [proxy] settings for this project: attach again (new host names, route patterns; on a

@@ -352,6 +352,30 @@ def test_front_handover_without_failed_requests(pair: tuple[Project, Project, Pa
     assert st["pid"] == after and len(st["sites"]) == 2
 
 
+def test_pause_and_maintenance_of_one_project_leave_the_other_flowing(pair: tuple[Project, Project, Path]) -> None:
+    a, _, _ = pair
+    blog, shop = _version(a.port, "x.blog.test"), _version(a.port, "shop.test")
+
+    async def held_while_paused() -> tuple[str | None, list[str | None]]:
+        await asyncio.to_thread(a.cli, "pause", "--timeout", "20s")
+        held = asyncio.create_task(asyncio.to_thread(_version, a.port, "shop.test"))
+        others = [await asyncio.to_thread(_version, a.port, "x.blog.test") for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert not held.done(), "a paused project's request must be held"
+        await asyncio.to_thread(a.cli, "resume")
+        return await asyncio.wait_for(held, 10), others
+
+    got, others = asyncio.run(held_while_paused())
+    assert got == shop and others == [blog] * 3
+    a.cli("maintenance", "on")
+    try:
+        assert _version(a.port, "shop.test") is None and _version(a.port, "x.blog.test") == blog
+        assert a.status().get("maintenance")
+    finally:
+        a.cli("maintenance", "off")
+    assert _version(a.port, "shop.test") == shop
+
+
 def test_reload_with_new_host_names_re_attaches(pair: tuple[Project, Project, Path]) -> None:
     a, b, _ = pair
     served = _version(a.port, "x.blog.test")

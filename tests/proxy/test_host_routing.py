@@ -285,3 +285,32 @@ def test_a_project_deleted_without_down_does_not_keep_its_names(front: FrontUnde
     again = Front(front.sock, front.registry, ProxySettings(listen="127.0.0.1:0"))
     again.load()                                          # nor after a restart of the front
     assert len(again.proxy.members) == 2 and again.proxy.table.find("gone.test") is None
+
+
+def test_pause_and_maintenance_are_per_project(front: FrontUnderTest) -> None:
+    """One project paused or in maintenance on the front: its requests are held or get the page,
+    the other project's are served as usual."""
+    import socket as socketmod
+
+    front.op("pause", "shop", seconds=10, max_held=100)
+    held = socketmod.create_connection(("127.0.0.1", front.port), timeout=5)
+    try:
+        held.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        assert fetch(front.port, "blog.test") == (200, b"blog-blue")       # not held
+        assert front.op("mode", "shop")["held"] == 1 and front.op("mode", "blog")["paused"] is False
+        assert front.op("resume", "shop") == {"released": 1}
+        held.settimeout(5)
+        assert held.recv(65536).endswith(b"shop-blue")
+    finally:
+        held.close()
+    mode = front.op("maintenance", "blog", on=True, page="<h1>back soon</h1>", retry_after=7)
+    assert mode["maintenance"] is True
+    with raw(front.port) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: blog.test\r\n\r\n")
+        status, headers, body = read_response(s)
+    assert status == 503 and headers["retry-after"] == "7" and body == b"<h1>back soon</h1>"
+    assert fetch(front.port, "shop.test") == (200, b"shop-blue")
+    saved = json.loads(front.registry.read_text())["sites"]
+    assert [s["mode"]["maintenance"] is not None for s in saved.values()].count(True) == 1
+    front.op("maintenance", "blog", on=False)
+    assert fetch(front.port, "blog.test") == (200, b"blog-blue")
