@@ -112,10 +112,11 @@ class SlotManager:
             # from now on the timer owns them: a recovery of this half-retired slot must not kill them
             self.state.set_instances(slot, [])
             what = f"{n} WebSocket tunnel{'s' if n != 1 else ''}" if ws == n else \
-                f"{n} tunnel{'s' if n != 1 else ''} ({ws} WebSocket)"
+                f"{n} tunnel{'s' if n != 1 else ''}" + (f" ({ws} WebSocket)" if ws >= 0 else "")
             label = current.state if current.state in (SlotState.STANDBY, SlotState.LIVE) else "slot"
-            note = (f"{label} {slot} holds {what} only: not waiting; "
-                    f"they get 1001 at the drain limit in {left:.0f} s")
+            end = f"they get 1001 at the drain limit in {left:.0f} s" if held.get("close_frame", True) else \
+                f"they are closed at the drain limit in {left:.0f} s (HAProxy sends no close frame)"
+            note = f"{label} {slot} holds {what} only: not waiting; {end}"
             log.info("slot=%s %s", slot, note)
             self.state.event("drain.tunnels", slot, version=version, tunnels=n, websockets=ws,
                              limit_in=round(left, 1), detail=note)

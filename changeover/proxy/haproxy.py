@@ -297,6 +297,26 @@ def slot_of(server: str) -> str:
     return server.rsplit("-", 1)[0]
 
 
+def parse_tunnels(out: str) -> dict[str, int]:
+    """`show sess all`: the streams of the backend that became tunnels (a 101 was answered: a
+    WebSocket, mostly), per server. A stream's block names its backend and server before its txn."""
+    result: dict[str, int] = {}
+    backend = server = ""
+    for line in out.splitlines():
+        f = line.split()
+        if not f:
+            continue
+        if line.startswith("0x"):          # a new stream
+            backend = server = ""
+        elif f[0].startswith("backend="):
+            backend = f[0][8:]
+        elif f[0].startswith("server="):
+            server = f[0][7:]
+        elif f[0].startswith("txn=") and "status=101" in f and backend == BACKEND and server:
+            result[server] = result.get(server, 0) + 1
+    return result
+
+
 def parse_stat(out: str) -> dict[str, dict[str, int]]:
     """`show stat`: per server of our backend, the counters changeover reads."""
     lines = out.splitlines()

@@ -45,6 +45,7 @@ from changeover.proxy.haproxy_log import LogFollower
 log = logging.getLogger("changeover.proxy.haproxy")
 START_TIMEOUT = 10.0
 POLL = 0.05                 # drain and start-up polling interval
+TUNNEL_POLL = 0.5           # how often a drain asks HAProxy whether only tunnels are left
 
 
 class HAProxyControl:
@@ -320,12 +321,39 @@ class HAProxyControl:
 
     async def inflight(self, slot: str) -> int:
         """Streams (requests and tunnels) and server connections in use of the slot."""
+        return sum((await self._busy(slot)).values())
+
+    async def _busy(self, slot: str) -> dict[str, int]:
         names = {s.name for s in await self._servers() if s.slot == slot and not s.parked}
         if not names:
-            return 0
+            return {}
         stat = hx.parse_stat(await self._cli("show stat"))
         conns = hx.parse_conns(await self._cli(f"show servers conn {hx.BACKEND}"))
-        return sum(max(stat.get(n, {}).get("scur", 0), conns.get(n, 0)) for n in names)
+        return {n: max(stat.get(n, {}).get("scur", 0), conns.get(n, 0)) for n in names}
+
+    async def drain_requests(self, slot: str, timeout: float) -> dict[str, Any]:
+        """`drain()` that does not wait for tunnels: once every stream left on the slot's servers is
+        a tunnel (`show sess all`: answered 101), it returns. HAProxy cannot send a WebSocket close
+        frame: those tunnels end when the retired release's processes stop, at the drain limit
+        (daemon/linger.py), without one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        looked = -TUNNEL_POLL
+        while busy := {n: c for n, c in (await self._busy(slot)).items() if c}:
+            now = loop.time()
+            if now - looked >= TUNNEL_POLL:   # `show sess all` is long with many streams: not every poll
+                looked = now
+                tunnels = hx.parse_tunnels(await self._cli("show sess all"))
+                if all(tunnels.get(n, 0) >= c for n, c in busy.items()):
+                    n = sum(busy.values())
+                    log.info("drain of slot %s: %d tunnel(s) left, not waiting for them", slot, n)
+                    return {"clean": True, "tunnels": n, "websockets": -1, "limit_in": max(0.0, deadline - now),
+                            "close_frame": False}
+            if now >= deadline:
+                break
+            await asyncio.sleep(min(POLL, max(0.0, deadline - now)))
+        return {"clean": await self.drain(slot, max(0.0, deadline - loop.time())), "tunnels": 0, "websockets": 0,
+                "limit_in": 0.0}
 
     async def drain(self, slot: str, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

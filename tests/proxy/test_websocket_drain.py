@@ -15,13 +15,16 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -368,6 +371,56 @@ def test_shutdown_sends_1001(lt: LoopThread, apps: tuple[WsApp, WsApp]) -> None:
         assert ws.close_code() == 1001
     finally:
         ws.close()
+
+
+# -- the HAProxy engine ------------------------------------------------------------------------------------
+def test_haproxy_drain_does_not_wait_for_tunnels(lt: LoopThread, apps: tuple[WsApp, WsApp]) -> None:
+    """HAProxy tells tunnels apart too (`show sess all`: answered 101), so its drain does not wait
+    for them either; it cannot send a close frame, and says so."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("the haproxy binary is not installed (scripts/ensure-services.sh installs it)")
+    from changeover.proxy.haproxy_engine import HAProxyControl
+
+    d = Path(tempfile.mkdtemp(prefix="co-ws-"))    # short: unix socket paths must fit in 108 bytes
+    c = HAProxyControl(ProxySettings(listen="127.0.0.1:0", engine="haproxy", drain_timeout=5), d)
+    blue, green = apps
+    try:
+        lt.run(c.ensure({"slots": {"blue": [list(blue.addr)], "green": [list(green.addr)]},
+                         "versions": {"blue": "v1", "green": "v2"}, "live": "blue"}))
+        assert c.port is not None
+        ws = WsClient(c.port)
+        try:
+            ws.send(b"via haproxy")
+            assert ws.recv() == (2, b"via haproxy")
+            lt.run(c.switch("green"))
+            t0 = time.monotonic()
+            r = lt.run(c.drain_requests("blue", 5))
+            assert time.monotonic() - t0 < 3                # not the 5 s drain timeout
+            assert r["tunnels"] == 1 and r["close_frame"] is False and 0 < r["limit_in"] <= 5
+            ws.send(b"still here")
+            assert ws.recv() == (2, b"still here")
+        finally:
+            ws.close()
+        wait_until(lambda: lt.run(c.inflight("blue")) == 0)
+        assert lt.run(c.drain_requests("blue", 5)) == {"clean": True, "tunnels": 0, "websockets": 0,
+                                                         "limit_in": 0.0}
+    finally:
+        lt.run(c.shutdown())
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_haproxy_session_list_is_read_for_tunnels() -> None:
+    from changeover.proxy import haproxy as hx
+
+    block = ("0x5: [01/Dec/2026:15:46:50.196779] id=0 proto=tcpv4 source=127.0.0.1:48510\n"
+             "  frontend=fe (id=2 mode=http), listener=? (id=1) addr=127.0.0.1:18771\n"
+             "  backend={be} (id=3 mode=http) addr=127.0.0.1:57104\n"
+             "  server={srv} (id=1) addr=127.0.0.1:18772\n"
+             "  txn=0x5 flags=0x8000 meth=1 status={st} req.st=MSG_TUNNEL rsp.st=MSG_TUNNEL\n")
+    out = "".join(block.format(be=be, srv=srv, st=st) for be, srv, st in
+                  ((hx.BACKEND, "blue-1", 101), (hx.BACKEND, "blue-1", 101), (hx.BACKEND, "blue-2", 200),
+                   ("other", "blue-1", 101)))
+    assert hx.parse_tunnels(out) == {"blue-1": 2}
 
 
 # -- the daemon -------------------------------------------------------------------------------------------------
