@@ -124,9 +124,9 @@ class _Cert:
 class CertStore:
     """The certificates of [proxy.tls] and the SNI choice among them (see the module docstring)."""
 
-    def __init__(self, settings: TlsSettings, placeholder_dir: Path) -> None:
+    def __init__(self, settings: TlsSettings, placeholder_dir: Path | None = None) -> None:
         self.settings = settings
-        self.placeholder_dir = placeholder_dir
+        self.placeholder_dir = placeholder_dir   # made when a placeholder is first needed
         managed = set(settings.managed)
         self.certs = [_Cert(c, k, c in managed) for c, k in settings.certificates]
         self.exact: dict[str, ssl.SSLContext] = {}
@@ -173,6 +173,8 @@ class CertStore:
 
     def _placeholder(self, c: _Cert) -> None:
         name = Path(c.cert).name.removesuffix(".pem")
+        if self.placeholder_dir is None:
+            self.placeholder_dir = Path(tempfile.mkdtemp(prefix="changeover-tls-"))
         path = self_signed([name], self.placeholder_dir)
         self._placeholders.append(path)
         c.ctx = server_context(path, "", self.settings.min_version)
@@ -231,8 +233,9 @@ class CertStore:
         for p in self._placeholders:
             with contextlib.suppress(OSError):
                 os.unlink(p)
-        with contextlib.suppress(OSError):
-            self.placeholder_dir.rmdir()
+        if self.placeholder_dir is not None:
+            with contextlib.suppress(OSError):
+                self.placeholder_dir.rmdir()
 
 
 class TlsClientConn(ClientConn):
@@ -260,7 +263,7 @@ class TlsEdge:
     def __init__(self, proxy: EmbeddedProxy, settings: TlsSettings) -> None:
         self.proxy = proxy
         self.settings = settings
-        self.store = CertStore(settings, Path(tempfile.mkdtemp(prefix="changeover-tls-")))
+        self.store = CertStore(settings)
         self.server: asyncio.Server | None = None
         self.hsts = (f"Strict-Transport-Security: max-age={settings.hsts_max_age}\r\n".encode()
                      if settings.hsts_max_age else b"")
