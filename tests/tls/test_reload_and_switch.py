@@ -103,3 +103,26 @@ def test_handover_of_the_tls_listener_under_load(lt: LoopThread, backends: tuple
         for p in (old, new):
             if p is not None:
                 lt.run(p.close())
+
+
+def test_websocket_over_tls_through_a_switch(lt: LoopThread, tproxy: EmbeddedProxy, site: Site,
+                                             backends: tuple[Backend, Backend]) -> None:
+    import socket
+
+    from tests.proxy.conftest import Client, read_head
+
+    ctx = client_context(site.ca)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port(tproxy)), timeout=5),
+                         server_hostname="shop.test") as s:
+        c = Client(s)  # type: ignore[arg-type]
+        c.sendall(b"GET /ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                  b"Sec-WebSocket-Version: 13\r\n\r\n")
+        assert read_head(c)[0] == 101
+        assert backends[0].seen[-1].headers["x-forwarded-proto"] == "https"
+        c.sendall(b"ping over tls")
+        assert c.recv(100) == b"ping over tls"
+        lt.call(tproxy.switch, "green")           # the tunnel stays on blue until it closes
+        c.sendall(b"still blue")
+        assert c.recv(100) == b"still blue"
+        assert lt.call(tproxy.inflight, "blue") == 1
+    assert https_get(tls_port(tproxy), site.ca, "shop.test").body == b"green"
