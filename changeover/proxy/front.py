@@ -31,39 +31,27 @@ import hmac
 import json
 import logging
 import os
-import re
 import signal
-import socket
-import struct
-import subprocess
 import sys
-import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from changeover import rpc
 from changeover.errors import ChangeoverError, ConfigError
 from changeover.monitor import mirror
 from changeover.monitor.metrics import Recorder
 from changeover.monitor.routes import RouteRules
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy, ListenError
-from changeover.proxy.http1 import error_response
+from changeover.proxy.front_tls import FrontTls
+from changeover.proxy.front_wire import FRONT_PROTOCOL, MOVED, Handler, serve, settings_from_json, start_front
 from changeover.proxy.routes import FrontRecorder, HostTable, Site, bare
-from changeover.proxy.tls import CHALLENGE_PREFIX, TlsEdge, _Cert
-from changeover.proxy.tls_settings import TlsSettings
 from changeover.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("changeover.proxy.front")
 
-FRONT_PROTOCOL = 1
-MOVED = "the shared front was handed over to a new process"   # the client retries on this
-START_TIMEOUT = 10.0
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")   # an ACME token: never a path
-Handler = Callable[[dict[str, Any], int], Awaitable[Any]]
 
 
 @dataclasses.dataclass
@@ -131,6 +119,7 @@ class Front:
         self.registry = registry
         self.settings = settings
         self.proxy = FrontProxy(settings)
+        self.https = FrontTls(self.proxy)
         self.stopped = asyncio.Event()
         self.lock = asyncio.Lock()       # registry changes, and a handover, one at a time
         self.moved = False
@@ -258,65 +247,6 @@ class Front:
                 return m
         raise ChangeoverError("refused: this key opens no project on the shared front (attach first)")
 
-    # -- HTTPS ---------------------------------------------------------------------------------
-    async def apply_tls(self) -> None:
-        """Every attached project's certificates on one HTTPS listener, chosen by SNI (proxy/tls.py).
-        The listener is started with the [proxy.tls] of the first project that has one; a project
-        with another TLS address is refused. Files keep being watched and reloaded as usual."""
-        with_tls = [m for m in self.proxy.members.values() if m.tls]
-        proxy = self.proxy
-        if proxy.tls is None:
-            if not with_tls:
-                return
-            settings = dataclasses.replace(TlsSettings.from_wire(with_tls[0].tls or {}), challenge_dir="")
-            edge = TlsEdge(proxy, settings)
-            await edge.start(proxy.loop, proxy.reuse_port)
-            proxy.tls = edge
-            proxy.edge = self.plain_request
-            log.info("HTTPS on %s for the shared front", settings.listen)
-        tls = proxy.tls
-        for m in with_tls:
-            if (m.tls or {}).get("listen") != tls.settings.listen:
-                raise ConfigError(f"the shared front serves HTTPS on {tls.settings.listen}, not on "
-                                  f"{(m.tls or {}).get('listen')}: use that address", file=m.config,
-                                  key="proxy.tls.listen")
-        wanted = {(str(c), str(k)): str(c) in set((m.tls or {}).get("managed") or ())
-                  for m in with_tls for c, k in (m.tls or {}).get("certificates") or ()}
-        store = tls.store
-        have = {(c.cert, c.key) for c in store.certs}
-        # CertStore's own loading and placeholder steps, one certificate at a time
-        for (cert, key), managed in wanted.items():
-            if (cert, key) in have:
-                continue
-            c = _Cert(cert, key, managed)
-            if not store._load(c):
-                if not managed:
-                    raise ConfigError(f"{cert}: {store.errors.get(cert, 'cannot be read')}", key="proxy.tls.cert")
-                store._placeholder(c)
-            store.certs.append(c)
-        if wanted:
-            store.certs = [c for c in store.certs if (c.cert, c.key) in wanted]
-        store._index()
-
-    def plain_request(self, conn: Any, method: bytes, head: bytes, target: int) -> bytes | None:
-        """The HTTP listener's HTTPS duties for every project: its ACME tokens (each project's
-        daemon writes them to its own directory), then the redirect of proxy/tls.py."""
-        tls = self.proxy.tls
-        if tls is None:
-            return None
-        if head.startswith(CHALLENGE_PREFIX, target):
-            end = head.find(b" ", target)
-            token = head[target + len(CHALLENGE_PREFIX):end].partition(b"?")[0].decode("latin-1")
-            for m in self.proxy.members.values():
-                d = (m.tls or {}).get("challenge_dir")
-                if d and _TOKEN.fullmatch(token):
-                    with contextlib.suppress(OSError):
-                        body = (Path(d) / token).read_bytes()
-                        return (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nCache-Control: no-store\r\n"
-                                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            return error_response(404, False)
-        return tls.plain_request(conn, method, head, target)
-
     # -- ops -----------------------------------------------------------------------------------
     def handlers(self) -> dict[str, Handler]:
         return {"ping": self.ping, "attach": self.attach, "detach": self.detach, "handover": self.handover,
@@ -378,7 +308,7 @@ class Front:
                 self._load_routing(m, args["initial"])
             before, m.tls = m.tls, args.get("tls") if isinstance(args.get("tls"), dict) else None
             try:
-                await self.apply_tls()
+                await self.https.apply()
             except ChangeoverError:
                 m.tls = before
                 if not adopted:
@@ -394,7 +324,7 @@ class Front:
             self._not_moved()
             m = self._site(args, uid)
             self._detach(m)
-            await self.apply_tls()
+            await self.https.apply()
             self.save()
             left = len(self.proxy.members)
         log.info("site %s detached (%s); %d left", m.site.id, m.config, left)
@@ -527,7 +457,7 @@ class Front:
     # -- running -------------------------------------------------------------------------------
     async def run(self) -> None:
         await self.proxy.start()
-        await self.apply_tls()
+        await self.https.apply()
         server = await serve(self.bind_path, self.handlers())
         inode = os.stat(self.bind_path).st_ino
         log.info("shared front listening on %s (pid %d), control socket %s", self.settings.listen, os.getpid(),
@@ -542,105 +472,6 @@ class Front:
                 self.socket_path.unlink()
                 if not self.proxy.members:
                     self.registry.unlink(missing_ok=True)
-
-
-async def serve(path: Path, handlers: dict[str, Handler]) -> asyncio.AbstractServer:
-    """The control socket: rpc's line protocol, with the caller's uid (SO_PEERCRED) passed to the
-    handler. Mode 0660: the front's user and group reach it (root's front: add project users to
-    the group of the socket's directory); what they may do is checked per request."""
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            sock = writer.get_extra_info("socket")
-            uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                      struct.calcsize("3i")))[1]
-            line = await reader.readline()
-            if not line:
-                return
-            try:
-                req = json.loads(line)
-                op, args = str(req["op"]), dict(req.get("args") or {})
-            except (ValueError, KeyError, TypeError, AttributeError):
-                reply: dict[str, Any] = {"ok": False, "error": "bad request", "type": "DaemonError", "exit_code": 3}
-            else:
-                handler = handlers.get(op)
-                if handler is None:
-                    reply = {"ok": False, "error": f"the shared front has no operation {op!r}",
-                             "type": "DaemonError", "exit_code": 3}
-                else:
-                    try:
-                        reply = {"ok": True, "result": await handler(args, uid)}
-                    except ChangeoverError as e:
-                        reply = {"ok": False, "error": str(e), "type": type(e).__name__, "exit_code": e.exit_code}
-                        if isinstance(e, ConfigError):
-                            reply.update(file=e.file, key=e.key)
-                    except Exception as e:
-                        log.exception("front request %s failed", op)
-                        reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}",
-                                 "type": "InternalError", "exit_code": 1}
-            writer.write(json.dumps(reply, default=str).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    old = os.umask(0o117)
-    try:
-        server = await asyncio.start_unix_server(on_client, path=str(path), limit=rpc.MAX_LINE)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o660)
-    if os.getuid() == 0:
-        with contextlib.suppress(OSError):
-            os.chown(path, 0, os.stat(path.parent).st_gid)
-    return server
-
-
-async def start_front(socket_path: Path, registry: Path, settings: ProxySettings,
-                      public: Path | None = None) -> int:
-    """Start a front process in its own session, its control socket at `socket_path` (a
-    successor's, renamed to `public` once it runs); returns its pid once it listens. Its log is
-    next to the socket."""
-    public = public or socket_path
-    log_path = public.with_name(public.name + ".log")
-    cmd = [sys.executable, "-m", "changeover.proxy.front", "--socket", str(public), "--bind", str(socket_path),
-           "--registry", str(registry), "--settings", json.dumps(dataclasses.asdict(settings))]
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd,
-                                start_new_session=True, close_fds=True, cwd="/")   # pins no project
-    finally:
-        os.close(fd)
-    assert proc.stdout is not None
-    loop = asyncio.get_running_loop()
-    try:
-        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        raise ChangeoverError(f"the shared front did not start within {START_TIMEOUT}s (see {log_path})") from None
-    finally:
-        proc.stdout.close()
-    try:
-        msg = json.loads(line or b"{}")
-    except ValueError:
-        msg = {}
-    if not msg.get("ready"):
-        await loop.run_in_executor(None, proc.wait)
-        if msg.get("reason") == "listen":
-            raise ConfigError(str(msg.get("error")), key="proxy.listen")
-        raise ChangeoverError(f"the shared front could not start: {msg.get('error') or proc.returncode} "
-                              f"(see {log_path})")
-    threading.Thread(target=proc.wait, name="reap-front", daemon=True).start()
-    return int(msg["pid"])
-
-
-def settings_from_json(text: str) -> ProxySettings:
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
-    if isinstance(fields.get("tls"), dict):          # [proxy.tls], nested in the JSON
-        fields["tls"] = TlsSettings.from_wire(fields["tls"])
-    return ProxySettings(**fields)
 
 
 def main(argv: list[str] | None = None) -> None:

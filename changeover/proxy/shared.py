@@ -31,7 +31,7 @@ from changeover import rpc
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
-from changeover.proxy.front import FRONT_PROTOCOL, MOVED, start_front
+from changeover.proxy.front_wire import FRONT_PROTOCOL, MOVED, start_front
 
 log = logging.getLogger("changeover.proxy.shared")
 KEY_FILE = "front.key"
