@@ -65,9 +65,6 @@ class TrafficModes:
         p = self.proxy if proxy is None else proxy
         if not isinstance(p, TrafficControl):
             s = self.settings()
-            if getattr(s, "shared", False):
-                raise ChangeoverError("a project on a shared front ([proxy] shared = true) cannot pause traffic or "
-                                      "serve a maintenance page yet; a project with its own proxy can")
             raise ChangeoverError(f'[proxy] engine = "{s.engine}" cannot pause traffic or serve a maintenance page; '
                                   'the embedded proxy (engine = "embedded") can')
         return p
