@@ -374,6 +374,10 @@ def status(config: ConfigOpt = DEFAULT, json_out: JsonOpt = False) -> None:
     if (px := st.get("proxy") or {}).get("hosts"):     # host routing (docs/hosting-several-apps.md)
         out.print(f"hosts: {escape(', '.join(px['hosts']))}"
                   + (f" (shared front on {px['listen']}, pid {px.get('pid')})" if px.get("shared") else ""))
+    if tls := (st.get("proxy") or {}).get("tls"):     # [proxy.tls] (docs/tls.md)
+        acme = [f"{h} until {str(v['expires'])[:10]}" if v.get("expires")
+                else f"{h}: {v.get('error') or 'being issued'}" for h, v in (tls.get("acme") or {}).items()]
+        out.print(f"https: {tls['listen']}" + (f"; ACME: {escape('; '.join(acme))}" if acme else ""))
     if st.get("deployment"):
         d = st["deployment"]
         out.print(f"{d['kind']} of {d['version']} (#{d['id']}) {d['phase']}")

@@ -70,3 +70,4 @@ def test_acme_on_first_start(project: Project, tmp_path: Path, kill: signal.Sign
         assert serial == issued.serial_number and "Pebble" in issuer
         st = project.status()
         assert st["proxy"]["tls"]["acme"]["shop.test"]["expires"]
+        assert f"https: 127.0.0.1:{tls_port}; ACME: shop.test until 20" in project.cli("status").stdout
