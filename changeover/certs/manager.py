@@ -92,7 +92,11 @@ class CertManager:
             now = self.clock()
             for host in self.acme.hosts:
                 if now >= self.next_try.get(host, now):
-                    await self.ensure(host)
+                    try:
+                        await self.ensure(host)
+                    except Exception:          # a bug or a full disk: this host later, never the loop
+                        log.exception("the certificate of %s could not be renewed", host)
+                        self.next_try[host] = self.clock() + datetime.timedelta(seconds=RETRY_BASE)
             soonest = min(self.next_try.values(), default=now + datetime.timedelta(seconds=CHECK_INTERVAL))
             wait = max(0.05, min(CHECK_INTERVAL, (soonest - self.clock()).total_seconds()))
             self.wake.clear()
