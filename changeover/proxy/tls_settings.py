@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from changeover.tables import Table
+from changeover.tables import Table, parse_duration
 
 DEFAULT_TLS_LISTEN = "0.0.0.0:443"
 HSTS_DEFAULT_MAX_AGE = 31536000            # one year, what `hsts = true` means
@@ -112,9 +112,16 @@ def _hsts(t: Table) -> int:
         return HSTS_DEFAULT_MAX_AGE
     if v is False:
         return 0
-    if isinstance(v, int) and v > 0:
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
         return v
-    raise t.error("hsts", "true, false or a max-age in seconds (e.g. 31536000)", v)
+    if isinstance(v, str):                  # a duration: "8760h"
+        try:
+            seconds = int(parse_duration(v))
+        except ValueError:
+            seconds = 0
+        if seconds > 0:
+            return seconds
+    raise t.error("hsts", "true, false or a max-age in seconds (e.g. 31536000, or a duration like \"8760h\")", v)
 
 
 def load(t: Table, root: Path, state_dir: Path, default_hosts: tuple[str, ...] = ()

@@ -30,6 +30,8 @@ def test_certificates_and_defaults(tmp_path: Path) -> None:
     assert (t.https_redirect, t.hsts_max_age, t.min_version) == (True, HSTS_DEFAULT_MAX_AGE, "1.2")
     short = load(tmp_path, 'cert = "site.pem"\nkey = "site.key"\nhsts = 600').proxy.tls
     assert short is not None and short.hsts_max_age == 600
+    year = load(tmp_path, 'cert = "site.pem"\nkey = "site.key"\nhsts = "8760h"').proxy.tls
+    assert year is not None and year.hsts_max_age == 8760 * 3600
     assert config.load(tmp_path / "changeover.toml").proxy.tls is not None
     f = tmp_path / "changeover.toml"
     f.write_text('[app]\ncommand = ["true"]\n')
