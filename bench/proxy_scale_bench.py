@@ -1,7 +1,7 @@
 """Proxy scale benchmark: changeover's embedded proxy next to HAProxy at high concurrency, and bulk.
 
     flock /tmp/team/bench.lock .venv/bin/python bench/proxy_scale_bench.py \
-        [--tree DIR] [--conns 50,1000,5000] [--duration 10] [--bulk-mb 500] [--workers 1,2]
+        [--tree DIR] [--conns 50,1000,5000] [--duration 10] [--bulk-mb 500] [--workers 1,2] [--somaxconn N]
 
 Backend: nginx (`return 200`, one worker process, keep-alive without a request limit; a 500 MB
 file from /dev/shm for bulk), else HAProxy `http-request return`. Each proxy runs on core 0 (one
@@ -138,11 +138,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+THREADS = 0     # wrk threads; 0: one, two from 2000 connections (--threads)
+
+
 def wrk(port: int, duration: float, conns: int, cpu: str | None = OTHER_CPU,
         pid: int | None = None) -> dict[str, float]:
     """wrk's figures; with `pid`, also that process's CPU time per request, which other load on a
     shared machine moves far less than req/s (it is the proxy's own cost)."""
-    threads = 1 if conns < 2000 else 2
+    threads = THREADS or (1 if conns < 2000 else 2)
     cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         pinned(cpu, ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration:g}s", "--timeout", "10s", "--latency",
@@ -204,7 +207,16 @@ def main() -> None:
     ap.add_argument("--bulk-mb", type=int, default=500)
     ap.add_argument("--workers", default="", help="also measure the worker with these [proxy] workers counts")
     ap.add_argument("--only", default="", help="comma-separated subset of direct,changeover,haproxy")
+    ap.add_argument("--somaxconn", type=int, default=0,
+                    help="set net.core.somaxconn for the run (root; restored after): the accept queue cap")
+    ap.add_argument("--threads", type=int, default=0, help="wrk threads (default: 1, 2 from -c2000)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    somaxconn = Path("/proc/sys/net/core/somaxconn")
+    saved = somaxconn.read_text().strip() if args.somaxconn else ""
+    if args.somaxconn:
+        somaxconn.write_text(str(args.somaxconn))
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 65536), max(hard, 65536)))
@@ -240,7 +252,7 @@ def main() -> None:
         pids = {"changeover": emb.pid, "haproxy": procs[1].pid}     # taskset execs: the proxies' own pids
         if args.only:
             paths = {k: v for k, v in paths.items() if k in args.only.split(",")}
-        print(f"backend: {kind}; embedded proxy from {args.tree}")
+        print(f"backend: {kind}; embedded proxy from {args.tree}; net.core.somaxconn {somaxconn.read_text().strip()}")
         for conns in [int(c) for c in args.conns.split(",") if c]:
             rows = {}
             for name, port in paths.items():
@@ -278,6 +290,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(10)
     finally:
+        if saved:
+            somaxconn.write_text(saved)
         for p in procs:
             p.terminate()
         for p in procs:
