@@ -33,7 +33,7 @@ RETRY_BASE = 60.0               # first retry after a failed order, doubled each
 RETRY_MAX = 6 * 3600.0
 CHECK_INTERVAL = 3600.0         # how often renewal dates are looked at again
 WATCH_INTERVAL = 2.0            # how often user-managed certificate files are looked at
-MIN_RECHECK = 60.0              # after an issue, never look at the same host sooner than this
+MIN_RECHECK = 10.0              # after an issue, never look at the same host sooner than this
 
 Notify = Callable[[str, dict[str, Any]], Awaitable[None]]
 Record = Callable[..., None]
@@ -135,6 +135,10 @@ class CertManager:
         self.failures.pop(host, None)
         self.last_error.pop(host, None)
         renew = new.renew_at(self.acme.renew_before) if new else now
+        if new is not None and renew <= now:
+            log.warning("acme_renew_before (%.0fs) is longer than the certificates %s issues (valid %s): "
+                        "%s is renewed every %.0fs (until the CA's rate limit stops it)", self.acme.renew_before,
+                        self.acme.directory, new.not_after - new.not_before, host, MIN_RECHECK)
         self.next_try[host] = max(min(renew, now + datetime.timedelta(seconds=CHECK_INTERVAL)),
                                   now + datetime.timedelta(seconds=MIN_RECHECK))
         expires = new.not_after.isoformat() if new else None

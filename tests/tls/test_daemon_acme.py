@@ -71,3 +71,38 @@ def test_acme_on_first_start(project: Project, tmp_path: Path, kill: signal.Sign
         st = project.status()
         assert st["proxy"]["tls"]["acme"]["shop.test"]["expires"]
         assert f"https: 127.0.0.1:{tls_port}; ACME: shop.test until 20" in project.cli("status").stdout
+
+
+def test_renewal_by_threshold(project: Project, tmp_path: Path) -> None:
+    """pebble's certificates live five years: `acme_renew_before` longer than that makes every
+    certificate due at once, so the daemon renews it (after MIN_RECHECK) and the proxy serves the
+    new one."""
+    ca, tls_port = TestCA(tmp_path), free_port()
+    with pebble(ca, tmp_path, project.port) as server:
+        project.write()
+        with project.config.open("a") as f:
+            f.write(f'\n[proxy.tls]\nlisten = "127.0.0.1:{tls_port}"\nacme = true\nhosts = ["shop.test"]\n'
+                    f'acme_directory = "{server.directory_url}"\nacme_ca_bundle = "{ca.path}"\n'
+                    'acme_renew_before = "50000h"\n')
+        cert = project.root / ".changeover" / "certs" / "shop.test.pem"
+        project.start_daemon()
+
+        def serial() -> int | None:
+            try:
+                data = cert.read_bytes()
+            except FileNotFoundError:
+                return None
+            return x509.load_pem_x509_certificate(data[data.index(b"-----BEGIN CERT"):]).serial_number
+
+        deadline = time.monotonic() + 60
+        while serial() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first = serial()
+        assert first is not None
+        while serial() == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = serial()
+        assert second is not None and second != first, "not renewed"
+        while _served_serial(tls_port)[0] != second and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _served_serial(tls_port)[0] in (second, serial())
