@@ -73,13 +73,16 @@ def test_acme_on_first_start(project: Project, tmp_path: Path, kill: signal.Sign
         assert f"https: 127.0.0.1:{tls_port}; ACME: shop.test until 20" in project.cli("status").stdout
 
 
-def test_renewal_by_threshold(project: Project, tmp_path: Path) -> None:
+def test_renewal_then_a_refusing_ca(project: Project, tmp_path: Path) -> None:
     """pebble's certificates live five years: `acme_renew_before` longer than that makes every
     certificate due at once, so the daemon renews it (after MIN_RECHECK) and the proxy serves the
-    new one."""
-    ca, tls_port = TestCA(tmp_path), free_port()
+    new one. Then the CA goes away: the next renewal fails, the last certificate keeps serving and
+    a `certificate_failed` notification reaches the [notify] webhook."""
+    from tests.daemon.test_auto_rollback import Hooks
+
+    ca, tls_port, hooks = TestCA(tmp_path), free_port(), Hooks()
     with pebble(ca, tmp_path, project.port) as server:
-        project.write()
+        project.write(f'[notify]\nbackoff = "100ms"\n[[notify.webhooks]]\nurl = "http://127.0.0.1:{hooks.port}/hook"\n')
         with project.config.open("a") as f:
             f.write(f'\n[proxy.tls]\nlisten = "127.0.0.1:{tls_port}"\nacme = true\nhosts = ["shop.test"]\n'
                     f'acme_directory = "{server.directory_url}"\nacme_ca_bundle = "{ca.path}"\n'
@@ -106,3 +109,11 @@ def test_renewal_by_threshold(project: Project, tmp_path: Path) -> None:
         while _served_serial(tls_port)[0] != second and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _served_serial(tls_port)[0] in (second, serial())
+        assert "certificate_issued" in hooks.names()
+        server.stop()
+        while "certificate_failed" not in hooks.names() and time.monotonic() < deadline + 30:
+            time.sleep(0.1)
+        failed = next(e for e in hooks.events if e.get("event") == "certificate_failed")
+        assert failed["host"] == "shop.test" and "previous certificate" in failed["serving"], failed
+        last = serial()
+        assert last is not None and _served_serial(tls_port)[0] == last      # still served
