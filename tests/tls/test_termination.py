@@ -92,7 +92,8 @@ def test_modern_protocols_only(tproxy: EmbeddedProxy, site: Site) -> None:
     assert a.version == "TLSv1.2"
 
 
-def test_session_resumption(tproxy: EmbeddedProxy, site: Site) -> None:
+def test_session_resumption(lt: LoopThread, tproxy: EmbeddedProxy, site: Site) -> None:
+    """TLS 1.2 and 1.3 sessions resume, also across a certificate reload (the ticket keys stay)."""
     port = tls_port(tproxy)
     for top in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         ctx = client_context(site.ca)
@@ -102,6 +103,10 @@ def test_session_resumption(tproxy: EmbeddedProxy, site: Site) -> None:
             s.recv(4096)                   # TLS 1.3 tickets arrive after the handshake
             session = s.session
         assert session is not None
+        chain, key, _ = site.ca.leaf_pem(["shop.test"])
+        site.shop.key.write_bytes(key)
+        site.shop.cert.write_bytes(chain)
+        assert lt.call(tproxy.tls.store.check)            # type: ignore[union-attr]  # reloaded
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="shop.test",
                              session=session) as s:
             assert s.session_reused, top
