@@ -101,9 +101,18 @@ def _pair(t: Table, root: Path) -> tuple[str, str] | None:
     cert, key = t.str("cert", ""), t.str("key", "")
     if not cert and not key:
         return None
-    if not cert or not key:
-        raise t.error("key" if cert else "cert", "cert and key together (PEM files)")
-    return _file(t, "cert", cert, root), _file(t, "key", key, root)
+    if not cert:
+        raise t.error("cert", "cert and key together (PEM files)")
+    cert_path = _file(t, "cert", cert, root)
+    if not key:                        # one PEM with the key and the chain, as ACME's are stored
+        try:
+            has_key = b"PRIVATE KEY-----" in Path(cert_path).read_bytes()
+        except OSError:
+            has_key = False
+        if not has_key:
+            raise t.error("key", "cert and key together (PEM files), or a cert file that holds the key too")
+        return cert_path, ""
+    return cert_path, _file(t, "key", key, root)
 
 
 def _hsts(t: Table) -> int:

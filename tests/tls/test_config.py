@@ -51,6 +51,13 @@ def test_acme(tmp_path: Path) -> None:
     assert c.proxy.tls.challenge_dir == str(state / "acme-challenges")
 
 
+def test_one_file_with_the_key_and_the_chain(tmp_path: Path) -> None:
+    load(tmp_path, 'cert = "site.pem"\nkey = "site.key"')      # writes the empty files
+    (tmp_path / "both.pem").write_text("-----BEGIN PRIVATE KEY-----\n...\n-----BEGIN CERTIFICATE-----\n")
+    c = load(tmp_path, 'cert = "both.pem"')
+    assert c.proxy.tls is not None and c.proxy.tls.certificates == ((str(tmp_path / "both.pem"), ""),)
+
+
 def test_acme_hosts_default_to_the_proxy_hosts(tmp_path: Path) -> None:
     c = load(tmp_path, "acme = true", 'hosts = ["shop.example.com", "*.example.com"]')
     assert c.acme is not None and c.acme.hosts == ("shop.example.com",)
