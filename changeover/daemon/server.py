@@ -347,6 +347,9 @@ class Daemon:
             out["deployment"] = {"id": a.id, "kind": str(a.kind), "version": a.version, "phase": str(a.phase),
                                  "slot": a.target, "started_at": a.started, "step": a.steps.current}
         out["proxy"] = {"listen": self.config.proxy.listen, "pid": self.proxy.pid, "engine": self.config.proxy.engine}
+        pids = getattr(self.proxy, "pids", None)   # [proxy] workers: every process of the group, the leader first
+        if pids:
+            out["proxy"]["workers"] = list(pids)
         kept = self.slots.linger.groups()  # a retired release's processes kept for its tunnels (daemon/linger.py)
         if kept:
             out["tunnels_kept"] = [{"slot": g.get("slot"), "version": g.get("version"), "tunnels": g.get("tunnels"),

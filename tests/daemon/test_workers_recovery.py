@@ -64,7 +64,9 @@ def test_daemon_killed_mid_switch_every_worker_serves_one_slot_after_recovery(
         after = asyncio.run(rpc.call(sock, "ping"))
         assert after["pids"] == before["pids"], "the restarted daemon adopts every worker"
         assert len({w["live"] for w in after["workers"]}) == 1 and after["live"] != old_slot
-        assert project.status()["live"]["version"] == "v2"
+        st = project.status()
+        assert st["live"]["version"] == "v2"
+        assert st["proxy"]["workers"] == after["pids"]          # status names every worker
         assert _versions(project.port, 30) == {"v2"}
     finally:
         project.teardown()
