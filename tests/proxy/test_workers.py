@@ -104,6 +104,7 @@ def test_a_follower_that_dies_is_started_again_with_the_routing(group: ProxyProc
     asyncio.run(group.switch("green"))
     dead = group.pids[1]
     os.kill(dead, signal.SIGKILL)
+    assert "slots" in asyncio.run(group.metrics())      # the figures do not stop for a dead follower
     deadline = time.monotonic() + 15
     while True:
         pids = _ping(group)["pids"]
