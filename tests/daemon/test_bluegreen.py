@@ -296,7 +296,12 @@ def test_a_killed_proxy_worker_is_replaced_at_once(project: Project) -> None:
     took = 10 - (deadline - time.monotonic())
     assert seen == "v2", "traffic did not come back"
     assert took < 5, took
+    # With several workers the others kept serving meanwhile; the daemon replaces the dead one.
+    deadline = time.monotonic() + 15
     st = project.status()
+    while st["proxy"]["pid"] == old_pid and time.monotonic() < deadline:
+        time.sleep(0.2)
+        st = project.status()
     assert st["proxy"]["pid"] != old_pid and st["standby"]["version"] == "v1"
     assert any(e["kind"] == "proxy.restarted" for e in st["incidents"])
     # The new worker knows both slots: a warm rollback still works.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +71,15 @@ def group_gone(pgid: int) -> bool:
     return not any(f[2] == str(pgid) and f[0] != "Z" for _, f in _stats())
 
 
-def zombies() -> list[int]:
-    """Our children that exited and were never reaped."""
-    return [pid for pid, f in _stats() if f[0] == "Z" and int(f[1]) == os.getpid()]
+def zombies(settle: float = 5.0) -> list[int]:
+    """Our children that exited and were never reaped. Exits are reaped by asyncio's watcher
+    threads, which a loaded machine can keep waiting a moment: a zombie must outlast `settle`."""
+    deadline = time.monotonic() + settle
+    while True:
+        found = [pid for pid, f in _stats() if f[0] == "Z" and int(f[1]) == os.getpid()]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 @pytest.fixture
