@@ -41,7 +41,7 @@ metrics_listen = ""
 """
 
 
-def setup(project: Project, observe: str = "25s") -> Path:
+def setup(project: Project, observe: str = "60s") -> Path:
     fault = project.root / "fault.json"
     fault.write_text("{}")
     project.write(MONITOR.format(fault=fault, observe=observe))
