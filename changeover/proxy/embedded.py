@@ -234,7 +234,8 @@ class EmbeddedProxy:
         now = loop.time()
         deadline = now + timeout
         close_listener = now + RETIRE_LISTEN_SETTLE if self._steer_away(first, count) else now
-        while self._server is not None or self.clients or self._adopting:
+        # (a TLS connection is a client once its handshake is done; until then `tls.handshaking`)
+        while self._server is not None or self.clients or self._adopting or (self.tls and self.tls.handshaking):
             now = loop.time()
             if self._server is not None and now >= min(close_listener, deadline):
                 self._stop_listening()

@@ -28,6 +28,7 @@ import os
 import re
 import ssl
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -239,15 +240,25 @@ class CertStore:
 
 
 class TlsClientConn(ClientConn):
-    """A client connection that arrived over TLS: the app is told https, responses carry HSTS."""
+    """A client connection that arrived over TLS: the app is told https, responses carry HSTS.
 
-    __slots__ = ()
+    Made when the TCP connection is accepted, but a client of the proxy (`connection_made`) only
+    once the handshake is done: meanwhile it is in `TlsEdge.handshaking`, which a retiring proxy
+    waits for too (a weak set: a handshake that fails drops the connection and its entry)."""
+
+    __slots__ = ("__weakref__",)
     https = True
 
+    def __init__(self, proxy: EmbeddedProxy) -> None:
+        super().__init__(proxy)
+        if proxy.tls is not None:
+            proxy.tls.handshaking.add(self)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         tls = self.proxy.tls
         assert tls is not None
+        tls.handshaking.discard(self)
+        super().connection_made(transport)
         self.fwd = tls.forwarded_headers(self.ip)
 
     def response_head(self, head: bytes, close_delimited: bool) -> bytes:
@@ -271,6 +282,7 @@ class TlsEdge:
         self.port = 0
         self._fwd_cache: dict[bytes, bytes] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self.handshaking: weakref.WeakSet[TlsClientConn] = weakref.WeakSet()   # accepted, handshake under way
 
     @property
     def ssl(self) -> ssl.SSLContext:

@@ -47,13 +47,15 @@ def tls_settings(site: Site, **kw: Any) -> TlsSettings:
 
 
 def start_tls_proxy(lt: LoopThread, backends: tuple[Backend, Backend], tls: TlsSettings,
-                    reuse_port: bool = False, listen: str = "127.0.0.1:0", **kw: Any) -> EmbeddedProxy:
+                    reuse_port: bool = False, listen: str = "127.0.0.1:0", initial: str = "blue",
+                    **kw: Any) -> EmbeddedProxy:
     proxy = EmbeddedProxy(ProxySettings(listen=listen, tls=tls, **kw), Recorder(), reuse_port=reuse_port)
-    lt.run(proxy.start())
     blue, green = backends
+    # routes first, as the worker preloads them: a successor takes connections as soon as it listens
     lt.call(proxy.set_slot, "blue", [blue.addr])
     lt.call(proxy.set_slot, "green", [green.addr])
-    lt.call(proxy.switch, "blue")
+    lt.call(proxy.switch, initial)
+    lt.run(proxy.start())
     return proxy
 
 

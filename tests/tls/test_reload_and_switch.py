@@ -3,6 +3,7 @@ one refused, the last good certificate still served), switches, and a hand-over 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -91,8 +92,7 @@ def test_handover_of_the_tls_listener_under_load(lt: LoopThread, backends: tuple
             from dataclasses import replace
 
             new = start_tls_proxy(lt, backends, replace(settings, listen=f"127.0.0.1:{port}"), reuse_port=True,
-                                  listen=f"127.0.0.1:{old.port}")
-            lt.call(new.switch, "green")
+                                  listen=f"127.0.0.1:{old.port}", initial="green")
             cut = lt.run(old.retire(5.0))
             assert cut == 0
             before = load.bodies[b"green"]
@@ -126,3 +126,33 @@ def test_websocket_over_tls_through_a_switch(lt: LoopThread, tproxy: EmbeddedPro
         assert c.recv(100) == b"still blue"
         assert lt.call(tproxy.inflight, "blue") == 1
     assert https_get(tls_port(tproxy), site.ca, "shop.test").body == b"green"
+
+
+def test_a_retiring_proxy_waits_for_handshakes_under_way(lt: LoopThread, tproxy: EmbeddedProxy, site: Site) -> None:
+    """A TLS connection accepted but not yet through its handshake is not a client yet: retire()
+    waits for it (a worker that exited then would cut it), and a handshake that fails is not
+    waited for."""
+    import gc
+    import socket
+    import time
+
+    assert tproxy.tls is not None
+    port = tls_port(tproxy)
+    with socket.create_connection(("127.0.0.1", port)) as bad:
+        bad.sendall(b"GET / HTTP/1.1\r\n\r\n")       # not TLS: the handshake fails
+        bad.recv(100)
+    slow = socket.create_connection(("127.0.0.1", port))   # says nothing yet
+    deadline = time.monotonic() + 5
+    while lt.call(len, tproxy.tls.handshaking) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lt.call(len, tproxy.tls.handshaking) == 1        # the failed one is gone (without a gc)
+    fut = asyncio.run_coroutine_threadsafe(tproxy.retire(5), lt.loop)
+    time.sleep(0.5)
+    assert not fut.done()                                  # waiting for the handshake
+    ctx = client_context(site.ca)
+    with ctx.wrap_socket(slow, server_hostname="shop.test") as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+    assert fut.result(5) == 0
+    gc.collect()
