@@ -37,6 +37,10 @@ log = logging.getLogger("changeover.proxy")
 # an idle app connection unused this long is closed (below most apps' keep-alive timeouts is not
 # needed: a request that cannot be replayed only takes a recently used one, see client.py)
 IDLE_TTL = 60.0
+# outcomes of recently seen response heads (UpstreamConn._head): bounded, cleared when full
+_HEADS: dict[bytes, tuple[int, bool, bool, int, int, bytes]] = {}
+_HEADS_MAX = 256
+_HEADS_KEY_MAX = 4096                 # larger heads are parsed every time (at most 1 MB kept)
 MAX_RESPONSE_HEAD = 64 * 1024
 # after a response that has no body (HEAD, 204, 304) the connection waits this long before it
 # is reused: an app that writes a body anyway (`do_HEAD = do_GET`) would otherwise hand those
@@ -226,66 +230,39 @@ class UpstreamConn(asyncio.Protocol):
         if i < 0 or i > MAX_RESPONSE_HEAD:
             return self._head_slow(data)
         head = data[:i + 2]
-        if _CLEAN_HEAD.match(head) is None:
-            return self._head_slow(data)   # bare-LF line endings are normalised there, the rest 502
-        rest = data[i + 4:]
         c = self.client
         assert c is not None
-        status = int(head[9:12])
-        http11 = head[7] == 49
-        if status < 200 and status != 101:
-            if status < 100:
-                return self._bad(f"status {status} (not a status code)")
-            # interim (100 Continue, 103 Early Hints): forward to 1.1 clients, keep waiting
-            if c.req_http11:
-                c.transport.write(RESP_HOP.sub(b"", head) + b"\r\n")
-            if rest:
-                self._head(rest)
-            return
-        close = not http11
-        low = head.lower()
-        # one search for every hop-by-hop header (`x in bytes` costs twice a find: avoided here)
-        hop = _RESP_HOP_NAMES.search(low) is not None
-        if hop and low.find(b"\r\nconnection:") >= 0:
-            tokens: set[bytes] = set()
-            for m in RESP_CONNECTION.finditer(head):
-                tokens |= connection_tokens(m.group(1))
-            if b"close" in tokens:
-                close = True
-            elif b"keep-alive" in tokens:
-                close = False
-            for name in tokens - _KNOWN_CONN_TOKENS:
-                head = _drop_header(head, name)
-        framing = R_DONE
-        length = 0
-        if status == 101:
-            if not c.req_upgrade:
-                return self._bad()
-            framing = R_TUNNEL
+        hit = None if c.req_head_only else _HEADS.get(head)
+        if hit is not None:
+            # the same head as a response seen before (only the Date line changes, once a second):
+            # everything below depends on its bytes alone, so its outcome is reused
+            status, http11, close, framing, length, head = hit
+            rest = data[i + 4:]
+            self.bodiless = status == 204 or status == 304
         else:
-            if hop:
-                head = RESP_HOP.sub(b"", head)
-                low = head.lower()
-            self.bodiless = c.req_head_only or status == 204 or status == 304
-            if not self.bodiless:
-                cl = low.find(b"\r\ncontent-length:")
-                te = low.rfind(b"\r\ntransfer-encoding:")   # several: the last holds the final coding
-                if te >= 0:
-                    if cl >= 0:
-                        return self._bad()   # both: a desync risk, never pass it on
-                    value = low[te + 20:low.find(b"\r\n", te + 20)].strip(b" \t")
-                    framing = R_CHUNKED if value.endswith(b"chunked") else R_EOF
-                elif cl < 0:
-                    framing = R_EOF
-                else:
-                    e = low.find(b"\r\n", cl + 17)
-                    v = low[cl + 17:e].strip(b" \t")
-                    other = low.find(b"\r\ncontent-length:", e)
-                    if not v.isdigit() or (other >= 0 and
-                                           low[other + 17:low.find(b"\r\n", other + 17)].strip(b" \t") != v):
-                        return self._bad()
-                    length = int(v)
-                    framing = R_LENGTH if length else R_DONE
+            key = head
+            if _CLEAN_HEAD.match(head) is None:
+                return self._head_slow(data)   # bare-LF line endings are normalised there, the rest 502
+            rest = data[i + 4:]
+            status = int(head[9:12])
+            http11 = head[7] == 49
+            if status < 200 and status != 101:
+                if status < 100:
+                    return self._bad(f"status {status} (not a status code)")
+                # interim (100 Continue, 103 Early Hints): forward to 1.1 clients, keep waiting
+                if c.req_http11:
+                    c.transport.write(RESP_HOP.sub(b"", head) + b"\r\n")
+                if rest:
+                    self._head(rest)
+                return
+            parsed = self._parse(head, status, http11, c)
+            if parsed is None:
+                return
+            close, framing, length, head = parsed
+            if framing != R_TUNNEL and not c.req_head_only and len(key) <= _HEADS_KEY_MAX:
+                if len(_HEADS) >= _HEADS_MAX:
+                    _HEADS.clear()
+                _HEADS[key] = (status, http11, close, framing, length, head)
         self.reusable = not close and framing != R_EOF and framing != R_TUNNEL and c.req_http11
         self.status = c.resp_status = status
         if framing == R_TUNNEL:
@@ -320,6 +297,59 @@ class UpstreamConn(asyncio.Protocol):
                 c.tunnel_out(rest)
         elif rest:
             c.transport.write(rest)
+
+    def _parse(self, head: bytes, status: int, http11: bool,
+               c: Exchange) -> tuple[bool, int, int, bytes] | None:
+        """Connection semantics and framing of a clean response head: (close, framing, length,
+        the head without hop-by-hop headers); None when it was refused (502 sent)."""
+        close = not http11
+        low = head.lower()
+        # one search for every hop-by-hop header (`x in bytes` costs twice a find: avoided here)
+        hop = _RESP_HOP_NAMES.search(low) is not None
+        if hop and low.find(b"\r\nconnection:") >= 0:
+            tokens: set[bytes] = set()
+            for m in RESP_CONNECTION.finditer(head):
+                tokens |= connection_tokens(m.group(1))
+            if b"close" in tokens:
+                close = True
+            elif b"keep-alive" in tokens:
+                close = False
+            for name in tokens - _KNOWN_CONN_TOKENS:
+                head = _drop_header(head, name)
+        framing = R_DONE
+        length = 0
+        if status == 101:
+            if not c.req_upgrade:
+                self._bad()
+                return None
+            framing = R_TUNNEL
+        else:
+            if hop:
+                head = RESP_HOP.sub(b"", head)
+                low = head.lower()
+            self.bodiless = c.req_head_only or status == 204 or status == 304
+            if not self.bodiless:
+                cl = low.find(b"\r\ncontent-length:")
+                te = low.rfind(b"\r\ntransfer-encoding:")   # several: the last holds the final coding
+                if te >= 0:
+                    if cl >= 0:
+                        self._bad()
+                        return None   # both: a desync risk, never pass it on
+                    value = low[te + 20:low.find(b"\r\n", te + 20)].strip(b" \t")
+                    framing = R_CHUNKED if value.endswith(b"chunked") else R_EOF
+                elif cl < 0:
+                    framing = R_EOF
+                else:
+                    e = low.find(b"\r\n", cl + 17)
+                    v = low[cl + 17:e].strip(b" \t")
+                    other = low.find(b"\r\ncontent-length:", e)
+                    if not v.isdigit() or (other >= 0 and
+                                           low[other + 17:low.find(b"\r\n", other + 17)].strip(b" \t") != v):
+                        self._bad()
+                        return None
+                    length = int(v)
+                    framing = R_LENGTH if length else R_DONE
+        return close, framing, length, head
 
     def _head_slow(self, data: bytes) -> None:
         """A head that is not complete yet, too big, has bare-LF line endings (accepted, as
