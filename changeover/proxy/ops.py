@@ -50,8 +50,7 @@ MAINTENANCE = "maintenance"  # {"on": bool, "page": str | None, "retry_after": s
 MODE = "mode"                # {} -> Mode: pause and maintenance now (held: every worker's)
 
 OPS = (*HANDOVER_OPS, SET_SLOT, REMOVE_SLOT, SET_VERSION, SWITCH, DRAIN, METRICS, SET_ROUTE, SET_HEALTH,
-       PAUSE, RESUME, MAINTENANCE, MODE,
-       DRAIN_REQUESTS)
+       PAUSE, RESUME, MAINTENANCE, MODE, DRAIN_REQUESTS)
 
 
 class DrainResult(TypedDict):
