@@ -42,7 +42,7 @@ DEFAULT_ROUTE_METRICS = False         # per-route Prometheus series (bounded by 
 DEFAULT_PAIRED_PROBES = 4.0           # probe pairs per second to both slots during the window (0 = off)
 
 # -- [notify] defaults ----------------------------------------------------------------------------
-EVENTS = ("deploy_started", "live", "finalised", "rolled_back", "rollback_refused",
+EVENTS = ("deploy_started", "failed", "live", "finalised", "rolled_back", "rollback_refused",
           "certificate_issued", "certificate_failed")   # certificate_*: [proxy.tls] (changeover/certs)
 FORMATS = ("json", "slack")
 DEFAULT_NOTIFY_RETRIES = 3            # attempts after the first one

@@ -26,6 +26,7 @@ MAX_BACKOFF = 60.0
 
 _TITLES = {
     "deploy_started": "deploy started",
+    "failed": "deploy FAILED (the old release stays live)",
     "live": "is live",
     "finalised": "finalised",
     "rolled_back": "ROLLED BACK",

@@ -320,3 +320,17 @@ def test_a_release_after_a_rolled_back_one_is_judged_on_its_own_traffic(project:
     assert bad.returncode == 1 and "rolled back automatically" in bad.stderr
     assert good.returncode == 0, good.stderr
     assert project.status()["live"]["version"] == "v3"
+
+
+def test_a_deploy_that_fails_before_its_switch_is_notified(project: Project) -> None:
+    _, hooks, _ = configure(project, observe="0s")
+    project.write(project.extra, ready_timeout="3s")
+    project.start_daemon()
+    project.deploy("v1")
+    bad = project.deploy("v2", "--env", "FAULT_HEALTH=fail", check=False)
+    assert bad.returncode == 1 and "v1 is still live" in bad.stderr, bad.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "failed" not in hooks.names():
+        time.sleep(0.1)
+    ev = next(e for e in hooks.events if e.get("event") == "failed")
+    assert ev["version"] == "v2" and "start" in ev["reason"], ev
