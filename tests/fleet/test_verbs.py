@@ -130,27 +130,32 @@ def test_min_ready_leaves_a_host_out_that_retries_converging_with_backoff_and_me
     assert "h3 is not prepared" in out.stderr and "m1 finalised fleet-wide" in out.stderr, out.stderr
     assert fleet.lives() == ["m1", "m1", was]
 
-    # h3 converges on its own, fails (no release there), and tries again with backoff.
-    Fleet.wait(lambda: (hosts(fleet)["h3"].get("retry") or {}).get("attempt", 0) >= 2, "h3 retried converging")
-    h3 = hosts(fleet)["h3"]
-    assert h3["in_sync"] is False and "no such directory" in h3["retry"]["error"], h3
-    assert "converging to m1 failed" in h3["why"] and "next try in" in h3["why"], h3["why"]
-    assert h3["retry"]["delay"] > 1.0                 # the backoff grew
-    assert fleet.hosts[2].health()[0] == 503
-    assert "converging to m1 failed" in fleet.cli("status").stdout
+    try:
+        # h3 converges on its own, fails (no release there), and tries again with backoff.
+        Fleet.wait(lambda: (hosts(fleet)["h3"].get("retry") or {}).get("attempt", 0) >= 2, "h3 retried converging")
+        h3 = hosts(fleet)["h3"]
+        assert h3["in_sync"] is False and "no such directory" in h3["retry"]["error"], h3
+        assert "converging to m1 failed" in h3["why"] and "next try in" in h3["why"], h3["why"]
+        assert h3["retry"]["delay"] > 1.0                 # the backoff grew
+        assert fleet.hosts[2].health()[0] == 503
 
-    m = metrics(fleet, 0)
-    assert sample(m, "changeover_fleet_in_sync", host="h1") == 1.0
-    assert sample(m, "changeover_fleet_hosts", state="in_sync") == 2.0
-    assert sample(m, "changeover_fleet_hosts", state="out_of_sync") == 1.0
-    assert sample(m, "changeover_fleet_host_in_sync", host="h3") == 0.0
-    assert sample(m, "changeover_fleet_heartbeat_age_seconds", host="h3") is not None
-    assert sample(m, "changeover_fleet_desired", action="switch", release="m1") == 1.0
-    assert (sample(m, "changeover_fleet_switch_skew_seconds") or -1) >= 0.0
-    assert (sample(metrics(fleet, 2), "changeover_fleet_converge_failures", host="h3") or 0) >= 2
-    assert sample(m, "changeover_live_slot") is not None     # the daemon's own figures are still there
+        def figures() -> bool:   # the hosts' records reach each /metrics within a heartbeat or two
+            m = metrics(fleet, 0)
+            return (sample(m, "changeover_fleet_in_sync", host="h1") == 1.0
+                    and sample(m, "changeover_fleet_hosts", state="in_sync") == 2.0
+                    and sample(m, "changeover_fleet_hosts", state="out_of_sync") == 1.0
+                    and sample(m, "changeover_fleet_host_in_sync", host="h3") == 0.0)
 
-    fleet.hosts[2].release("m1")                      # the release arrives: the next try converges
+        Fleet.wait(figures, "/metrics: h1 and h2 in sync, h3 out", timeout=15)
+        m = metrics(fleet, 0)
+        assert sample(m, "changeover_fleet_heartbeat_age_seconds", host="h3") is not None
+        assert sample(m, "changeover_fleet_desired", action="switch", release="m1") == 1.0
+        assert (sample(m, "changeover_fleet_switch_skew_seconds") or -1) >= 0.0
+        assert (sample(metrics(fleet, 2), "changeover_fleet_converge_failures", host="h3") or 0) >= 2
+        assert sample(m, "changeover_live_slot") is not None     # the daemon's own figures are still there
+        assert "converging to m1 failed" in fleet.cli("status").stdout
+    finally:
+        fleet.hosts[2].release("m1")                  # the release arrives: the next try converges
     Fleet.wait(lambda: all(h["in_sync"] for h in hosts(fleet).values()), "h3 converged", timeout=60)
     assert fleet.lives() == ["m1", "m1", "m1"] and hosts(fleet)["h3"]["retry"] is None
     assert fleet.hosts[2].health()[0] == 200
