@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,29 @@ async def call(path: Path, op: str, args: dict[str, Any] | None = None, timeout:
         if "result" in msg:
             result = msg["result"]
     return result
+
+
+async def ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
+    """The one JSON line a process we started (a proxy worker, the shared front) prints on stdout
+    once it listens, or to say why it cannot: {"ready": true, ...} or {"error", "reason"}. A
+    process that did not say so is waited for (its status is in `proc.returncode`); None when it
+    printed nothing within `timeout` (it is killed)."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    loop = asyncio.get_running_loop()
+    try:
+        line = await asyncio.wait_for(loop.run_in_executor(None, stdout.readline), timeout)
+    except TimeoutError:
+        proc.kill()
+        return None
+    finally:
+        stdout.close()
+    try:
+        msg = json.loads(line or b"{}")
+    except ValueError:
+        msg = {}
+    if not isinstance(msg, dict):
+        msg = {}
+    if not msg.get("ready"):
+        await loop.run_in_executor(None, proc.wait)
+    return msg

@@ -96,21 +96,6 @@ class FrontProxy(EmbeddedProxy):
         return ok, body
 
 
-def apply_mode(site: Site, mode: dict[str, Any]) -> None:
-    """A project's pause and maintenance, in the shape of proxy/worker.py's apply_mode."""
-    gate = site.traffic
-    pause, maint = mode.get("pause"), mode.get("maintenance")
-    if isinstance(maint, dict):
-        page = maint.get("page")
-        gate.set_maintenance(True, page.encode() if isinstance(page, str) else None, int(maint["retry_after"]))
-    elif gate.maintenance:
-        gate.set_maintenance(False)
-    if isinstance(pause, dict):
-        gate.pause(float(pause["timeout"]), int(pause["max_held"]))
-    elif gate.paused:
-        gate.resume()
-
-
 class Front:
     def __init__(self, socket_path: Path, registry: Path, settings: ProxySettings,
                  bind_path: Path | None = None) -> None:
@@ -144,7 +129,7 @@ class Front:
                                   tuple(m.get("routes") or ()), int(m.get("max_routes") or 32))
             member.tls = m.get("tls")
             if isinstance(m.get("mode"), dict):
-                apply_mode(member.site, m["mode"])
+                member.site.traffic.apply(m["mode"])
             self._claim(member, tuple(m.get("hosts") or ()))
             self._load_routing(member, m.get("routing") or {})
 

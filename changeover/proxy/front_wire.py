@@ -104,21 +104,10 @@ async def start_front(socket_path: Path, registry: Path, settings: ProxySettings
                                 start_new_session=True, close_fds=True, cwd="/")   # pins no project
     finally:
         os.close(fd)
-    assert proc.stdout is not None
-    loop = asyncio.get_running_loop()
-    try:
-        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        raise ChangeoverError(f"the shared front did not start within {START_TIMEOUT}s (see {log_path})") from None
-    finally:
-        proc.stdout.close()
-    try:
-        msg = json.loads(line or b"{}")
-    except ValueError:
-        msg = {}
+    msg = await rpc.ready_line(proc, START_TIMEOUT)
+    if msg is None:
+        raise ChangeoverError(f"the shared front did not start within {START_TIMEOUT}s (see {log_path})")
     if not msg.get("ready"):
-        await loop.run_in_executor(None, proc.wait)
         if msg.get("reason") == "listen":
             raise ConfigError(str(msg.get("error")), key="proxy.listen")
         raise ChangeoverError(f"the shared front could not start: {msg.get('error') or proc.returncode} "

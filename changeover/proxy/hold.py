@@ -169,8 +169,22 @@ class Gate:
                 else None, "retry_after": self.retry_after if self.maintenance else None,
                 "page_bytes": len(self.page)}
 
+    def apply(self, mode: dict[str, Any]) -> None:
+        """Pause and maintenance as the daemon wants them: {"pause": {"timeout", "max_held"} | None,
+        "maintenance": {"page", "retry_after"} | None}, the shape `wire()` gives."""
+        pause, maint = mode.get("pause"), mode.get("maintenance")
+        if isinstance(maint, dict):
+            page = maint.get("page")
+            self.set_maintenance(True, page.encode() if isinstance(page, str) else None, int(maint["retry_after"]))
+        elif self.maintenance:
+            self.set_maintenance(False)
+        if isinstance(pause, dict):
+            self.pause(float(pause["timeout"]), int(pause["max_held"]))
+        elif self.paused:
+            self.resume()
+
     def wire(self) -> dict[str, Any]:
-        """The mode as `Worker.apply_mode` takes it: what another worker is preloaded with."""
+        """The mode as `apply` takes it: what another worker is preloaded with."""
         pause = {"timeout": max(0.001, self.until - time.time()), "max_held": self.max_held} if self.paused else None
         maint = {"page": self.page.decode(errors="replace"), "retry_after": self.retry_after} \
             if self.maintenance else None

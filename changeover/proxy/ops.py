@@ -75,7 +75,7 @@ class Routing(TypedDict):
     versions: dict[str, str]
     live: str | None
     health: NotRequired[Health]           # preloaded into a successor when given (the daemon re-asserts it)
-    mode: NotRequired[dict[str, Any]]     # pause / maintenance to preload (see Worker.apply_mode)
+    mode: NotRequired[dict[str, Any]]     # pause / maintenance to preload (see hold.Gate.apply)
 
 
 class HandoverPing(TypedDict):

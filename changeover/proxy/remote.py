@@ -158,21 +158,10 @@ class ProxyProcess:
                                     start_new_session=True, close_fds=True)
         finally:
             logf.close()
-        assert proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        try:
-            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), START_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            raise DaemonError(f"the proxy did not start within {START_TIMEOUT}s{self._log_tail(log_from)}") from None
-        finally:
-            proc.stdout.close()
-        try:
-            msg = json.loads(line or b"{}")
-        except ValueError:
-            msg = {}
+        msg = await rpc.ready_line(proc, START_TIMEOUT)
+        if msg is None:
+            raise DaemonError(f"the proxy did not start within {START_TIMEOUT}s{self._log_tail(log_from)}")
         if not msg.get("ready"):
-            await loop.run_in_executor(None, proc.wait)
             reason = msg.get("reason")
             if reason in ("listen", "config"):
                 # only what the user can fix in [proxy] is a config error (exit 2)

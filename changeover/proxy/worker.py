@@ -68,22 +68,7 @@ class Worker:
             self.proxy.set_health(bool(health.get("ok", True)), str(health.get("reason", "")))
         mode = initial.get("mode")
         if isinstance(mode, dict):
-            self.apply_mode(mode)
-
-    def apply_mode(self, mode: dict[str, Any]) -> None:
-        """Pause and maintenance as the daemon wants them: {"pause": {"timeout", "max_held"} | None,
-        "maintenance": {"page", "retry_after"} | None} (a successor gets them before it listens)."""
-        gate = self.proxy.traffic
-        pause, maint = mode.get("pause"), mode.get("maintenance")
-        if isinstance(maint, dict):
-            page = maint.get("page")
-            gate.set_maintenance(True, page.encode() if isinstance(page, str) else None, int(maint["retry_after"]))
-        elif gate.maintenance:
-            gate.set_maintenance(False)
-        if isinstance(pause, dict):
-            gate.pause(float(pause["timeout"]), int(pause["max_held"]))
-        elif gate.paused:
-            gate.resume()
+            self.proxy.traffic.apply(mode)
 
     async def run(self) -> None:
         await self.proxy.start()
