@@ -35,11 +35,23 @@ OTHER_CPU = str(CPUS - 1)
 
 
 
-def pinned(cpu: str, cmd: list[str]) -> list[str]:
-    return (["taskset", "-c", cpu, *cmd]) if shutil.which("taskset") and CPUS > 1 else cmd
+def pinned(cpu: str | None, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *cmd] if cpu is not None and shutil.which("taskset") and CPUS > 1 else cmd
 
 
-def wait_port(port: int, timeout: float = 10) -> None:
+def stop(procs: list[subprocess.Popen[bytes]], tmp: Path) -> None:
+    """End a bench's processes (terminate, then kill what is left after 5 s) and its files."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -349,14 +361,7 @@ def main() -> None:
     finally:
         for p_ in planes:
             p_.close()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,18 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from changeover.daemon.procs import free_port  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from proxy_bench import cpu_seconds, pinned, stop, wait_port  # noqa: E402
 
 CPUS = os.cpu_count() or 1
 PROXY_CPU = "0"
@@ -113,29 +114,8 @@ uvloop.run(main())
 """
 
 
-def pinned(cpu: str | None, cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", cpu, *cmd] if cpu is not None and shutil.which("taskset") and CPUS > 1 else cmd
-
-
-def wait_port(port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def _ms(v: str, unit: str) -> float:
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 THREADS = 0     # wrk threads; 0: one, two from 2000 connections (--threads)
@@ -292,14 +272,7 @@ def main() -> None:
     finally:
         if saved:
             somaxconn.write_text(saved)
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
 
 if __name__ == "__main__":

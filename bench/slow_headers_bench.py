@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.proxy_bench import BACKEND_CFG, OTHER_CPU, PROXY_CPU, pinned, wait_port  # noqa: E402
+from bench.proxy_bench import BACKEND_CFG, OTHER_CPU, PROXY_CPU, cpu_seconds, pinned, wait_port  # noqa: E402
 from changeover.daemon.procs import free_port  # noqa: E402
 
 HAPROXY_CFG = """
@@ -63,11 +63,6 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drip(port: int, head_bytes: int, seconds: float, stop: asyncio.Event) -> int:

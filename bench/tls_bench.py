@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_bench import BACKEND_CFG, OTHER_CPU, PROXY_CPU, cpu_seconds, pinned, wait_port  # noqa: E402
+from proxy_bench import BACKEND_CFG, OTHER_CPU, PROXY_CPU, cpu_seconds, pinned, stop, wait_port  # noqa: E402
 
 from changeover.daemon.procs import free_port  # noqa: E402
 
@@ -175,14 +175,7 @@ def main() -> None:
                   f"{cu:.1f} / {hu:.1f} | {hu / cu:.2f}x | {c['p50']:.2f} / {h['p50']:.2f} | "
                   f"{c['errors']:.0f} / {h['errors']:.0f} |")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_bench import EMBEDDED, OTHER_CPU, PROXY_CPU, pinned, wait_port  # noqa: E402
+from proxy_bench import EMBEDDED, OTHER_CPU, PROXY_CPU, pinned, stop, wait_port  # noqa: E402
 
 from changeover.daemon.procs import free_port  # noqa: E402
 
@@ -245,14 +245,7 @@ def main() -> None:
             print(f"\nchangeover / haproxy time: {med['changeover'] / med['haproxy']:.2f}x "
                   f"(target <= 2x); changeover / direct: {med['changeover'] / med['direct']:.2f}x")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
 
 if __name__ == "__main__":
