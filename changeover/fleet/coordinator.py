@@ -227,7 +227,7 @@ class Coordinator(FleetView):
             if bad:
                 h = next(iter(bad))
                 err = str(self.result(h, d.id, SWITCH).get("error") or bad[h]).splitlines()[0]
-                await self.write(d.but(action=ROLLBACK, reason=f"{h}: {err}", fired_by=h))
+                await self._roll_back(d.but(action=ROLLBACK, reason=f"{h}: {err}", fired_by=h))
                 continue
             if all(s == "succeeded" for s in states.values()):
                 await self.record(d, "succeeded", skew_ms=skew)
@@ -236,10 +236,18 @@ class Coordinator(FleetView):
             fired = fleet_trigger(self.records, switched, monitor)
             if fired is not None:
                 self.say(f"fleet trigger: {fired['message']}", ok=False)
-                await self.write(d.but(action=ROLLBACK, reason=f"fleet: {fired['message']}", fired_by="fleet",
-                                       evidence=fired))
+                await self._roll_back(d.but(action=ROLLBACK, reason=f"fleet: {fired['message']}", fired_by="fleet",
+                                            evidence=fired))
                 continue
             await self.changed(time.monotonic() + (monitor.interval if monitor is not None else 0.5))
+
+    async def _roll_back(self, new: Desired) -> None:
+        """Write the fleet's rollback; a host whose own trigger fired may have written it first
+        (agent): then the write finds the desired state changed, and the watch brings the news."""
+        try:
+            await self.write(new)
+        except FleetError:
+            await self.changed(time.monotonic() + 0.5)
 
     async def rolled_back(self, d: Desired, hosts: list[str]) -> dict[str, Any]:
         await self.settled(d, hosts)
