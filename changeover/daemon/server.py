@@ -47,6 +47,7 @@ from changeover.state import SLOTS, State
 
 log = logging.getLogger("changeover.daemon")
 SYNC_INTERVAL = 0.2
+SYNC_TIMEOUT = 10.0   # seconds one sync of the slots with the proxy may take
 PROXY_CHECK_INTERVAL = 0.5   # how often the daemon checks that the proxy worker answers
 CLOSE_TIMEOUT = 15.0         # seconds each part of a stopping daemon may take before it is left behind
 PROXY_MISSES = 2             # unanswered checks in a row before it is restarted
@@ -153,8 +154,13 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), SYNC_INTERVAL)
                 try:
-                    await self.slots.sync()
+                    # bounded: a proxy call that never answers must not keep the daemon from
+                    # seeing `stopping` (SIGTERM, `down`) while every other task runs on
+                    await asyncio.wait_for(self.slots.sync(), SYNC_TIMEOUT)
                     self.traffic.tick()   # a pause past its timeout: the proxy resumed, the state follows
+                except TimeoutError:
+                    log.error("syncing slots with the proxy took over %gs: given up, tried again at the next "
+                              "change", SYNC_TIMEOUT)
                 except Exception:
                     log.exception("syncing slots failed")
         finally:
