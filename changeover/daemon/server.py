@@ -507,7 +507,7 @@ class Daemon:
             if st.state == SlotState.EMPTY and not self.slots.supervisor.records(slot):
                 continue
             with contextlib.suppress(ChangeoverError):
-                await self.proxy.drain(slot, self.config.proxy.drain_timeout)
+                await self.slots.drain_for_down(slot)
             await self.slots.supervisor.stop_slot(slot)
             if st.state != SlotState.STOPPING:
                 self.state.transition_slot(slot, SlotState.STOPPING, why="changeover down")

@@ -125,6 +125,19 @@ class SlotManager:
         self.transition(slot, SlotState.EMPTY, release_id=None, instances=[], why=why)
         return note
 
+    async def drain_for_down(self, slot: str) -> None:
+        """`changeover down`: let the slot's requests finish (up to drain_timeout), then end what is
+        left. A WebSocket can stay open for hours and the site is going away: tunnels do not hold
+        `down` up, each gets its close frame (1001, going away) now, before its app stops."""
+        timeout = self.config.proxy.drain_timeout
+        if not isinstance(self.proxy, TunnelDrainControl):
+            await self.proxy.drain(slot, timeout)
+            return
+        held = await self.proxy.drain_requests(slot, timeout)
+        if held.get("tunnels"):
+            log.info("slot=%s down: closing %s tunnel(s) now instead of waiting for them", slot, held["tunnels"])
+            await self.proxy.drain(slot, 0.0)
+
     # -- supervisor events --------------------------------------------------------------------------
     def _on_event(self, ev: SupervisorEvent) -> None:
         detail: dict[str, Any] = {"detail": ev.detail}

@@ -291,3 +291,29 @@ def test_status_forgets_incidents_of_instances_that_are_gone(project: Project) -
     project.deploy("v2")
     project.deploy("v3")                   # v1's slot now runs v3: its old instances are gone
     assert not [e for e in project.status()["incidents"] if e["kind"].startswith("instance.")]
+
+
+def test_down_does_not_wait_for_an_open_websocket_and_closes_it_with_1001(project: Project) -> None:
+    project.start_daemon()
+    project.deploy("v1")
+
+    async def scenario() -> tuple[float, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", project.port)
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b" 101 " in head.split(b"\r\n")[0]
+        t0 = time.monotonic()
+        await asyncio.to_thread(project.cli, "down")
+        took = time.monotonic() - t0
+        frame = await asyncio.wait_for(reader.read(64), 5)
+        writer.close()
+        return took, frame
+
+    took, frame = asyncio.run(scenario())
+    # drain_timeout is 5 s in the harness: `down` must not sit it out for a tunnel
+    assert took < 4.0, f"down waited {took:.1f}s for the WebSocket"
+    assert frame[:1] == b"\x88" and frame[2:4] == (1001).to_bytes(2, "big"), f"no 1001 close frame: {frame!r}"
+    assert project.daemon is not None
+    project.daemon.wait(timeout=30)
+    project.daemon = None
