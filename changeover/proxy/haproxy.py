@@ -17,6 +17,7 @@ fallback beyond the pool.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
@@ -96,7 +97,7 @@ class Server:
 
 def render(settings: ProxySettings, paths: Paths, port: int, routing: Mapping[str, Any] | None) -> str:
     """The whole config: a part that depends on the settings only, then the backend (routing)."""
-    return settings_part(settings, paths, port) + routing_part(routing)
+    return settings_part(settings, paths, port) + routing_part(routing) + mode_part((routing or {}).get("mode"))
 
 
 def settings_part(settings: ProxySettings, paths: Paths, port: int) -> str:
@@ -187,6 +188,35 @@ def routing_part(routing: Mapping[str, Any] | None) -> str:
                 host, port, off = PARKED_HOST, PARKED_PORT, " disabled"
             lines.append(f"    server {name}-{i} {_hostport(host, port)}{off}\n")
     return "".join(lines)
+
+
+def maintenance_vars(page: bytes, retry_after: int) -> list[tuple[str, str]]:
+    """The proc variables the maintenance rule reads, as (name, sample expression)."""
+    if len(page) > MAX_MAINT_PAGE:
+        raise ChangeoverError(f'maintenance page of {len(page)} bytes: [proxy] engine = "haproxy" serves pages '
+                              f"of up to {MAX_MAINT_PAGE} bytes (the embedded proxy up to 1 MiB)")
+    # HAProxy escapes control characters in what a log-format writes (%0A): line breaks and tabs
+    # go out as spaces, which HTML reads alike (not inside <pre>, nor a // comment in a script)
+    encoded = base64.b64encode(page.translate(_SPACES)).decode()
+    return [(f"{MAINT}_page", f"str({encoded})"), (f"{MAINT}_retry", f"int({int(retry_after)})"), (MAINT, "int(1)")]
+
+
+def mode_part(mode: Mapping[str, Any] | None) -> str:
+    """Maintenance as the daemon's state has it, set when the config loads: a reload or a fresh
+    start would otherwise serve the app until the daemon sets the variables again."""
+    m = (mode or {}).get("maintenance")
+    if not m:
+        return ""
+    from changeover.proxy.hold import DEFAULT_PAGE
+
+    page = m.get("page")
+    body = DEFAULT_PAGE if page is None else str(page).encode()
+    sets = maintenance_vars(body, int(m.get("retry_after", 30)))
+    lines = "".join(f"    set-var proc.{name} {expr}\n" for name, expr in sets)
+    return f"# `changeover maintenance on` when this config was written\nglobal\n{lines}"
+
+
+_SPACES = bytes.maketrans(b"\r\n\t", b"   ")
 
 
 def split_config(text: str) -> tuple[str, str]:

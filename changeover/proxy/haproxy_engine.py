@@ -20,7 +20,6 @@ are never added in; they only cross-check the log (`lost()`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import logging
@@ -387,7 +386,8 @@ class HAProxyControl:
 
     async def maintenance(self, on: bool, page: bytes | None = None, retry_after: int = 30) -> dict[str, Any]:
         """The frontend's maintenance rule (haproxy.settings_part) switched by proc variables: no
-        reload. A reload or a restart forgets them; the daemon sets them again (traffic.restore)."""
+        reload. A reload or a fresh start loads them from the config (haproxy.mode_part, written
+        with the daemon's mode); traffic.restore sets them again after either."""
         if self.attached:
             raise ChangeoverError(f"HAProxy is attached through [proxy] haproxy_socket ({self.admin}): its config "
                                   "has no maintenance rule of changeover's; switch maintenance in that HAProxy")
@@ -396,15 +396,9 @@ class HAProxyControl:
             return await self.mode() or {}
         from changeover.proxy.hold import DEFAULT_PAGE
 
-        body = page or DEFAULT_PAGE
-        if len(body) > hx.MAX_MAINT_PAGE:
-            raise ChangeoverError(f'maintenance page of {len(body)} bytes: [proxy] engine = "haproxy" serves pages '
-                                  f"of up to {hx.MAX_MAINT_PAGE} bytes (the embedded proxy up to 1 MiB)")
-        # HAProxy escapes control characters in what a log-format writes (%0A): line breaks and tabs
-        # go out as spaces, which HTML reads alike (not inside <pre>, nor a // comment in a script)
-        encoded = base64.b64encode(body.translate(_SPACES)).decode()
-        await self._run(f"experimental-mode on; set var proc.{hx.MAINT}_page str({encoded}); "
-                        f"set var proc.{hx.MAINT}_retry int({int(retry_after)}); set var proc.{hx.MAINT} int(1)")
+        pairs = hx.maintenance_vars(page or DEFAULT_PAGE, retry_after)
+        sets = "; ".join(f"set var proc.{name} {expr}" for name, expr in pairs)
+        await self._run(f"experimental-mode on; {sets}")
         return await self.mode() or {}
 
     async def mode(self) -> dict[str, Any] | None:
@@ -534,8 +528,6 @@ class HAProxyControl:
         tmp.write_text(text)
         os.replace(tmp, self.paths.config)
 
-
-_SPACES = bytes.maketrans(b"\r\n\t", b"   ")
 
 
 def _live(servers: Sequence[hx.Server]) -> str | None:

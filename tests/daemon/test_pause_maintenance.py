@@ -270,8 +270,17 @@ def test_haproxy_engine_serves_maintenance_and_refuses_pause_clearly(project: Pr
     assert fetch(project)[0] == 503               # HAProxy keeps the mode while no daemon runs
     project.start_daemon()
     assert status(project)["mode"] == "maintenance"
-    commands.reload_proxy(config.locate(project.config))   # a reload forgets the variables: set again
-    assert fetch(project)[0] == 503
+    # a reload: the new HAProxy worker loads the mode with its config, so no user reaches the app
+    # in the moment before the daemon sets the variables again
+    users = Users(project.port, 5)
+    until(lambda: users.load.failed > 20, what="users getting the page")
+    commands.reload_proxy(config.locate(project.config))
+    time.sleep(0.5)
+    summary = users.stop()
+    assert users.load.ok == 0, f"{users.load.ok} request(s) reached the app during the reload: {summary}"
+    assert all(e == "HTTP 503" for e in users.load.errors), users.load.errors[:5]
+    code, headers, body = fetch(project)
+    assert (code, headers["retry-after"], body.decode()) == (503, "9", PAGE.replace("\n", " "))
     ctl(project).maintenance(False)
     code, headers, _ = fetch(project)
     assert code == 200 and headers["x-version"] == "v1"
