@@ -11,7 +11,8 @@
     group = "adm"              # log files 0640 and directories 0750 for this group (default: 0600/0700)
 
 The loaders are called from config.load(); the state prunes itself (state.py), the daemon's log
-handler rotates (daemon/logs.py).
+handler rotates (daemon/logs.py); the proxy worker and the shared front bound their own logs
+with the same defaults (logs.bound_own_log).
 """
 
 from __future__ import annotations

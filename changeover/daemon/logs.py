@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import grp
 import io
 import logging.handlers
@@ -24,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from changeover.retention import DEFAULT_LOG_BACKUPS, DEFAULT_LOG_MAX_BYTES
+
 _BLOCK = 8192
+OWN_LOG_CHECK_EVERY = 30.0   # bound_own_log: how often a process looks at its log's size
 _MAX_LINE = 64 * 1024  # a partial line longer than this is emitted as is, so memory stays bounded
 _RELEASE_LOG = re.compile(r"^(?P<release>.+)\.\d+\.log(?:\.\d+)?$")  # <release>.<n>.log[.k]
 
@@ -132,6 +136,34 @@ def rotate(path: Path, max_bytes: int, keep: int = 1) -> bool:
     os.replace(tmp, f"{path}.1")
     os.truncate(path, 0)
     return True
+
+
+async def bound_own_log(max_bytes: int = DEFAULT_LOG_MAX_BYTES, keep: int = DEFAULT_LOG_BACKUPS,
+                        every: float = OWN_LOG_CHECK_EVERY) -> None:
+    """For a long-lived process whose stderr is its log file (the proxy worker's proxy.log, the
+    shared front's log): rotate that file past max_bytes, as `rotate` does for app logs. Several
+    processes may write one file (a worker group, a handover): an flock makes one rotate at a time."""
+    try:
+        path = Path(os.readlink("/proc/self/fd/2"))
+    except OSError:
+        return
+    if not path.is_absolute() or not path.is_file() or max_bytes <= 0:
+        return                          # a terminal, a pipe: nothing of ours to bound
+
+    def once() -> None:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return                  # another writer of this file is rotating it
+            rotate(path, max_bytes, keep)
+
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(once)
+        except OSError as e:            # a full disk must not stop the process
+            logging.getLogger("changeover").warning("cannot rotate %s: %s", path, e)
 
 
 def prune_release_logs(directory: Path, keep: int, current: str) -> list[Path]:

@@ -39,6 +39,7 @@ from typing import Any
 
 import uvloop
 
+from changeover.daemon.logs import bound_own_log
 from changeover.errors import ChangeoverError, ConfigError
 from changeover.monitor import mirror
 from changeover.monitor.metrics import Recorder
@@ -449,7 +450,9 @@ class Front:
                  self.socket_path)
         print(json.dumps({"ready": True, "pid": os.getpid(), "port": self.proxy.port}), flush=True)
         self.ready = True
+        bounded = asyncio.get_running_loop().create_task(bound_own_log())   # its log, next to the socket
         await self.stopped.wait()
+        bounded.cancel()
         server.close()
         await self.proxy.close()
         with contextlib.suppress(FileNotFoundError):

@@ -28,6 +28,7 @@ from typing import Any
 import uvloop
 
 from changeover import rpc
+from changeover.daemon.logs import bound_own_log
 from changeover.errors import ChangeoverError, ConfigError
 from changeover.monitor import mirror
 from changeover.monitor.metrics import Recorder
@@ -95,9 +96,12 @@ class Worker:
         # a predecessor group's steering program goes once its listeners are gone (proxy/workers.py)
         unsteer = None if self.follower else asyncio.get_running_loop().create_task(
             unsteer_when_alone(self.proxy, self.settings.workers))
+        # proxy.log (this process's stderr, the followers' too) stays bounded on a long-lived host
+        bounded = None if self.follower else asyncio.get_running_loop().create_task(bound_own_log())
         await self.stopped.wait()
-        if unsteer is not None:
-            unsteer.cancel()
+        for task in (unsteer, bounded):
+            if task is not None:
+                task.cancel()
         server.close()
         if self.group is not None and not self.group.stopping:
             await self.group.stop()

@@ -114,3 +114,32 @@ def test_old_release_logs_are_pruned_per_slot(tmp_path: Path) -> None:
     assert len(prune_release_logs(d, keep=1, current="v7")) == 3
     assert {p.name for p in d.iterdir()} == {"notes.txt", "v7.0.log", "v7.0.log.1", "v7.1.log"}
     assert prune_release_logs(tmp_path / "missing", keep=1, current="v1") == []
+
+
+def test_a_process_logging_to_its_stderr_keeps_that_file_bounded(tmp_path: Path) -> None:
+    """bound_own_log (the proxy worker's proxy.log, the shared front's log): the file a process's
+    stderr is appended to is rotated past max_bytes while the process keeps writing to it."""
+    import subprocess
+    import sys
+
+    log_file = tmp_path / "proxy.log"
+    child = (
+        "import asyncio, sys\n"
+        "from changeover.daemon.logs import bound_own_log\n"
+        "async def main():\n"
+        "    task = asyncio.get_running_loop().create_task(bound_own_log(2000, 2, every=0.05))\n"
+        "    for i in range(400):\n"
+        "        print(f'line {i:04d} ' + 'x' * 40, file=sys.stderr, flush=True)\n"
+        "        await asyncio.sleep(0.002)\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    task.cancel()\n"
+        "asyncio.run(main())\n")
+    with open(log_file, "ab") as err:
+        subprocess.run([sys.executable, "-c", child], stderr=err, check=True, timeout=60)
+    assert (tmp_path / "proxy.log.1").exists() and (tmp_path / "proxy.log.2").exists()
+    assert not (tmp_path / "proxy.log.3").exists()        # keep = 2
+    for name in ("proxy.log", "proxy.log.1", "proxy.log.2"):
+        size = (tmp_path / name).stat().st_size
+        assert size <= 2000 + 60 * 40, f"{name} is {size} bytes"   # rotated within a check interval
+    newest = (tmp_path / "proxy.log").read_text().splitlines() or (tmp_path / "proxy.log.1").read_text().splitlines()
+    assert newest[-1].startswith("line 0399"), newest[-1:]          # the writer went on after each rotation
