@@ -113,3 +113,54 @@ def test_disk_full_during_a_deploy_stops_the_new_slot_and_keeps_the_old_one(smal
     assert p.status()["live"]["version"] == "v1"
     assert p.deploy("v3").returncode == 0   # and the next deploy works
     assert health(p)["version"] == "v3"
+
+
+def test_disk_full_right_after_the_switch_switches_back_to_the_warm_old_slot(small_disk: Project,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    p = small_disk
+    # the switch step is held 3 s after it acted (v2 serves), before it is recorded done
+    monkeypatch.setenv("CHANGEOVER_TEST_STEP_DELAY", "switch:3")
+    p.start_daemon()
+    p.deploy("v1")
+    v2 = p.release("v2")
+    deploy = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "v2", "--path", str(v2), "-c",
+                               str(p.config)], cwd=p.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    p.wait_for_step("switch")
+    deadline = time.monotonic() + 30
+    while health(p)["version"] != "v2":             # the switch acted: users are on v2
+        assert time.monotonic() < deadline, "v2 never served"
+        time.sleep(0.05)
+    filler = p.root / ".changeover" / "filler"
+    fill(filler)
+    out, _ = deploy.communicate(timeout=120)
+    assert deploy.returncode == 1, out
+    assert "disk full" in out and "internal error" not in out and "OperationalError:" not in out, out
+    assert "v1 is still live" in out, out
+
+    # users are back on v1 at once, v2's processes stop, and nothing waits for the disk
+
+    assert health(p)["version"] == "v1"
+    deadline = time.monotonic() + 30
+    while pids_in(v2):
+        assert time.monotonic() < deadline, f"v2 still runs: {pids_in(v2)}"
+        time.sleep(0.1)
+
+    # space comes back: the state says what happened (v1's slot live, the deployment failed)
+    filler.unlink()
+    deadline = time.monotonic() + 30
+    while True:
+        st = State(p.root / ".changeover" / "state.db", readonly=True)
+        try:
+            dep = st.deployments(1)[0]
+            live = st.live_slot()
+            slot = st.slot(dep.slot or "")
+        finally:
+            st.close()
+        if dep.state == "failed" and slot.state == "empty" and live != dep.slot:
+            break
+        assert time.monotonic() < deadline, f"deployment {dep.state}, slot {slot.state}, live {live}"
+        time.sleep(0.2)
+    assert dep.version == "v2" and "disk full" in (dep.reason or "")
+    assert p.status()["live"]["version"] == "v1"
+    assert health(p)["version"] == "v1"
