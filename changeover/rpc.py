@@ -118,9 +118,11 @@ def _raise(reply: dict[str, Any]) -> None:
 async def stream(path: Path, op: str, args: dict[str, Any] | None = None,
                  timeout: float | None = None, protocol: int | None = None) -> AsyncIterator[dict[str, Any]]:
     """Send one request; yield its events; the final result is yielded as {"result": ...}."""
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that lands as the call
+    # finishes, and a caller that is being stopped (the daemon's proxy watchdog) would run on
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path), limit=MAX_LINE), timeout=5)
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
     except (FileNotFoundError, ConnectionRefusedError):
         raise DaemonError(f"the daemon is not running (no socket at {path}); start it with "
                           "`changeover serve`") from None
@@ -133,7 +135,8 @@ async def stream(path: Path, op: str, args: dict[str, Any] | None = None,
         writer.write(json.dumps(req).encode() + b"\n")
         await writer.drain()
         while True:
-            line = await asyncio.wait_for(reader.readline(), timeout)
+            async with asyncio.timeout(timeout):
+                line = await reader.readline()
             if not line:
                 raise DaemonError("the daemon closed the connection (did it stop or crash? see "
                                   ".changeover/daemon.log)")
@@ -171,7 +174,8 @@ async def ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str,
     stdout = proc.stdout
     loop = asyncio.get_running_loop()
     try:
-        line = await asyncio.wait_for(loop.run_in_executor(None, stdout.readline), timeout)
+        async with asyncio.timeout(timeout):
+            line = await loop.run_in_executor(None, stdout.readline)
     except TimeoutError:
         proc.kill()
         return None

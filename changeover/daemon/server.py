@@ -30,7 +30,7 @@ from changeover import api, rpc
 from changeover import config as config_mod
 from changeover.api import Op
 from changeover.config import Config
-from changeover.daemon import builds
+from changeover.daemon import builds, cancel
 from changeover.daemon import logs as logfiles
 from changeover.daemon.model import SlotState, other
 from changeover.daemon.pipeline import Pipeline
@@ -50,6 +50,7 @@ SYNC_INTERVAL = 0.2
 SYNC_TIMEOUT = 10.0   # seconds one sync of the slots with the proxy may take
 PROXY_CHECK_INTERVAL = 0.5   # how often the daemon checks that the proxy worker answers
 CLOSE_TIMEOUT = 15.0         # seconds each part of a stopping daemon may take before it is left behind
+LEFTOVER_TIMEOUT = 5.0       # seconds a task still running once the daemon stopped gets to end
 PROXY_MISSES = 2             # unanswered checks in a row before it is restarted
 INCIDENTS = ("instance.crashed", "instance.gave_up", "instance.restarted", "instance.lost", "recovery.failed",
              "recovery.restarted", "proxy.restarted", "proxy.restart_failed")
@@ -148,36 +149,37 @@ class Daemon:
 
     async def run(self) -> None:
         await self.start()
-        watchdog = asyncio.get_running_loop().create_task(self._watch_proxy())
+        loop = asyncio.get_running_loop()
+        # The loops run beside this wait, which depends on nothing else: a proxy call that is slow
+        # or never answers cannot keep the daemon from acting on SIGTERM or `down`.
+        background = [loop.create_task(self._watch_proxy(), name="proxy-watchdog"),
+                      loop.create_task(self._sync_slots(), name="slot-sync")]
         try:
-            while not self.stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), SYNC_INTERVAL)
-                try:
-                    # bounded: a proxy call that never answers must not keep the daemon from
-                    # seeing `stopping` (SIGTERM, `down`) while every other task runs on
-                    await asyncio.wait_for(self.slots.sync(), SYNC_TIMEOUT)
-                    self.traffic.tick()   # a pause past its timeout: the proxy resumed, the state follows
-                except TimeoutError:
-                    log.error("syncing slots with the proxy took over %gs: given up, tried again at the next "
-                              "change", SYNC_TIMEOUT)
-                except Exception:
-                    log.exception("syncing slots failed")
+            await self.stopping.wait()
         finally:
-            watchdog.cancel()
-            try:
-                await watchdog
-            except asyncio.CancelledError:
-                pass
-            except Exception:   # the stop must still happen: sockets removed, state closed
-                log.exception("the proxy watchdog failed")
+            # cancelled until they are done (a single cancel can be dropped on 3.11: daemon/cancel.py)
+            await cancel.stop(background, CLOSE_TIMEOUT)
             await self.close()
+
+    async def _sync_slots(self) -> None:
+        """Bring state and proxy in line with the supervisor after instance restarts."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(SYNC_INTERVAL)
+            try:
+                async with asyncio.timeout(SYNC_TIMEOUT):
+                    await self.slots.sync()
+                self.traffic.tick()   # a pause past its timeout: the proxy resumed, the state follows
+            except TimeoutError:
+                log.error("syncing slots with the proxy took over %gs: given up, tried again at the next "
+                          "change", SYNC_TIMEOUT)
+            except Exception:
+                log.exception("syncing slots failed")
 
     async def _watch_proxy(self) -> None:
         """The proxy worker must always run: if it stops answering (crashed, killed), start a new
         one at once and tell it the slots and the live one, as recovery does."""
         misses = 0
-        while True:
+        while not self.stopping.is_set():   # ends by itself too should a cancel be dropped
             await asyncio.sleep(PROXY_CHECK_INTERVAL)
             if self._handover or self._down:   # a handover replaces it; `down` stopped it on purpose
                 continue
@@ -231,13 +233,16 @@ class Daemon:
 
     @staticmethod
     async def _bounded(what: str, work: Awaitable[None]) -> None:
-        """A stop must never hang on one part: give it CLOSE_TIMEOUT, then say what was stuck."""
-        try:
-            await asyncio.wait_for(work, CLOSE_TIMEOUT)
-        except TimeoutError:
-            stuck = [f"{t.get_name()} at {t.get_stack(limit=1)}" for t in asyncio.all_tasks()
-                     if t is not asyncio.current_task()]
+        """A stop must never hang on one part: give it CLOSE_TIMEOUT, then say what was stuck, stop
+        it (daemon/cancel.py) and go on. Its failure is logged: the rest of the stop still runs."""
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
+        if not done:
+            stuck = [cancel.where(t) for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             log.error("stopping %s took over %gs; going on (tasks: %s)", what, CLOSE_TIMEOUT, stuck)
+            await cancel.stop([task], LEFTOVER_TIMEOUT)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("stopping %s failed", what, exc_info=task.exception())
 
     def _claim_pidfile(self) -> None:
         """Hold an exclusive flock on daemon.pid for the daemon's life. The lock, not the pid in the
@@ -486,10 +491,7 @@ class Daemon:
         if a is not None and a.task is not None:
             # Everything stops anyway: nothing is undone, the deployment is recorded as stopped.
             self.pipeline.closing = True
-            a.task.cancel()
-            with contextlib.suppress(BaseException):
-                if a.done is not None:
-                    await asyncio.wait_for(asyncio.shield(a.done), CLOSE_TIMEOUT)
+            await cancel.stop([a.task], CLOSE_TIMEOUT)   # again and again: one cancel can be dropped
         if a is not None and a.id:
             row = self.state.deployment(a.id)
             if row is not None and not row.status.finished:
@@ -553,6 +555,12 @@ def serve(config: Config) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, daemon.sighup)
-        await daemon.run()
+        try:
+            await daemon.run()
+        finally:
+            # the event loop's own final cancel of what is left is one cancel and an unbounded wait
+            if await cancel.leftovers(LEFTOVER_TIMEOUT):
+                logging.shutdown()
+                os._exit(1)   # stopped, state closed; a task that will not end must not keep the process
 
     uvloop.run(main())

@@ -116,7 +116,8 @@ class Group:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)   # stderr: the leader's log
         assert proc.stdout is not None
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+            async with asyncio.timeout(START_TIMEOUT):   # not wait_for: it can drop a cancel (3.11)
+                line = await proc.stdout.readline()
         except TimeoutError:
             proc.kill()
             raise DaemonError(f"proxy worker {index} did not start within {START_TIMEOUT}s") from None
@@ -203,7 +204,8 @@ class Group:
     async def _wait_exit(self, timeout: float) -> None:
         for f in self.followers:
             try:
-                await asyncio.wait_for(f.proc.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await f.proc.wait()
             except TimeoutError:
                 log.warning("proxy worker %d (pid %d) did not exit: killing it", f.index, f.pid)
                 with contextlib.suppress(ProcessLookupError):
