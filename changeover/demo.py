@@ -186,15 +186,15 @@ class Demo:
         v3 = self.release("v3")
 
         async def break_v3() -> None:
-            # Wait until v3 is live, then make it fail (the fault file is read per request).
-            for _ in range(400):
-                st = await asyncio.to_thread(self.cli, "status", "--json", check=False, quiet=True)
-                try:
-                    live = json.loads(st.stdout).get("live") or {}
-                except ValueError:
-                    live = {}
-                if live.get("version") == "v3":
-                    await asyncio.sleep(1)
+            # Wait until users reach v3, then make it fail (the fault file is read per request).
+            # Asked of the proxy itself, not of `changeover status`: a CLI call can take seconds on
+            # a busy machine, and the fault must begin well inside the observation window.
+            for _ in range(3000):
+                _, headers, _, c = await get("127.0.0.1", self.port, "/")
+                if c is not None:
+                    c[1].close()
+                if headers.get("x-version") == "v3":
+                    await asyncio.sleep(1)    # past the checks through the proxy: the monitor's turn
                     fault.write_text(json.dumps({"error_rate": 1.0, "only_version": "v3"}))
                     onset = time.monotonic()
                     # Users see v1 again as soon as the proxy has switched back.
@@ -207,7 +207,7 @@ class Demo:
                             return
                         await asyncio.sleep(0.01)
                     return
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
 
         breaker = asyncio.create_task(break_v3())
         p = await asyncio.to_thread(self.cli, "deploy", "v3", "--path", str(v3), "--wait",
