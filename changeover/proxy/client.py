@@ -13,26 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from changeover.proxy.exchange import (
-    D_BODY,
-    D_HEAD,
-    D_IDLE,
-    D_NONE,
-    D_RESPONSE,
-    MAX_PENDING,
-    P_CONNECT,
-    P_DELAY,
-    P_PIPELINE,
-    REPLAYABLE,
-    S_BODY,
-    S_HEAD,
-    S_TUNNEL,
-    S_WAIT,
-    SAFE_REUSE_IDLE,
-    VALIDATE,
-    Exchange,
-    perf,
-)
+from changeover.proxy.exchange import MAX_PENDING, REPLAYABLE, SAFE_REUSE_IDLE, VALIDATE, Exchange
 from changeover.proxy.http1 import (
     HOST,
     REQ_SPECIAL,
@@ -41,6 +22,21 @@ from changeover.proxy.http1 import (
     error_response,
     origin_form,
     rewrite_request,
+)
+from changeover.proxy.states import (
+    D_BODY,
+    D_HEAD,
+    D_IDLE,
+    D_NONE,
+    D_RESPONSE,
+    P_CONNECT,
+    P_DELAY,
+    P_PIPELINE,
+    S_BODY,
+    S_HEAD,
+    S_TUNNEL,
+    S_WAIT,
+    perf,
 )
 from changeover.proxy.upstream import UpstreamPool
 

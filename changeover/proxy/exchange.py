@@ -10,35 +10,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import time
 from typing import TYPE_CHECKING
 
 import httptools
 
+from changeover.proxy import tunnel
 from changeover.proxy.http1 import ChunkScanner, error_response
+from changeover.proxy.states import (
+    D_BODY,
+    D_CUT,
+    D_HEAD,
+    D_IDLE,
+    D_NONE,
+    D_RESPONSE,
+    D_TUNNEL,
+    P_CONNECT,
+    P_HOLD,
+    P_PIPELINE,
+    P_UPSTREAM,
+    S_BODY,
+    S_CLOSED,
+    S_HEAD,
+    S_TUNNEL,
+    S_WAIT,
+    WS_CUT_WAIT,
+    perf,
+)
 from changeover.proxy.upstream import Upstream, UpstreamConn, UpstreamPool
-from changeover.proxy.websocket import SENT_CLOSE, SENT_NOTHING, FrameTracker, close_frame
+from changeover.proxy.websocket import FrameTracker
 
 if TYPE_CHECKING:
     from changeover.proxy.embedded import EmbeddedProxy
 
-# client states
-S_HEAD, S_BODY, S_WAIT, S_TUNNEL, S_CLOSED = range(5)
-# deadline kinds, checked by the sweeper (D_TUNNEL: idle timeout or drain limit of a tunnel;
-# D_CUT: a WebSocket tunnel being closed waits for its frames to end)
-D_NONE, D_HEAD, D_IDLE, D_BODY, D_RESPONSE, D_TUNNEL, D_CUT = range(7)
-# reasons to pause reading from the client (bit mask)
-P_PIPELINE, P_UPSTREAM, P_CONNECT, P_DELAY = 1, 2, 4, 8   # P_DELAY: a drill fault holds the request
-P_HOLD = 16                        # a pause holds the request (proxy/hold.py)
+# what client.py, hold.py and embedded.py take from here (the states are states.py's)
+__all__ = ["D_HEAD", "D_IDLE", "D_NONE", "MAX_PENDING", "P_HOLD", "REPLAYABLE", "SAFE_REUSE_IDLE", "S_HEAD",
+           "S_TUNNEL", "S_WAIT", "VALIDATE", "WS_CUT_WAIT", "Exchange"]
 MAX_PENDING = 256 * 1024
 SAFE_REUSE_IDLE = 1.0
 REPLAYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-perf = time.perf_counter
-# how long a WebSocket tunnel being cut waits for a frame still being relayed to end, so that the
-# close frame goes in at a frame boundary; past it the tunnel is closed without one
-WS_CUT_WAIT = 1.0
-WS_UPGRADE = re.compile(rb"\r\nupgrade:[^\r]*websocket", re.IGNORECASE)
 log = logging.getLogger("changeover.proxy")
 
 
@@ -182,9 +191,7 @@ class Exchange(asyncio.Protocol):
         """The upstream connection closed before its response completed."""
         if self.up is up:
             self.up = None
-        ins, out = self.ws_in, self.ws_out
-        if self.tun_cut and self.state == S_TUNNEL and ins is not None and out is not None \
-                and ins.sent == SENT_CLOSE and out.sent == SENT_CLOSE and self.dkind == D_CUT:
+        if self.tun_cut and tunnel.closed_after_cut(self):
             return                         # the app closed after 1001, as it should: the client is next
         if not up.got_bytes and up.reused and self.req_replayable and not self.resp_started:
             self.pending = [self.req_out]  # stale keep-alive connection: nothing was processed
@@ -231,26 +238,10 @@ class Exchange(asyncio.Protocol):
             return self._close()
         self._next()
 
+    # -- tunnels (after a 101): the relaying here, the rest in tunnel.py --------------------------
     def tunnel_open(self, up: UpstreamConn) -> None:
-        """101: from now on bytes are relayed both ways until one side closes (or the proxy ends the
-        tunnel: `tunnel_cut`)."""
-        proxy = self.proxy
-        self.state = S_TUNNEL
-        self.tun_active = proxy.now
-        idle = proxy.settings.tunnel_idle_timeout
-        self.dkind = D_TUNNEL if idle else D_NONE
-        self.deadline = proxy.now + idle
-        if WS_UPGRADE.search(self.req_out) is not None:
-            self.ws_in, self.ws_out = FrameTracker(), FrameTracker()
-        proxy.record(self.req_slot.name if self.req_slot else "", 101, perf() - self.req_t0,
-                     self.upstream_failed, self.req_out)
-        if self.buf:
-            data = bytes(self.buf)
-            self.buf.clear()
-            self.tunnel_in(data)
-        self.unpause(P_PIPELINE)
+        tunnel.open_tunnel(self, up)
 
-    # -- tunnels: relaying, limits, and the close ------------------------------------------------
     def tunnel_in(self, data: bytes) -> None:
         """Client bytes for the app, on a WebSocket tunnel (plain ones write straight through)."""
         up = self.up
@@ -263,7 +254,7 @@ class Exchange(asyncio.Protocol):
             ws.feed(data)
             up.transport.write(data)
         else:
-            self._cut_feed(ws, data, up.transport, True)
+            tunnel.cut_feed(self, ws, data, up.transport, True)
 
     def tunnel_out(self, data: bytes) -> None:
         """App bytes for the client on a tunnel (called by the upstream connection)."""
@@ -275,118 +266,20 @@ class Exchange(asyncio.Protocol):
             ws.feed(data)
             self.transport.write(data)
         else:
-            self._cut_feed(ws, data, self.transport, False)
+            tunnel.cut_feed(self, ws, data, self.transport, False)
 
     def tunnel_limit(self, limit: float) -> None:
         """The drain limit: at `limit` (loop time) the tunnel is cut, 1001 for a WebSocket."""
-        if self.state != S_TUNNEL or self.tun_cut:
-            return
-        if not self.tun_limit or limit < self.tun_limit:
-            self.tun_limit = limit
-        if self.dkind != D_TUNNEL or limit < self.deadline:
-            self.dkind = D_TUNNEL
-            self.deadline = limit
+        tunnel.set_limit(self, limit)
 
     def tunnel_cut(self, why: str, wait: bool = True) -> None:
-        """End a tunnel the proxy may not keep open (`why`: drain limit, retire timeout, idle,
-        shutdown). A WebSocket gets a close frame 1001 (going away) both ways, each at a frame
-        boundary: a frame still being relayed is given WS_CUT_WAIT to end (none with `wait`
-        False), then the tunnel closes without a close frame that way (logged)."""
-        if self.closed:
-            return
-        if self.ws_in is None or self.ws_out is None or self.up is None:
-            return self._end_tunnel()
-        if not self.tun_cut:
-            self.tun_cut = why
-            self.dkind = D_CUT
-            self.deadline = self.proxy.now + WS_CUT_WAIT
-            self._cut_feed(self.ws_out, b"", self.transport, False)
-            if not self.closed and self.up is not None:
-                self._cut_feed(self.ws_in, b"", self.up.transport, True)
-        if not wait and not self.closed:
-            self._cut_overdue()
-
-    def _cut_feed(self, ws: FrameTracker, data: bytes, transport: asyncio.Transport, masked: bool) -> None:
-        """Relay `data` up to the next frame boundary, then the close frame; nothing after it."""
-        if ws.sent:
-            return                         # that way is ended: what still comes is dropped
-        if ws.broken:
-            ws.sent = SENT_NOTHING         # not frames the proxy can follow: no close frame
-        else:
-            k = ws.feed(data, stop=True)
-            if k < 0:
-                if data:
-                    transport.write(data)
-                return
-            if k:
-                transport.write(data[:k])
-            if not ws.closed:              # a close frame already went that way: no second one
-                transport.write(close_frame(masked=masked))
-            ws.sent = SENT_CLOSE
-        ins, out = self.ws_in, self.ws_out
-        if ins is not None and out is not None and ins.sent and out.sent:
-            if ins.sent == SENT_CLOSE and out.sent == SENT_CLOSE:
-                log.info("WebSocket tunnel closed with 1001 (going away): %s", self.tun_cut)
-                return self._wind_down()
-            self._log_unframed()
-            self._end_tunnel()
+        """End a tunnel the proxy may not keep open (tunnel.cut)."""
+        tunnel.cut(self, why, wait)
 
     @property
     def cut_pending(self) -> bool:
         """Being cut and still waiting for a frame to end before its close frame can go."""
-        return self.dkind == D_CUT and any(ws is not None and not ws.sent for ws in (self.ws_in, self.ws_out))
-
-    def _wind_down(self) -> None:
-        """Both close frames are out: a FIN follows each, and the peers answer theirs and close (the
-        closing handshake, RFC 6455 §7.1.1) within WS_CUT_WAIT; closing at once would answer their
-        close frames with a reset. A transport without half-close (TLS) is closed now."""
-        if not self.transport.can_write_eof():
-            return self._end_tunnel()
-        self.dkind = D_CUT
-        self.deadline = self.proxy.now + WS_CUT_WAIT
-        self.transport.write_eof()
-        up = self.up
-        if up is not None and up.transport.can_write_eof():
-            up.transport.write_eof()
-
-    def _cut_overdue(self) -> None:
-        """WS_CUT_WAIT is over: a peer did not close after the closing handshake (closed now), or
-        a frame is still being relayed (closed without a close frame that way, logged)."""
-        ways = [ws for ws in (self.ws_in, self.ws_out) if ws is not None]
-        if ways and all(ws.sent for ws in ways):
-            return self._end_tunnel()
-        for ws in ways:
-            if not ws.sent:
-                ws.sent = SENT_NOTHING
-        self._log_unframed()
-        self._end_tunnel()
-
-    def _log_unframed(self) -> None:
-        ways = [name for name, ws in (("to the client", self.ws_out), ("to the app", self.ws_in))
-                if ws is not None and ws.sent == SENT_NOTHING]
-        log.warning("WebSocket tunnel closed (%s) without a close frame %s: a frame was still being relayed, "
-                    "or the stream was not frames the proxy can follow", self.tun_cut, " or ".join(ways))
-
-    def _end_tunnel(self) -> None:
-        up, self.up = self.up, None
-        if up is not None:
-            up.client = None
-            up.transport.close()
-        self._finish_request(self.resp_status, False)
-        self._close()
-
-    def _tunnel_timeout(self, now: float) -> None:
-        limit = self.tun_limit
-        idle = self.proxy.settings.tunnel_idle_timeout
-        if limit and now >= limit:
-            return self.tunnel_cut("drain limit")
-        if idle and now - self.tun_active >= idle:
-            return self.tunnel_cut(f"no bytes either way for {idle:g}s (tunnel_idle_timeout)")
-        nxt = self.tun_active + idle if idle else 0.0
-        if limit and (not nxt or limit < nxt):
-            nxt = limit
-        self.deadline = nxt
-        self.dkind = D_TUNNEL if nxt else D_NONE
+        return tunnel.cut_pending(self)
 
     def _finish_request(self, status: int, failed: bool) -> None:
         slot, self.req_slot = self.req_slot, None
@@ -462,9 +355,9 @@ class Exchange(asyncio.Protocol):
     def timeout(self, now: float) -> None:
         kind = self.dkind
         if kind == D_TUNNEL:
-            return self._tunnel_timeout(now)
+            return tunnel.timeout(self, now)
         if kind == D_CUT:
-            return self._cut_overdue()
+            return tunnel.overdue(self)
         if kind == D_IDLE or (kind == D_HEAD and not self.buf):
             self._close()                  # nothing started: close quietly
         elif kind == D_HEAD:
