@@ -217,6 +217,7 @@ class Daemon:
             await self._bounded("the certificate manager", self.certs.close())
         if getattr(self, "fleet", None) is not None:   # [fleet] hook: leave the fleet (changeover/fleet)
             await self._bounded("the fleet agent", self.fleet.close())
+        await self._stop_deployment()
         await self._bounded("the deploy pipeline", self.pipeline.close())
         await self._bounded("the monitor", self.telemetry.close())
         await self.slots.linger.close()
@@ -230,6 +231,15 @@ class Daemon:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+    async def _stop_deployment(self) -> None:
+        """Stop the active deployment where it is, undoing nothing (SIGTERM, down): the next daemon
+        settles or resumes it from its state. Cancelled again should a cancel be dropped."""
+        a = self.pipeline.active
+        if a is not None and a.task is not None:
+            self.pipeline.closing = True
+            a.steps.halted = True
+            await cancel.stop([a.task], CLOSE_TIMEOUT)
 
     @staticmethod
     async def _bounded(what: str, work: Awaitable[None]) -> None:
@@ -488,10 +498,7 @@ class Daemon:
         is in flight (up to drain_timeout), stop the app, stop the proxy; answer when it is done."""
         log.info("`changeover down` requested")
         a = self.pipeline.active
-        if a is not None and a.task is not None:
-            # Everything stops anyway: nothing is undone, the deployment is recorded as stopped.
-            self.pipeline.closing = True
-            await cancel.stop([a.task], CLOSE_TIMEOUT)   # again and again: one cancel can be dropped
+        await self._stop_deployment()   # everything stops anyway: the deployment is recorded as stopped
         if a is not None and a.id:
             row = self.state.deployment(a.id)
             if row is not None and not row.status.finished:

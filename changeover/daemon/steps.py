@@ -73,9 +73,14 @@ class StepRunner:
         self.current: str | None = None
         self.current_kind: StepKind = StepKind.NOTE
         self.undos: list[Undo] = []
+        # The daemon stops mid-deployment (SIGTERM, down): no further step begins, even should the
+        # cancel of the deployment have been dropped (daemon/cancel.py); the next daemon settles it.
+        self.halted = False
 
     async def run(self, kind: StepKind, name: str, fn: Callable[[], Awaitable[T]], *,
                   detail: Callable[[T], str | None] | None = None, undo: Undo | None = None) -> T:
+        if self.halted:
+            raise asyncio.CancelledError(f"the daemon is stopping: step {name} not begun")
         step_id = self.state.begin_step(self.deployment_id, name, kind)
         self.current, self.current_kind = name, kind
         if undo is not None:

@@ -11,7 +11,11 @@ client (`rpc.stream`) must not drop that cancel itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +29,8 @@ from changeover import rpc
 from changeover.daemon import cancel, server
 from changeover.proxy.fake import FakeControl
 
-STOP_WITHIN = 3.0   # seconds: "promptly", with room for a loaded machine
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "app" / "server.py"
+STOP_WITHIN = 5.0   # seconds: "promptly", with room for a loaded machine
 
 
 def write_config(root: Path) -> Path:
@@ -79,6 +84,11 @@ class Proxy(FakeControl):
         if "set_slot" in self.hang:
             await self._hold("set_slot")
         await super().set_slot(slot, upstreams)
+
+    async def set_version(self, slot: str, version: str | None) -> None:
+        if "set_version" in self.hang:
+            await self._hold("set_version")
+        await super().set_version(slot, version)
 
 
 async def _daemon(root: Path, proxy: Proxy,
@@ -134,6 +144,38 @@ def test_a_proxy_call_that_never_answers_does_not_delay_the_stop(
         return await _stopped(daemon, run)
 
     assert uvloop.run(go()), "the daemon did not stop while a proxy call hung"
+
+
+def test_sigterm_inside_a_step_whose_call_drops_the_cancel_stops_the_deploy_where_it_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM mid-deploy undoes nothing and goes no further: the next daemon settles the
+    deployment (docs/architecture.md). Before, the deployment ran on to its switch."""
+    app = tmp_path / "releases" / "v1"
+    app.mkdir(parents=True)
+    shutil.copy(EXAMPLE, app / "server.py")
+
+    async def silent(event: dict[str, Any]) -> None:
+        return None
+
+    async def go() -> tuple[bool, list[str | None], list[int]]:
+        proxy = Proxy()
+        daemon, run = await _daemon(tmp_path, proxy, monkeypatch)
+        proxy.drop = True
+        proxy.hang.add("set_version")   # inside `start`, once its instances are ready
+        deploy = asyncio.get_running_loop().create_task(
+            daemon.h_deploy({"version": "v1", "path": str(app), "wait": True}, silent))
+        await asyncio.wait_for(proxy.entered("set_version").wait(), 60)
+        pids = [r.pid for slot in ("blue", "green") for r in daemon.slots.supervisor.records(slot)]
+        stopped = await _stopped(daemon, run)
+        await cancel.stop([deploy], 5)
+        return stopped, proxy.switches, pids
+
+    stopped, switches, pids = uvloop.run(go())
+    for pid in pids:   # SIGTERM leaves the app running (for the next daemon): not after a test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    assert stopped, "the daemon did not stop after SIGTERM during a step"
+    assert switches == [], "the deployment went on after SIGTERM"
 
 
 def test_stop_cancels_again_a_task_that_dropped_its_cancel_and_names_one_that_never_ends() -> None:
