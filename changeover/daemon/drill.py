@@ -41,7 +41,8 @@ from changeover.proxy.control import RouteControl
 from changeover.state import Release
 
 if TYPE_CHECKING:
-    from changeover.daemon.pipeline import Active, Pipeline
+    from changeover.daemon.active import Active
+    from changeover.daemon.pipeline import Pipeline
 
 HEADER = "X-Changeover-Drill"
 DEFAULT_MAX_REACTION = 30.0    # a trigger that takes longer than this to fire is "too slow"
