@@ -2,8 +2,10 @@
 
 Per request: the head is validated by llhttp, rewritten once (`http1`), routed to the slot that is
 live *at that moment* and written to a pooled upstream connection straight from this callback (no
-task, no coroutine). Request bodies stream through with flow control; the response comes back
-through `UpstreamConn`, which calls `response_done()` (`exchange.py` holds how an exchange ends).
+task, no coroutine); a head seen before is not parsed again (`_SEEN`). Request bodies stream
+through with flow control (`reader.py`, with unfinished heads and the proxy's own answers); the
+response comes back through `UpstreamConn`, which calls `response_done()` (`exchange.py` holds how
+an exchange ends).
 """
 
 from __future__ import annotations
@@ -13,23 +15,21 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from changeover.proxy.exchange import MAX_PENDING, REPLAYABLE, SAFE_REUSE_IDLE, VALIDATE, Exchange
+from changeover.proxy.exchange import REPLAYABLE, SAFE_REUSE_IDLE, VALIDATE
 from changeover.proxy.http1 import (
     HOST,
     REQ_SPECIAL,
     ChunkScanner,
     HttpError,
-    error_response,
     origin_form,
     rewrite_request,
 )
+from changeover.proxy.reader import MAX_PARTIAL_HEADS_PER_CLIENT as MAX_PARTIAL_HEADS_PER_CLIENT  # the tests'
+from changeover.proxy.reader import Reader
 from changeover.proxy.states import (
     D_BODY,
-    D_HEAD,
-    D_IDLE,
     D_NONE,
     D_RESPONSE,
-    P_CONNECT,
     P_DELAY,
     P_PIPELINE,
     S_BODY,
@@ -43,12 +43,18 @@ from changeover.proxy.upstream import UpstreamPool
 if TYPE_CHECKING:
     from changeover.proxy.routes import Routable
 
-# connections from one untrusted address that may hold an unfinished request head at once: a
-# head normally arrives in one read, so only a slow (slowloris) client holds many
-MAX_PARTIAL_HEADS_PER_CLIENT = 64
+# Outcomes of request heads accepted before, by their bytes: clients send the same head over and
+# over (a keep-alive client, a poller, a load balancer's check), and for a plain bodiless head
+# (none of REQ_SPECIAL's headers) everything _parse() learns depends on those bytes alone: llhttp's
+# verdict, the method, HTTP/1.0 or 1.1, the Host and the head rewritten for the app, all but this
+# connection's forwarding headers. Never kept: a head with a body, framing or forwarding headers,
+# an upgrade, or one refused. Bounded like upstream._HEADS (cleared when full).
+_SEEN: dict[bytes, tuple[bytes, int, bytes, bytes, bytes, bool]] = {}
+_SEEN_MAX = 256
+_SEEN_KEY_MAX = 4096
 
 
-class ClientConn(Exchange):
+class ClientConn(Reader):
     __slots__ = ()
     https = False                          # arrived over TLS (proxy/tls.py's subclass says True)
 
@@ -89,9 +95,8 @@ class ClientConn(Exchange):
     # -- request head ------------------------------------------------------------------------
     def _head(self, data: bytes) -> None:
         """A request head from its first byte (nothing buffered): the common case is a whole head
-        in one read, handled without a copy."""
+        in one read, handled without a copy, and one seen before is not parsed again."""
         proxy = self.proxy
-        settings = proxy.settings
         if data[0] < 14:
             # empty lines before a request line are ignored (RFC 9112 §2.2); a bare CR is refused
             rest = data.lstrip(b"\r\n")
@@ -105,71 +110,29 @@ class ClientConn(Exchange):
         end = data.find(b"\r\n\r\n") + 4
         if end == 3:
             return self._partial(data)
-        if end > settings.max_header_bytes:
+        if end > proxy.settings.max_header_bytes:
             return self._too_big(data)
-        head = data if end == len(data) else data[:end]
-        rest = data[end:]
-        upgrade = False
-        try:
-            self.parser.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            upgrade = True
-        except httptools.HttpParserError:
-            return self.reject(400)
-        # llhttp checked the method and the target's bytes but also reads `GET /HTTP/1.1` and
-        # `GET /w<LF>X: y HTTP/1.1` as HTTP/0.9 and lets `GET /  HTTP/1.1` pass: the app may read
-        # those differently (a desync). So the line must be exactly `method SP target SP
-        # HTTP/1.x CRLF`: its first LF ends it after a CR, and the first space after the method
-        # is the one before the version.
-        lf = head.find(b"\n")
-        version = head[lf - 10:lf]         # SP HTTP/1.x CR
-        if version != b" HTTP/1.1\r" and version != b" HTTP/1.0\r":
-            return self.reject(505 if version[1:7] == b"HTTP/2" or version[1:7] == b"HTTP/3" else 400)
-        method = self.parser.get_method()
-        target = len(method) + 1
-        if head.find(b" ", target) != lf - 10:
-            return self.reject(400)
-        if method == b"CONNECT":
-            return self.reject(405)
-        if head[target] != 47 and head[target:target + 2] != b"* ":
-            try:
-                head = origin_form(head)   # absolute-form: the app gets the path, Host from the URI
-            except HttpError as e:
-                return self.reject(e.status)
-        self.req_http11 = http11 = version == b" HTTP/1.1\r"
-        self.req_keep = http11
-        self.req_head_only = method == b"HEAD"
-        length = 0
-        chunked = False
-        if REQ_SPECIAL.search(head) is None:
-            m = HOST.search(head)
-            if m is None:
-                if self.req_http11:
-                    return self.reject(400)
-                out = head[:-2] + self.fwd + b"\r\n"
-            else:
-                if HOST.search(head, m.end() - 2) is not None:
-                    return self.reject(400)    # two Hosts: which one would the app believe?
-                out = head[:-2] + self.fwd + b"X-Forwarded-Host: " + m.group(1) + b"\r\n\r\n"
+        if end == len(data):
+            head, rest = data, b""
+        else:
+            head, rest = data[:end], data[end:]
+        seen = _SEEN.get(head)
+        if seen is not None:
+            # the same bytes as a head accepted before (see _SEEN): only this connection's
+            # forwarding headers differ
+            method, target, head, pre, post, http11 = seen
+            out = pre + self.fwd + post
+            self.req_http11 = self.req_keep = http11
             self.req_upgrade = False
+            length = 0
+            chunked = False
             drill = b""
         else:
-            try:
-                r = rewrite_request(head, self.ip, upgrade, http11, self.trusted, self.https)
-            except HttpError as e:
-                return self.reject(e.status)
-            if self.req_http11 and HOST.search(head) is None:
-                return self.reject(400)
-            length, chunked, out = r.length, r.chunked, r.out
-            self.req_keep = r.keep_alive
-            self.req_upgrade = r.upgrade
-            if chunked and not self.req_http11:
-                return self.reject(400)
-            if settings.max_body_bytes and length > settings.max_body_bytes:
-                return self.reject(413)
-            if length or chunked or upgrade:
-                self.parser = httptools.HttpRequestParser(VALIDATE)   # llhttp now expects a body
-            drill = r.drill
+            parsed = self._parse(head)
+            if parsed is None:
+                return
+            method, target, head, out, length, chunked, drill = parsed
+        self.req_head_only = method == b"HEAD"
         hp = proxy.health_path
         if hp and head.startswith(hp, target) and head[target + len(hp)] in b" ?":
             return self._health(method, rest, length, chunked)
@@ -195,100 +158,83 @@ class ClientConn(Exchange):
             return site.gate.admit(self, method, out, rest, length, chunked)
         self._route(method, out, rest, length, chunked, slot)
 
-    def _health(self, method: bytes, rest: bytes, length: int, chunked: bool) -> None:
-        """The load balancer's health check: answered here, never forwarded, not recorded."""
-        if method != b"GET" and method != b"HEAD":
-            return self.reject(405)
-        if length or chunked:
-            self.req_keep = False          # its body is not read: the connection ends
-        elif rest:
-            self.buf += rest
-        close = not self.req_keep or self.proxy.retiring
-        self.transport.write(self.proxy.health_response(self.req_head_only, close))
-        if close:
-            return self._close()
-        self.state = S_WAIT
-        self.dkind = D_NONE
-        self.proxy.loop.call_soon(self._resume)
-
-    def _answer(self, data: bytes, rest: bytes, length: int, chunked: bool) -> None:
-        """A response the proxy makes itself (`proxy.edge`), keep-alive as for the health check."""
-        end = data.find(b"\r\n\r\n")
-        closing = b"\r\nconnection: close" in data[:end].lower()
-        if length or chunked or closing:
-            self.req_keep = False          # a body is not read: the connection ends
-        elif rest:
-            self.buf += rest
-        close = not self.req_keep or self.proxy.retiring
-        if close and not closing:
-            data = data[:end] + b"\r\nConnection: close" + data[end:]
-        self.transport.write(data)
-        if close:
-            return self._close()
-        self.state = S_WAIT
-        self.dkind = D_NONE
-        self.proxy.loop.call_soon(self._resume)
-
-    def _wait_head(self, keep: bytes) -> None:
-        """Only empty lines so far: the head timeout runs from now, whatever came before."""
-        if keep:
-            self._partial(keep)
-        elif self.dkind == D_IDLE:
-            self.dkind = D_HEAD
-            self.deadline = self.proxy.now + self.proxy.settings.header_timeout
-
-    def _partial(self, data: bytes) -> None:
-        """The first part of a head: buffer it, and from now on scan only what arrives."""
-        proxy = self.proxy
-        if len(data) > proxy.settings.max_header_bytes:
-            return self._too_big(data)
-        if data.count(b"\n") != data.count(b"\r\n"):
-            return self.reject(400)        # bare LF: llhttp would refuse it, don't wait for more
-        if not self.partial:
-            n = proxy.partial_heads.get(self.ip, 0)
-            if n >= MAX_PARTIAL_HEADS_PER_CLIENT and not self.trusted:
-                return self.reject(429)    # one address holding this many unfinished heads: slowloris
-            proxy.partial_heads[self.ip] = n + 1
-            self.partial = True
-        proxy.head_bytes_scanned += len(data)
-        self.buf += data
-        if self.dkind == D_IDLE:
-            self.dkind = D_HEAD
-            self.deadline = proxy.now + proxy.settings.header_timeout
-
-    def _head_more(self, data: bytes) -> None:
-        """More of an unfinished head: only the new bytes are scanned (and the 3 before them, for
-        a terminator split across reads), nothing is copied until the head is complete, so a
-        client dripping a byte at a time costs what it sends, not what it sent before."""
-        buf = self.buf
-        start = len(buf)
-        buf += data
-        if buf[0] == 13:                   # only a CR of an empty line so far: start over
-            whole = bytes(buf)
-            buf.clear()
-            if self.partial:
-                self.head_finished()
-            return self._head(whole)
-        proxy = self.proxy
-        proxy.head_bytes_scanned += len(data) + 3
-        end = buf.find(b"\r\n\r\n", max(0, start - 3))
-        if end < 0:
-            limit = proxy.settings.max_header_bytes
-            if len(buf) > limit:
-                return self._too_big(buf)
-            if buf.count(b"\n", start) != buf.count(b"\r\n", max(0, start - 1)):
-                return self.reject(400)    # bare LF
-            return
-        whole = bytes(buf)                 # the one copy of the head, now that it is complete
-        buf.clear()
-        if self.partial:
-            self.head_finished()
-        self._head(whole)
-
-    def _too_big(self, data: bytes | bytearray) -> None:
-        """Past max_header_bytes: 414 when the request line alone is that long, else 431."""
-        lf = data.find(b"\n")
-        self.reject(414 if lf < 0 or lf >= self.proxy.settings.max_header_bytes else 431)
+    def _parse(self, head: bytes) -> tuple[bytes, int, bytes, bytes, int, bool, bytes] | None:
+        """A head not seen before: validated and rewritten into (method, target offset, head,
+        upstream head, Content-Length, chunked, drill token); None when it was refused. A plain
+        bodiless head's outcome is kept in _SEEN."""
+        settings = self.proxy.settings
+        upgrade = False
+        try:
+            self.parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            upgrade = True
+        except httptools.HttpParserError:
+            self.reject(400)
+            return None
+        # llhttp checked the method and the target's bytes but also reads `GET /HTTP/1.1` and
+        # `GET /w<LF>X: y HTTP/1.1` as HTTP/0.9 and lets `GET /  HTTP/1.1` pass: the app may read
+        # those differently (a desync). So the line must be exactly `method SP target SP
+        # HTTP/1.x CRLF`: its first LF ends it after a CR, and the first space after the method
+        # is the one before the version.
+        key = head
+        lf = head.find(b"\n")
+        version = head[lf - 10:lf]         # SP HTTP/1.x CR
+        if version != b" HTTP/1.1\r" and version != b" HTTP/1.0\r":
+            self.reject(505 if version[1:7] == b"HTTP/2" or version[1:7] == b"HTTP/3" else 400)
+            return None
+        method = self.parser.get_method()
+        target = len(method) + 1
+        if head.find(b" ", target) != lf - 10:
+            self.reject(400)
+            return None
+        if method == b"CONNECT":
+            self.reject(405)
+            return None
+        if head[target] != 47 and head[target:target + 2] != b"* ":
+            try:
+                head = origin_form(head)   # absolute-form: the app gets the path, Host from the URI
+            except HttpError as e:
+                self.reject(e.status)
+                return None
+        self.req_http11 = http11 = version == b" HTTP/1.1\r"
+        self.req_keep = http11
+        if REQ_SPECIAL.search(head) is None:
+            m = HOST.search(head)
+            if m is None:
+                if http11:
+                    self.reject(400)
+                    return None
+                post = b"\r\n"
+            else:
+                if HOST.search(head, m.end() - 2) is not None:
+                    self.reject(400)    # two Hosts: which one would the app believe?
+                    return None
+                post = b"X-Forwarded-Host: " + m.group(1) + b"\r\n\r\n"
+            self.req_upgrade = False
+            if not upgrade and len(key) <= _SEEN_KEY_MAX:
+                if len(_SEEN) >= _SEEN_MAX:
+                    _SEEN.clear()
+                _SEEN[key] = (method, target, head, head[:-2], post, http11)
+            return method, target, head, head[:-2] + self.fwd + post, 0, False, b""
+        try:
+            r = rewrite_request(head, self.ip, upgrade, http11, self.trusted, self.https)
+        except HttpError as e:
+            self.reject(e.status)
+            return None
+        if http11 and HOST.search(head) is None:
+            self.reject(400)
+            return None
+        self.req_keep = r.keep_alive
+        self.req_upgrade = r.upgrade
+        if r.chunked and not http11:
+            self.reject(400)
+            return None
+        if settings.max_body_bytes and r.length > settings.max_body_bytes:
+            self.reject(413)
+            return None
+        if r.length or r.chunked or upgrade:
+            self.parser = httptools.HttpRequestParser(VALIDATE)   # llhttp now expects a body
+        return method, target, head, r.out, r.length, r.chunked, r.drill
 
     def _route(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool,
                slot: UpstreamPool | None, t0: float = 0.0) -> None:
@@ -309,40 +255,43 @@ class ClientConn(Exchange):
         self.req_slot = slot
         slot.inflight += 1
         self.req_out = out
-        self.req_replayable = not (length or chunked) and method in REPLAYABLE
-        part = rest
-        end = 0
-        self.body_remaining = 0
-        if chunked:
-            self.body_chunked = True
-            self.scanner = ChunkScanner(proxy.settings.max_body_bytes)
-            try:
-                end = self.scanner.feed(rest)
-            except HttpError as e:
-                return self._body_error(e.status)
-            if end >= 0:
-                part, rest = rest[:end], rest[end:]
-            else:
-                rest = b""
-        else:
-            self.body_chunked = False
-            self.body_remaining = length - min(length, len(rest))
-            if length:
-                part, rest = rest[:length], rest[length:]
-            else:
-                part = b""
-        if self.body_remaining or (chunked and end < 0):
-            self.state = S_BODY
-            self.dkind = D_BODY
-            self.deadline = proxy.now + proxy.settings.body_timeout
-        else:
+        part = b""
+        if not (length or chunked):        # the common case: no body
+            self.req_replayable = method in REPLAYABLE
             self.state = S_WAIT
             self.dkind = D_RESPONSE
             self.deadline = proxy.now + proxy.settings.response_timeout
+        else:
+            self.req_replayable = False
+            end = 0
+            self.body_remaining = 0
+            self.body_chunked = chunked
+            if chunked:
+                self.scanner = ChunkScanner(proxy.settings.max_body_bytes)
+                try:
+                    end = self.scanner.feed(rest)
+                except HttpError as e:
+                    return self._body_error(e.status)
+                if end >= 0:
+                    part, rest = rest[:end], rest[end:]
+                else:
+                    part, rest = rest, b""
+            else:
+                self.body_remaining = length - min(length, len(rest))
+                part, rest = rest[:length], rest[length:]
+            if self.body_remaining or end < 0:
+                self.state = S_BODY
+                self.dkind = D_BODY
+                self.deadline = proxy.now + proxy.settings.body_timeout
+            else:
+                self.state = S_WAIT
+                self.dkind = D_RESPONSE
+                self.deadline = proxy.now + proxy.settings.response_timeout
         if rest:
             self.buf += rest
             self.pause(P_PIPELINE)
-        upstream = slot.pick()
+        ups = slot.upstreams
+        upstream = ups[0] if len(ups) == 1 else slot.pick()
         idle = upstream.idle
         while idle:
             conn = idle.pop()
@@ -384,50 +333,3 @@ class ClientConn(Exchange):
 
         proxy.loop.call_later(proxy.drill_delay, forward)
 
-    # -- request body ------------------------------------------------------------------------
-    def _body(self, data: bytes) -> None:
-        proxy = self.proxy
-        self.deadline = proxy.now + proxy.settings.body_timeout
-        if self.body_chunked:
-            assert self.scanner is not None
-            try:
-                end = self.scanner.feed(data)
-            except HttpError as e:
-                return self._body_error(e.status)
-            if end < 0:
-                return self._send(data)
-        else:
-            end = self.body_remaining
-            if len(data) < end:
-                self.body_remaining -= len(data)
-                return self._send(data)
-            self.body_remaining = 0
-        self._send(data[:end] if end < len(data) else data)
-        if end < len(data):
-            self.buf += data[end:]
-            self.pause(P_PIPELINE)
-        self.state = S_WAIT
-        self.dkind = D_RESPONSE
-        self.deadline = proxy.now + proxy.settings.response_timeout
-
-    def _send(self, data: bytes) -> None:
-        up = self.up
-        if up is not None:
-            up.transport.write(data)
-        else:
-            self.pending.append(data)
-            self.pending_size += len(data)
-            if self.pending_size > MAX_PENDING:
-                self.pause(P_CONNECT)
-
-    def _body_error(self, status: int) -> None:
-        """Bad framing or too large mid-body: the upstream exchange cannot be finished."""
-        up, self.up = self.up, None
-        if up is not None:
-            up.client = None
-            up.transport.close()
-        self.req_keep = False
-        self._finish_request(status, False)
-        if not self.resp_started:
-            self.transport.write(error_response(status, True, self.req_head_only))
-        self._close()

@@ -14,16 +14,13 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from changeover.proxy import tunnel
+from changeover.proxy import deadlines, tunnel
 from changeover.proxy.http1 import ChunkScanner, error_response
 from changeover.proxy.states import (
     D_BODY,
-    D_CUT,
     D_HEAD,
     D_IDLE,
     D_NONE,
-    D_RESPONSE,
-    D_TUNNEL,
     P_CONNECT,
     P_HOLD,
     P_PIPELINE,
@@ -228,15 +225,38 @@ class Exchange(asyncio.Protocol):
         return head + b"Via: 1.1 changeover\r\n\r\n"
 
     def response_done(self, up: UpstreamConn, reusable: bool) -> None:
+        """The response is complete: the app connection goes back to the pool, the request is
+        recorded, and the client connection waits for its next request (or closes)."""
         if self.state == S_BODY:           # answered before the whole body was sent: cut both
             reusable = False
             self.resp_close = True
         self.up = None
-        up.release(reusable, self.proxy.now)
-        self._finish_request(up.status, self.upstream_failed)
+        proxy = self.proxy
+        up.release(reusable, proxy.now)
+        # _finish_request() and _next(), as one call on the hot path
+        slot, self.req_slot = self.req_slot, None
+        if slot is not None:
+            rec = proxy.recorder
+            if rec is not None:
+                try:
+                    rec.record(slot.name, up.status, perf() - self.req_t0, self.upstream_failed, self.req_out)
+                except Exception:          # a monitor bug must never break traffic
+                    log.exception("request recorder failed")
+            slot.inflight -= 1
+            if not slot.inflight and slot.waiters:
+                slot.done_one_wake()
         if self.resp_close:
             return self._close()
-        self._next()
+        self.state = S_HEAD
+        self.dkind = D_IDLE
+        self.deadline = proxy.now + proxy.settings.idle_timeout
+        if self.rpause & (P_UPSTREAM | P_CONNECT):
+            self.unpause(P_UPSTREAM | P_CONNECT)   # that exchange is over: its back-pressure too
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            self.unpause(P_PIPELINE)
+            self._head(data)
 
     # -- tunnels (after a 101): the relaying here, the rest in tunnel.py --------------------------
     def tunnel_open(self, up: UpstreamConn) -> None:
@@ -351,64 +371,19 @@ class Exchange(asyncio.Protocol):
         else:
             counts.pop(self.ip, None)
 
-    # -- timeouts and drain ----------------------------------------------------------------------
+    # -- timeouts and drain (deadlines.py) --------------------------------------------------------
     def timeout(self, now: float) -> None:
-        kind = self.dkind
-        if kind == D_TUNNEL:
-            return tunnel.timeout(self, now)
-        if kind == D_CUT:
-            return tunnel.overdue(self)
-        if kind == D_IDLE or (kind == D_HEAD and not self.buf):
-            self._close()                  # nothing started: close quietly
-        elif kind == D_HEAD:
-            self.reject(408)
-        elif kind == D_BODY:
-            if self.rpause:                # we stopped reading: not the client's fault
-                self.deadline = now + self.proxy.settings.body_timeout
-                return
-            self.req_keep = False
-            up, self.up = self.up, None
-            if up is not None:
-                up.client = None
-                up.transport.close()
-            self._finish_request(408, False)
-            if not self.resp_started:
-                self.transport.write(error_response(408, True, self.req_head_only))
-            self._close()
-        elif kind == D_RESPONSE:
-            up = self.up
-            if up is not None and up.paused:
-                # the client has read nothing for a whole response timeout: it holds an app
-                # connection for nothing, let both go
-                self.up = None
-                up.client = None
-                up.transport.close()
-                self._finish_request(self.resp_status, False)
-                return self._close()
-            self.upstream_error(504)
+        """The sweeper found this connection's deadline passed."""
+        deadlines.expired(self, now)
 
     def drain_abort(self, why: str = "drain timeout") -> None:
         """Drain timeout: whatever is still open to the draining slot is closed now (a WebSocket
         tunnel with 1001)."""
-        if self.state == S_TUNNEL:
-            self.tunnel_cut(why)
-        elif self.resp_started:
-            up, self.up = self.up, None
-            if up is not None:
-                up.client = None
-                up.transport.close()
-            self._finish_request(self.resp_status, False)
-            self._close()
-        else:
-            self.req_keep = False
-            self.upstream_error(504)
+        deadlines.drain_abort(self, why)
 
     def retire_abort(self) -> None:
         """Retire timeout: a request still unanswered gets a 504, anything else is closed."""
-        if self.req_slot is not None or self.state == S_TUNNEL:
-            self.drain_abort("retire timeout")
-        else:
-            self._close()
+        deadlines.retire_abort(self)
 
     # -- the reading side ------------------------------------------------------------------------
     def _head(self, data: bytes) -> None:
