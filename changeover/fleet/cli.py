@@ -134,7 +134,7 @@ def status(path: Path, fleet: FleetConfig, json_out: bool) -> None:
         _print_json(st)
         return
     if st.get("live") is not None or "local" not in st:
-        from changeover.cli import render_status
+        from changeover.cli.views import render_status
 
         out.print(render_status(st))
     f = st["fleet"]
