@@ -220,8 +220,8 @@ class Daemon:
         await self._stop_deployment()
         await self._bounded("the deploy pipeline", self.pipeline.close())
         await self._bounded("the monitor", self.telemetry.close())
-        await self.slots.linger.close()
-        await self.slots.supervisor.close()
+        await self._bounded("the tunnel keeper", self.slots.linger.close())
+        await self._bounded("the supervisor", self.slots.supervisor.close())
         self.state.event("daemon.stop", down=self._down)
         self.state.close()
         with contextlib.suppress(FileNotFoundError):
