@@ -18,12 +18,10 @@ import errno
 import functools
 import json
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -39,73 +37,24 @@ from changeover.daemon.model import (
 )
 from changeover.errors import StateWriteError
 from changeover.retention import StateRetention
+from changeover.state_schema import (
+    Deployment,
+    Release,
+    SlotRecord,
+    Step,
+    connect,
+    deployment_row,
+    release_row,
+    step_row,
+)
 
 log = logging.getLogger("changeover.state")
 P = ParamSpec("P")
 R = TypeVar("R")
 PRUNE_EVERY = 200   # events written between two prunes of the events table
 SLOTS = ("blue", "green")
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS releases (
-    id INTEGER PRIMARY KEY,
-    version TEXT NOT NULL,
-    path TEXT NOT NULL,
-    command TEXT NOT NULL,            -- JSON argv
-    env TEXT NOT NULL,                -- JSON object (file is mode 0600: it holds the app's secrets)
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS slots (
-    name TEXT PRIMARY KEY,
-    state TEXT NOT NULL,              -- empty | starting | live | standby | stopping
-    release_id INTEGER REFERENCES releases(id),
-    instances TEXT NOT NULL DEFAULT '[]',
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS deployments (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,               -- deploy | rollback
-    version TEXT NOT NULL,
-    release_id INTEGER REFERENCES releases(id),
-    from_version TEXT,
-    slot TEXT,
-    state TEXT NOT NULL,              -- daemon.model.DeploymentState
-    reason TEXT,
-    actor TEXT,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    checks TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE IF NOT EXISTS steps (
-    id INTEGER PRIMARY KEY,
-    deployment_id INTEGER NOT NULL REFERENCES deployments(id),
-    name TEXT NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'note', -- daemon.model.StepKind: recovery decides by it, never by name
-    state TEXT NOT NULL,              -- running | ok | failed | skipped
-    detail TEXT,
-    started_at REAL NOT NULL,
-    finished_at REAL
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    kind TEXT NOT NULL,
-    slot TEXT,
-    detail TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS timers (
-    name TEXT PRIMARY KEY,            -- e.g. standby_expiry: deadlines survive a daemon restart
-    due REAL NOT NULL,                -- wall-clock time
-    data TEXT NOT NULL DEFAULT '{}'
-);
-"""
 # history events of the traffic modes (State.set_mode)
 MODE_EVENTS = ("paused", "resumed", "maintenance_on", "maintenance_off")
-# Columns added after the first release of the schema: (table, column, definition).
-ADDED_COLUMNS = (
-    ("steps", "kind", "TEXT NOT NULL DEFAULT 'note'"),
-    ("deployments", "observation", "TEXT"),          # the observation window: start, length, baseline
-    ("releases", "config", "TEXT NOT NULL DEFAULT '{}'"),  # [app] settings the release ran with
-)
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -140,98 +89,27 @@ def _text(value: str | None) -> str | None:
     return None if value is None else redact.redact_text(value)
 
 
-@dataclass(frozen=True)
-class Release:
-    id: int
-    version: str
-    path: str
-    command: tuple[str, ...]
-    env: dict[str, str]
-    created_at: float
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SlotRecord:
-    name: str
-    state: str
-    release_id: int | None
-    instances: list[dict[str, Any]]
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class Deployment:
-    id: int
-    kind: str
-    version: str
-    release_id: int | None
-    from_version: str | None
-    slot: str | None
-    state: str
-    reason: str | None
-    actor: str | None
-    started_at: float
-    finished_at: float | None
-    checks: list[dict[str, Any]]
-    window: dict[str, Any] | None = None
-
-    @property
-    def status(self) -> DeploymentState:
-        return DeploymentState(self.state)
-
-
-@dataclass(frozen=True)
-class Step:
-    id: int
-    deployment_id: int
-    name: str
-    kind: StepKind
-    state: str
-    detail: str | None
-    started_at: float
-    finished_at: float | None
-
-
 class State:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         """readonly: for readers beside a running daemon (the CLI without a daemon, tests, the
         migrations' release checks); nothing is created or upgraded."""
-        if readonly:
-            self.path = path
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10,
-                                      check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            return
         self.path = path
+        if readonly:
+            self.db = connect(path, readonly=True)
+            return
         self.retention = StateRetention()   # the daemon sets [state] (retention.py)
         self._events_written = 0
         try:
-            self._open_for_writing(path)
+            self.db = connect(path, readonly=False)
+            now = time.time()
+            for name in SLOTS:
+                self.db.execute("INSERT OR IGNORE INTO slots(name, state, updated_at) VALUES (?, 'empty', ?)",
+                                (name, now))
         except (sqlite3.OperationalError, OSError) as e:
             raise write_error(path, e) from e
         for row in self.db.execute("SELECT env FROM releases"):   # mask their secrets from now on
             redact.remember_env(json.loads(row["env"]))
 
-    def _open_for_writing(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not path.exists()
-        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=10, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        if fresh:
-            os.chmod(path, 0o600)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        for table, column, definition in ADDED_COLUMNS:
-            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self.db.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {definition}')
-        now = time.time()
-        for name in SLOTS:
-            self.db.execute("INSERT OR IGNORE INTO slots(name, state, updated_at) VALUES (?, 'empty', ?)",
-                            (name, now))
 
     def close(self) -> None:
         self.db.close()
@@ -268,12 +146,12 @@ class State:
         if release_id is None:
             return None
         row = self.db.execute("SELECT * FROM releases WHERE id = ?", (release_id,)).fetchone()
-        return _release(row) if row else None
+        return release_row(row) if row else None
 
     def latest_release(self, version: str) -> Release | None:
         row = self.db.execute("SELECT * FROM releases WHERE version = ? ORDER BY id DESC LIMIT 1",
                               (version,)).fetchone()
-        return _release(row) if row else None
+        return release_row(row) if row else None
 
     # -- slots --------------------------------------------------------------------------------
     def slot(self, name: str) -> SlotRecord:
@@ -368,16 +246,16 @@ class State:
 
     def deployment(self, dep_id: int) -> Deployment | None:
         row = self.db.execute("SELECT * FROM deployments WHERE id = ?", (dep_id,)).fetchone()
-        return _deployment(row) if row else None
+        return deployment_row(row) if row else None
 
     def running_deployments(self) -> list[Deployment]:
         marks = ", ".join("?" for _ in IN_FLIGHT)
         rows = self.db.execute(f"SELECT * FROM deployments WHERE state IN ({marks}) ORDER BY id", IN_FLIGHT)
-        return [_deployment(r) for r in rows]
+        return [deployment_row(r) for r in rows]
 
     def deployments(self, limit: int = 20) -> list[Deployment]:
         rows = self.db.execute("SELECT * FROM deployments ORDER BY id DESC LIMIT ?", (limit,))
-        return [_deployment(r) for r in rows]
+        return [deployment_row(r) for r in rows]
 
     def history(self, limit: int = 20) -> list[dict[str, Any]]:
         """Deployments, newest first, with their steps (and durations) and checks, as JSON."""
@@ -411,13 +289,11 @@ class State:
         sql = ("SELECT s.* FROM steps s JOIN deployments d ON d.id = s.deployment_id WHERE s.state = 'running'"
                + (" AND d.kind = ?" if deployment_kind else "") + " ORDER BY s.id DESC LIMIT 1")
         r = self.db.execute(sql, (deployment_kind,) if deployment_kind else ()).fetchone()
-        return None if r is None else Step(r["id"], r["deployment_id"], r["name"], StepKind(r["kind"]), r["state"],
-                                           r["detail"], r["started_at"], r["finished_at"])
+        return None if r is None else step_row(r)
 
     def steps(self, dep_id: int) -> list[Step]:
         rows = self.db.execute("SELECT * FROM steps WHERE deployment_id = ? ORDER BY id", (dep_id,))
-        return [Step(r["id"], r["deployment_id"], r["name"], StepKind(r["kind"]), r["state"], r["detail"],
-                     r["started_at"], r["finished_at"]) for r in rows]
+        return [step_row(r) for r in rows]
 
     # -- events and timers ----------------------------------------------------------------------
     @_writes
@@ -507,15 +383,3 @@ class State:
             log.info("state pruned: %d deployments (%d steps), %d releases, %d events", deployments, steps,
                      releases, events)
         return {"deployments": deployments, "steps": steps, "releases": releases, "events": events}
-
-
-def _release(row: sqlite3.Row) -> Release:
-    redact.remember_env(json.loads(row["env"]))
-    return Release(row["id"], row["version"], row["path"], tuple(json.loads(row["command"])),
-                   json.loads(row["env"]), row["created_at"], json.loads(row["config"] or "{}"))
-
-
-def _deployment(row: sqlite3.Row) -> Deployment:
-    return Deployment(row["id"], row["kind"], row["version"], row["release_id"], row["from_version"], row["slot"],
-                      row["state"], row["reason"], row["actor"], row["started_at"], row["finished_at"],
-                      json.loads(row["checks"]), json.loads(row["observation"]) if row["observation"] else None)

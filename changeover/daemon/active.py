@@ -25,7 +25,8 @@ from changeover.daemon.verification import Verification
 from changeover.errors import ChangeoverError, DeployInProgress
 from changeover.redact import redact_json
 from changeover.rpc import Emit
-from changeover.state import Release, State
+from changeover.state import State
+from changeover.state_schema import Release
 
 log = logging.getLogger("changeover.deploy")
 D = DeploymentState

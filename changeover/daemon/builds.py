@@ -39,7 +39,8 @@ from changeover.daemon.steps import StepRunner, Undo
 from changeover.errors import DeployError, UsageError
 from changeover.redact import redact_text
 from changeover.releases import CACHE_ENV, MARKER
-from changeover.state import Release, State
+from changeover.state import State
+from changeover.state_schema import Release
 
 GIT_TIMEOUT = 300.0          # a clone or fetch of the repository
 KILL_GRACE = 5.0             # SIGTERM, then SIGKILL, for a build that timed out

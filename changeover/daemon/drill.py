@@ -38,7 +38,7 @@ from changeover.errors import ChangeoverError, DeployError
 from changeover.monitor import triggers
 from changeover.monitor.observer import Observer
 from changeover.proxy.control import RouteControl
-from changeover.state import Release
+from changeover.state_schema import Release
 
 if TYPE_CHECKING:
     from changeover.daemon.active import Active

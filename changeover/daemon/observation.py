@@ -18,7 +18,8 @@ from changeover.daemon.steps import StepRunner
 from changeover.daemon.telemetry import Telemetry
 from changeover.monitor import triggers
 from changeover.monitor.observer import Observer
-from changeover.state import Release, State
+from changeover.state import State
+from changeover.state_schema import Release
 
 log = logging.getLogger("changeover.observe")
 

@@ -16,7 +16,7 @@ from changeover.config import Config
 from changeover.daemon.slots import SlotManager, other
 from changeover.monitor.observer import Probes
 from changeover.monitor.pairs import paired_probe
-from changeover.state import Release
+from changeover.state_schema import Release
 
 
 def make_probes(config: Config, slots: SlotManager, release: Release, target: str, proxy_url: str) -> Probes:

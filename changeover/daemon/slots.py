@@ -18,7 +18,8 @@ from changeover.daemon.model import SlotState, other
 from changeover.daemon.supervisor import InstanceRecord, ReleaseSpec, Supervisor, SupervisorEvent
 from changeover.errors import DeployError
 from changeover.proxy.control import ProxyControl, TunnelDrainControl
-from changeover.state import SLOTS, Release, State
+from changeover.state import SLOTS, State
+from changeover.state_schema import Release
 
 log = logging.getLogger("changeover.slots")
 __all__ = ["SlotManager", "other", "spec_of"]

@@ -13,7 +13,7 @@ from changeover.daemon.active import Active, Deployments
 from changeover.daemon.model import DeploymentState, SlotState, StepKind, other
 from changeover.daemon.steps import StepFailed, Undo
 from changeover.errors import ChangeoverError, DeployError, RollbackError, StateWriteError
-from changeover.state import Release
+from changeover.state_schema import Release
 
 log = logging.getLogger("changeover.deploy")
 D = DeploymentState

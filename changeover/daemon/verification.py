@@ -23,7 +23,7 @@ from changeover.daemon.model import StepKind
 from changeover.daemon.slots import SlotManager
 from changeover.daemon.steps import StepRunner
 from changeover.errors import ChangeoverError, CheckFailed, MigrationError
-from changeover.state import Release
+from changeover.state_schema import Release
 
 log = logging.getLogger("changeover.verify")
 

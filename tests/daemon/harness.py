@@ -16,7 +16,8 @@ from typing import Any
 
 from changeover.daemon.procs import free_port
 from changeover.loadgen import Load, get
-from changeover.state import State, Step
+from changeover.state import State
+from changeover.state_schema import Step
 
 __all__ = ["EXAMPLE", "Load", "Project", "free_port", "get"]
 
