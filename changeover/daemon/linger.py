@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from changeover.daemon import procs
-from changeover.daemon.supervisor import InstanceRecord
+from changeover.daemon.instances import InstanceRecord
 from changeover.state import State
 
 log = logging.getLogger("changeover.linger")

@@ -29,10 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from changeover.daemon.instances import InstanceRecord
 from changeover.daemon.model import DeploymentKind, DeploymentState, SlotState, StepKind
 from changeover.daemon.procs import kill_orphans, proc_start
 from changeover.daemon.slots import SlotManager, spec_of
-from changeover.daemon.supervisor import InstanceRecord
 from changeover.errors import ChangeoverError
 from changeover.proxy.control import ProxyControl
 from changeover.state import SLOTS, State

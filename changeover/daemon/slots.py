@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from changeover.config import AppConfig, Config, require_app
+from changeover.daemon.instances import InstanceRecord, ReleaseSpec, SupervisorEvent
 from changeover.daemon.linger import Lingering
 from changeover.daemon.model import SlotState, other
-from changeover.daemon.supervisor import InstanceRecord, ReleaseSpec, Supervisor, SupervisorEvent
+from changeover.daemon.supervisor import Supervisor
 from changeover.errors import DeployError
 from changeover.proxy.control import ProxyControl, TunnelDrainControl
 from changeover.state import SLOTS, State

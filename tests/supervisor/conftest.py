@@ -15,7 +15,8 @@ import pytest
 
 from changeover.config import AppConfig
 from changeover.daemon import procs
-from changeover.daemon.supervisor import ReleaseSpec, Supervisor, SupervisorEvent
+from changeover.daemon.instances import ReleaseSpec, SupervisorEvent
+from changeover.daemon.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_APP = ROOT / "examples" / "app" / "server.py"

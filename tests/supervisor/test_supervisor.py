@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from changeover.daemon import procs, supervisor
-from changeover.daemon.supervisor import InstanceRecord, Supervisor, SupervisorEvent
+from changeover.daemon import keeper, procs
+from changeover.daemon.instances import InstanceRecord, SupervisorEvent
+from changeover.daemon.supervisor import Supervisor
 from changeover.errors import SlotStartError
 
 from .conftest import Harness, group_gone, zombies
@@ -235,8 +236,8 @@ def test_crash_is_reported_and_restarted(h: Harness) -> None:
 
 
 def test_crash_loop_backs_off_and_recovers(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "BACKOFF_START", 0.05)
-    monkeypatch.setattr(supervisor, "BACKOFF_CAP", 0.2)
+    monkeypatch.setattr(keeper, "BACKOFF_START", 0.05)
+    monkeypatch.setattr(keeper, "BACKOFF_CAP", 0.2)
     fault = h.tmp / "fault.json"
 
     async def body() -> None:
@@ -340,7 +341,7 @@ def test_health_hints_for_redirects(h: Harness) -> None:
 
 
 def test_running_instance_log_is_rotated(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervisor, "LOG_CHECK_EVERY", 0.05)
+    monkeypatch.setattr(keeper, "LOG_CHECK_EVERY", 0.05)
 
     async def body() -> None:
         sup = h.supervisor()
