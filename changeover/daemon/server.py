@@ -209,6 +209,7 @@ class Daemon:
 
     async def close(self) -> None:
         log.info("daemon stopping%s", " (down: the app and the proxy were stopped)" if self._down else "")
+        await self._stop_deployment()   # first: a deploy goes no further once SIGTERM is in
         if getattr(self, "dashboard", None) is not None:   # [dashboard] hook: stop serving pages first
             await self._bounded("the dashboard", self.dashboard.close())
         if self._server is not None:
@@ -217,7 +218,6 @@ class Daemon:
             await self._bounded("the certificate manager", self.certs.close())
         if getattr(self, "fleet", None) is not None:   # [fleet] hook: leave the fleet (changeover/fleet)
             await self._bounded("the fleet agent", self.fleet.close())
-        await self._stop_deployment()
         await self._bounded("the deploy pipeline", self.pipeline.close())
         await self._bounded("the monitor", self.telemetry.close())
         await self._bounded("the tunnel keeper", self.slots.linger.close())
