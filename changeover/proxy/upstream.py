@@ -32,8 +32,10 @@ __all__ = ["MAX_RESPONSE_HEAD", "SETTLE", "Upstream", "UpstreamConn", "UpstreamP
 
 log = logging.getLogger("changeover.proxy")
 
-# outcomes of recently seen response heads (UpstreamConn._head): bounded, cleared when full
-_HEADS: dict[bytes, tuple[int, bool, bool, int, int, bytes]] = {}
+# outcomes of recently seen response heads (UpstreamConn._head): status, keep-alive on the app side,
+# framing, length, the head for the client (HTTP/1.1, no hop-by-hop headers), close-delimited,
+# bodiless; bounded, cleared when full
+_HEADS: dict[bytes, tuple[int, bool, int, int, bytes, bool, bool]] = {}
 _HEADS_MAX = 256
 _HEADS_KEY_MAX = 4096                 # larger heads are parsed every time (at most 1 MB kept)
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -102,7 +104,9 @@ class UpstreamConn(asyncio.Protocol):
             return
         self.got_bytes = True
         state = self.state
-        if state == R_LENGTH:
+        if state == R_HEAD:
+            self._head(data)
+        elif state == R_LENGTH:
             n = len(data)
             if n < self.remaining:
                 self.remaining -= n
@@ -110,8 +114,6 @@ class UpstreamConn(asyncio.Protocol):
                 c.transport.write(data)
                 return
             self._body_end(data, self.remaining)
-        elif state == R_HEAD:
-            self._head(data)
         elif state == R_CHUNKED:
             self._chunked(data)
         elif state == R_TUNNEL:
@@ -164,9 +166,11 @@ class UpstreamConn(asyncio.Protocol):
         if hit is not None:
             # the same head as a response seen before (only the Date line changes, once a second):
             # everything below depends on its bytes alone, so its outcome is reused
-            status, http11, close, framing, length, head = hit
+            status, keep, framing, length, head, eof, self.bodiless = hit
             rest = data[i + 4:]
-            self.bodiless = status == 204 or status == 304
+            self.reusable = keep and c.req_http11
+            self.status = c.resp_status = status
+            out = c.response_head(head, eof)
         else:
             key = head
             if _CLEAN_HEAD.match(head) is None:
@@ -187,17 +191,20 @@ class UpstreamConn(asyncio.Protocol):
             if parsed is None:
                 return
             close, framing, length, head = parsed
-            if framing != R_TUNNEL and not c.req_head_only and len(key) <= _HEADS_KEY_MAX:
-                if len(_HEADS) >= _HEADS_MAX:
-                    _HEADS.clear()
-                _HEADS[key] = (status, http11, close, framing, length, head)
-        self.reusable = not close and framing != R_EOF and framing != R_TUNNEL and c.req_http11
-        self.status = c.resp_status = status
-        if framing == R_TUNNEL:
-            out = head + b"\r\n"
-            c.resp_started = True
-        else:
-            out = c.response_head(head if http11 else b"HTTP/1.1" + head[8:], framing == R_EOF)
+            keep = not close and framing != R_EOF and framing != R_TUNNEL
+            self.reusable = keep and c.req_http11
+            self.status = c.resp_status = status
+            if framing == R_TUNNEL:
+                out = head + b"\r\n"
+                c.resp_started = True
+            else:
+                if not http11:
+                    head = b"HTTP/1.1" + head[8:]
+                out = c.response_head(head, framing == R_EOF)
+                if not c.req_head_only and len(key) <= _HEADS_KEY_MAX:
+                    if len(_HEADS) >= _HEADS_MAX:
+                        _HEADS.clear()
+                    _HEADS[key] = (status, keep, framing, length, head, framing == R_EOF, self.bodiless)
         if framing == R_LENGTH:
             n = len(rest)
             if n < length:
