@@ -2,12 +2,14 @@
 
     flock /tmp/team/bench.lock .venv/bin/python bench/proxy_scale_bench.py \
         [--tree DIR] [--conns 50,1000,5000] [--duration 10] [--bulk-mb 500] [--workers 1,2] [--somaxconn N]
-        [--rounds N] [--only direct,changeover,haproxy]
+        [--rounds N] [--only direct,changeover,haproxy] [--before DIR]
 
 Backend: nginx (`return 200`, one worker process, keep-alive without a request limit; a 500 MB
 file from /dev/shm for bulk), else HAProxy `http-request return`. Each proxy runs on core 0 (one
 worker, HAProxy `nbthread 1`); nginx and wrk share the last core. `--tree` runs the embedded proxy
-from another checkout (e.g. a `git worktree` of an older commit, for before/after figures).
+from another checkout (e.g. a `git worktree` of an older commit, for before/after figures);
+`--before DIR` runs a second one from DIR on the same core, taking turns with the others in every
+round (row "before"), so that before and after see the same machine.
 `--workers` also runs the real proxy worker (`changeover.proxy.worker`) with `[proxy] workers`
 = each N, worker i pinned to core i, wrk and nginx unpinned (the machine has no spare core then).
 Every figure comes from one run, side by side; the fd limit is raised for -c5000.
@@ -184,6 +186,8 @@ def start_worker(tmp: Path, listen_port: int, backend: int, workers: int) -> tup
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tree", type=Path, default=ROOT, help="checkout to run the embedded proxy from")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="also run the embedded proxy from this checkout (row 'before'), in the same rounds")
     ap.add_argument("--conns", default="50,1000,5000")
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--bulk-mb", type=int, default=500)
@@ -230,13 +234,24 @@ def main() -> None:
         procs.append(emb)
         assert emb.stdout is not None
         emb.stdout.readline()
-        for port in (backend, hport, eport):
-            wait_port(port)
         paths = {"direct": backend, "changeover": eport, "haproxy": hport}
         pids = {"changeover": emb.pid, "haproxy": procs[1].pid}     # taskset execs: the proxies' own pids
+        if args.before is not None:       # the same core, the same backend, taking turns with the others
+            bport = free_port()
+            before = subprocess.Popen(pinned(PROXY_CPU, [sys.executable, "-c", EMBEDDED, str(bport), str(backend),
+                                                         str(args.before)]), stdout=subprocess.PIPE, cwd=args.before)
+            procs.append(before)
+            assert before.stdout is not None
+            before.stdout.readline()
+            paths = {"direct": backend, "before": bport, "changeover": eport, "haproxy": hport}
+            pids["before"] = before.pid
+        for port in paths.values():
+            wait_port(port)
         if args.only:
             paths = {k: v for k, v in paths.items() if k in args.only.split(",")}
-        print(f"backend: {kind}; embedded proxy from {args.tree}; net.core.somaxconn {somaxconn.read_text().strip()}")
+        print(f"backend: {kind}; embedded proxy from {args.tree}"
+              + (f" (before: {args.before})" if args.before else "")
+              + f"; net.core.somaxconn {somaxconn.read_text().strip()}")
         for conns in [int(c) for c in args.conns.split(",") if c]:
             rows: dict[str, dict[str, float]] = {}
             for port in paths.values():
@@ -259,6 +274,10 @@ def main() -> None:
                 cpu = f"{r['us']:.1f} ({r['user']:.1f} / {r['sys']:.1f})" if r["us"] else ""
                 print(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.0f} | "
                       f"{r['errors']:.0f} | {cpu} |")
+            if "before" in rows and "changeover" in rows:
+                b, c = rows["before"], rows["changeover"]
+                print(f"changeover / before: CPU per request {c['us'] / max(b['us'], 0.001):.2f}x "
+                      f"(user {c['user'] / max(b['user'], 0.001):.2f}x)")
             if "changeover" in rows and "haproxy" in rows:
                 c, h = rows["changeover"], rows["haproxy"]
                 print(f"changeover / haproxy: req/s {c['rps'] / h['rps']:.2f}x, p99 {c['p99'] / h['p99']:.2f}x, "
