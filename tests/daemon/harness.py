@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from changeover import commands
+from changeover.config import locate
 from changeover.daemon.procs import free_port
 from changeover.loadgen import Load, get
 from changeover.state import State
@@ -25,13 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "app" / "server.py"
 
 
-
 @dataclass
 class Project:
+    """`workers` proxy processes unless the config written names its own: one by default (each
+    worker is a process started, switched and handed over), two for the tests about several."""
     root: Path
     port: int = field(default_factory=free_port)
     daemon: subprocess.Popen[bytes] | None = None
     extra: str = ""
+    workers: int = 1
 
     @property
     def config(self) -> Path:
@@ -39,6 +45,7 @@ class Project:
 
     def write(self, extra: str = "", app: str = "", ready_timeout: str = "20s") -> None:
         self.extra = extra
+        workers = "" if re.search(r"^\s*workers\s*=", extra, re.M) else f"workers = {self.workers}"
         self.config.write_text(f"""
 [app]
 command = [{json.dumps(sys.executable)}, "server.py", "$PORT"]
@@ -50,6 +57,7 @@ health_interval = "100ms"
 [proxy]
 listen = "127.0.0.1:{self.port}"
 drain_timeout = "5s"
+{workers}
 {extra}
 """)
         if "[dashboard]" not in extra:
@@ -77,20 +85,55 @@ drain_timeout = "5s"
     def deploy(self, version: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.cli("deploy", version, "--path", str(self.release(version)), *extra, check=check)
 
+    def verb(self, name: str, timeout: float = 120, **kw: Any) -> Any:
+        """What `changeover NAME --json` prints, from the function of `changeover.commands` the CLI
+        calls, in this process: for the tests that run a verb over and over (a Python start
+        each is ~0.5 s), polling and teardown. Not for a [fleet] host, whose CLI speaks for the fleet."""
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, getattr(commands, name)(locate(self.config), **kw)))
+            except BaseException as e:  # raised again in the caller's thread
+                box.append((False, e))
+
+        # A thread of its own: callers may be inside an event loop (a test's or Playwright's).
+        t = threading.Thread(target=run, name=f"verb-{name}", daemon=True)
+        t.start()
+        t.join(timeout)
+        if not box:
+            raise TimeoutError(f"changeover {name}: no answer within {timeout} s")
+        ok, out = box[0]
+        if not ok:
+            raise out
+        return json.loads(json.dumps(out, default=str))
+
     def status(self) -> dict[str, Any]:
-        return dict(json.loads(self.cli("status", "--json").stdout))
+        if "[fleet]" in self.config.read_text():
+            return dict(json.loads(self.cli("status", "--json").stdout))
+        return dict(self.verb("status"))
+
+    def answers(self) -> bool:
+        """The daemon's control socket answers `status` (asked in this process, as above)."""
+        sock = self.root / ".changeover" / "control.sock"
+        if not sock.exists():
+            return False
+        try:
+            self.status()
+        except Exception:
+            return False
+        return True
 
     def start_daemon(self) -> None:
         log = open(self.root / "serve.out", "ab")  # noqa: SIM115
         self.daemon = subprocess.Popen([sys.executable, "-m", "changeover", "serve", "-c", str(self.config)],
                                        cwd=self.root, stdout=log, stderr=log, start_new_session=True)
         log.close()
-        sock = self.root / ".changeover" / "control.sock"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise AssertionError("daemon exited:\n" + (self.root / "serve.out").read_text()[-3000:])
-            if sock.exists() and self.cli("status", "--json", check=False).returncode == 0:
+            if self.answers():
                 return
             time.sleep(0.1)
         raise AssertionError("daemon did not come up:\n" + (self.root / "serve.out").read_text()[-3000:])
@@ -122,23 +165,29 @@ drain_timeout = "5s"
         self.daemon.wait(timeout=30)
         self.daemon = None
 
+    def down(self) -> str:
+        """`changeover down` for the teardown, in this process; what it answered, or why it failed."""
+        try:
+            return repr(self.verb("down", timeout=60))
+        except Exception as e:  # the caller waits for the daemon, then kills what is left
+            return f"{type(e).__name__}: {e}"
+
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def teardown(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
-            down = self.cli("down", check=False, timeout=60)
+            down = self.down()
             try:
                 self.daemon.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 with (self.root / "serve.out").open("a") as f:  # evidence for whoever reads the log
-                    f.write(f"\n[harness] daemon still running 30 s after down -> {down.returncode}\n"
-                            f"{down.stdout}\n{down.stderr}\n")
+                    f.write(f"\n[harness] daemon still running 30 s after down -> {down}\n")
         elif (self.root / ".changeover").exists():
             # No daemon: start one just to bring everything down cleanly.
             with contextlib.suppress(Exception):
                 self.start_daemon()
-                self.cli("down", check=False, timeout=60)
+                self.down()
                 assert self.daemon is not None
                 self.daemon.wait(timeout=30)
         if self.daemon is not None and self.daemon.poll() is None:

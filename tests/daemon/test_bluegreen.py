@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.daemon.harness import Load, Project, get
 
 
@@ -49,6 +51,8 @@ def test_deploy_status_rollback_and_standby(project: Project) -> None:
     assert any(s["name"] == "switch to green" and s["duration"] is not None for s in steps)
 
 
+# Two workers: every one of them must have switched before `rollback` returns.
+@pytest.mark.proxy_workers(2)
 def test_zero_failed_requests_across_switches(project: Project) -> None:
     """50 keep-alive connections; 2 deploys and 20 rollback switches; not one request fails."""
     project.start_daemon()
@@ -63,8 +67,7 @@ def test_zero_failed_requests_across_switches(project: Project) -> None:
         expected = "v2"
         for i in range(20):
             await asyncio.sleep(0.15)
-            out = await asyncio.to_thread(project.cli, "rollback", "--json")
-            expected = json.loads(out.stdout)["version"]
+            expected = (await asyncio.to_thread(project.verb, "rollback"))["version"]
             # A new request right after the switch reaches the new version.
             status, headers, _, rw = await get("127.0.0.1", project.port)
             assert status == 200 and headers["x-version"] == expected, (i, headers)
@@ -279,6 +282,8 @@ def test_rollback_with_schema_undoes_the_release_migrations(project: Project) ->
     assert states["0001"] == "applied" and states["0002"] == "pending", states
 
 
+# Two workers: the other serves while the killed one is replaced.
+@pytest.mark.proxy_workers(2)
 def test_a_killed_proxy_worker_is_replaced_at_once(project: Project) -> None:
     project.start_daemon()
     project.deploy("v1")
@@ -309,6 +314,8 @@ def test_a_killed_proxy_worker_is_replaced_at_once(project: Project) -> None:
     assert version_at(project) == "v1"
 
 
+# Two workers: each is handed over.
+@pytest.mark.proxy_workers(2)
 def test_proxy_handover_drops_no_request(project: Project) -> None:
     """`reload-proxy` (after an upgrade) and a changed [proxy] at daemon start: a new worker shares
     the port, the old one finishes its connections and exits; not one request fails."""

@@ -22,7 +22,7 @@ from .pebble import pebble
 
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Project]:
-    p = Project(tmp_path)
+    p = Project(tmp_path, workers=2)    # every proxy worker must serve the certificate
     try:
         yield p
     finally:

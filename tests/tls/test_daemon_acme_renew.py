@@ -19,7 +19,7 @@ from .test_daemon_acme import _served_serial
 
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Project]:
-    p = Project(tmp_path)
+    p = Project(tmp_path, workers=2)    # every proxy worker must serve the certificate
     try:
         yield p
     finally:

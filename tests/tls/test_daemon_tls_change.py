@@ -19,7 +19,7 @@ from .certs import TestCA
 
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Project]:
-    p = Project(tmp_path)
+    p = Project(tmp_path, workers=2)    # every proxy worker is handed over to one with HTTPS
     try:
         yield p
     finally:
