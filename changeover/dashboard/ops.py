@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from changeover.monitor.metrics import REQ, Recorder, quantile
+from changeover.monitor.metrics import Recorder
+from changeover.monitor.ring import REQ
+from changeover.monitor.stats import quantile
 from changeover.state import State
 
 MAX_SERIES = 900          # seconds a series request may ask for (the ring holds [monitor] history)

@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from changeover.monitor.buckets import NBUCKETS
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import NBUCKETS, Recorder, WindowStats, load_profile, quantile, route_windows
+from changeover.monitor.metrics import Recorder, load_profile, route_windows
+from changeover.monitor.stats import WindowStats, quantile
 
 Sparse = tuple[tuple[int, int], ...]       # (latency bucket, count), buckets ascending
 

@@ -29,8 +29,8 @@ from typing import Any
 
 from changeover.monitor.baseline import Level, Sparse, dense, usable
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import quantile
 from changeover.monitor.routebook import level_of
+from changeover.monitor.stats import quantile
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,9 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from changeover.errors import ChangeoverError
-from changeover.monitor.metrics import (
-    BOUNDS,
-    BUCKETS_PER_OCTAVE,
-    CLASS0,
-    CLASSES,
-    ERR,
-    UPSTREAM,
-    Recorder,
-    route_totals,
-)
+from changeover.monitor.buckets import BOUNDS, BUCKETS_PER_OCTAVE
+from changeover.monitor.metrics import Recorder, route_totals
+from changeover.monitor.ring import CLASS0, CLASSES, ERR, UPSTREAM
 from changeover.monitor.routebook import R
 
 log = logging.getLogger("changeover.metrics")

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from changeover.monitor.metrics import NBUCKETS, C, Recorder, SlotMetrics, _Totals
+from changeover.monitor.buckets import NBUCKETS
+from changeover.monitor.metrics import Recorder
+from changeover.monitor.ring import C, SlotMetrics, Totals
 from changeover.monitor.routebook import R
 
 
@@ -82,7 +84,7 @@ def absorb(rec: Recorder, data: dict[str, Any]) -> int:
         s.book.prune(int(d["sec"]))
     rec._totals.clear()
     for slot, ver, counts, hist, total in data["totals"]:
-        t = _Totals()
+        t = Totals()
         t.counts[:] = counts
         for b, n in hist:
             t.hist[b] = n

@@ -24,9 +24,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from changeover.monitor.buckets import NBUCKETS
 from changeover.monitor.compare import RankTest, signed_rank
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import NBUCKETS, Clock, Recorder, WindowStats, quantile, route_runs, route_windows
+from changeover.monitor.metrics import Clock, Recorder, route_runs, route_windows
+from changeover.monitor.stats import WindowStats, quantile
 from changeover.monitor.triggers import (
     CANCELLED,
     CRITICAL,

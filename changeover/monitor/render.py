@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from changeover.monitor.metrics import WindowStats
+from changeover.monitor.stats import WindowStats
 
 ERROR_STYLE_AT = 0.05      # error rates at or above this are shown red (the default trigger)
 WARN_STYLE_AT = 0.01

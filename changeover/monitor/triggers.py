@@ -31,9 +31,10 @@ from changeover.monitor.baseline import Baseline as Baseline
 from changeover.monitor.baseline import Level, Sparse
 from changeover.monitor.baseline import capture_baseline as capture_baseline
 from changeover.monitor.baseline import make_baseline as make_baseline
+from changeover.monitor.buckets import BOUNDS
 from changeover.monitor.compare import RankTest, limit_for, reference, rps_level
 from changeover.monitor.config import MonitorConfig
-from changeover.monitor.metrics import BOUNDS, WindowStats, count_above, quantile
+from changeover.monitor.stats import WindowStats, count_above, quantile
 
 ERROR_RATE = "error_rate"
 CONSECUTIVE_FAILURES = "consecutive_failures"

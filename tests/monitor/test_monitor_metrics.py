@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from changeover.monitor.metrics import BOUNDS, NBUCKETS, Recorder, WindowStats, quantile
+from changeover.monitor.buckets import BOUNDS, NBUCKETS
+from changeover.monitor.metrics import Recorder
+from changeover.monitor.stats import WindowStats, quantile
 from tests.monitor.sim import FakeClock
 
 
