@@ -207,6 +207,27 @@ def test_stop_cancels_again_a_task_that_dropped_its_cancel_and_names_one_that_ne
     assert ended and left == ["never"]
 
 
+def test_leftovers_stops_every_other_task_of_the_loop() -> None:
+    """What serve() runs after the daemon stopped, before the event loop's own single cancel."""
+    async def go() -> tuple[list[str], bool]:
+        async def drops_once() -> None:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                pass
+            await asyncio.sleep(60)
+
+        loop = asyncio.get_running_loop()
+        plain = loop.create_task(asyncio.sleep(60), name="plain")
+        dropper = loop.create_task(drops_once(), name="dropper")
+        await asyncio.sleep(0)
+        left = await cancel.leftovers(2.0)
+        return [t.get_name() for t in left], plain.cancelled() and dropper.cancelled()
+
+    left, ended = uvloop.run(go())
+    assert left == [] and ended
+
+
 class _Writer:
     """The client's end of a control connection, with the daemon's answer fed by the test."""
 
