@@ -107,16 +107,13 @@ class ClientConn(Reader):
             if not rest:
                 return self._wait_head(b"\r" if cr_pending else b"")
             data = rest
-        end = data.find(b"\r\n\r\n") + 4
-        if end == 3:
+        # one call (partition takes one argument, find's are parsed); `key`: the head without its blank line
+        key, blank, rest = data.partition(b"\r\n\r\n")
+        if not blank:
             return self._partial(data)
-        if end > proxy.settings.max_header_bytes:
+        if len(key) + 4 > proxy.settings.max_header_bytes:
             return self._too_big(data)
-        if end == len(data):
-            head, rest = data, b""
-        else:
-            head, rest = data[:end], data[end:]
-        seen = _SEEN.get(head)
+        seen = _SEEN.get(key)
         if seen is not None:
             # the same bytes as a head accepted before (see _SEEN): only this connection's
             # forwarding headers differ
@@ -128,6 +125,7 @@ class ClientConn(Reader):
             chunked = False
             drill = b""
         else:
+            head = key + blank
             parsed = self._parse(head)
             if parsed is None:
                 return
@@ -214,7 +212,7 @@ class ClientConn(Reader):
             if not upgrade and len(key) <= _SEEN_KEY_MAX:
                 if len(_SEEN) >= _SEEN_MAX:
                     _SEEN.clear()
-                _SEEN[key] = (method, target, head, head[:-2], post, http11)
+                _SEEN[key[:-4]] = (method, target, head, head[:-2], post, http11)   # by the head without its blank line
             return method, target, head, head[:-2] + self.fwd + post, 0, False, b""
         try:
             r = rewrite_request(head, self.ip, upgrade, http11, self.trusted, self.https)

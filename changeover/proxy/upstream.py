@@ -156,26 +156,24 @@ class UpstreamConn(asyncio.Protocol):
         if self.buf:
             data = self.buf + data
             self.buf = b""
-        i = data.find(b"\r\n\r\n")
-        if i < 0 or i > MAX_RESPONSE_HEAD:
+        # one call (partition takes one argument, find's are parsed): the head without its blank line
+        key, blank, rest = data.partition(b"\r\n\r\n")
+        if not blank or len(key) > MAX_RESPONSE_HEAD:
             return self._head_slow(data)
-        head = data[:i + 2]
         c = self.client
         assert c is not None
-        hit = None if c.req_head_only else _HEADS.get(head)
+        hit = None if c.req_head_only else _HEADS.get(key)
         if hit is not None:
             # the same head as a response seen before (only the Date line changes, once a second):
             # everything below depends on its bytes alone, so its outcome is reused
             status, keep, framing, length, head, eof, self.bodiless = hit
-            rest = data[i + 4:]
             self.reusable = keep and c.req_http11
             self.status = c.resp_status = status
             out = c.response_head(head, eof)
         else:
-            key = head
+            head = key + b"\r\n"             # ending with its last line's CRLF, as _CLEAN_HEAD reads it
             if _CLEAN_HEAD.match(head) is None:
                 return self._head_slow(data)   # bare-LF line endings are normalised there, the rest 502
-            rest = data[i + 4:]
             status = int(head[9:12])
             http11 = head[7] == 49
             if status < 200 and status != 101:
