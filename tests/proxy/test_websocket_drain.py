@@ -540,7 +540,9 @@ def test_daemon_killed_inside_the_retire_step_that_kept_tunnels(project: Any, mo
         deploy = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "v3", "--path",
                                    str(project.release("v3")), "--wait", "-c", str(project.config)],
                                   cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: bool(_linger(project)), timeout=30)
+        # Inside the held retire step once it has acted: the processes kept and the event written
+        # (the timer is written first: killed between the two, the event would never be there).
+        wait_until(lambda: bool(_linger(project)) and bool(_events(project, "drain.tunnels")), timeout=30)
         pids = [r["pid"] for r in _linger(project)[0]["records"]]
         project.kill_daemon(signal.SIGKILL)
         monkeypatch.delenv("CHANGEOVER_TEST_STEP_DELAY")
