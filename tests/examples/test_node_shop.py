@@ -95,7 +95,9 @@ class Shop:
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise AssertionError("daemon exited\n" + self.serve_log())
-            if self.co("status", "--json", check=False).returncode == 0:
+            # The CLI (a Python start each) once the daemon has made its control socket.
+            if (self.root / ".changeover" / "control.sock").exists() and \
+                    self.co("status", "--json", check=False).returncode == 0:
                 return
             time.sleep(0.1)
         raise AssertionError("daemon did not come up\n" + self.serve_log())
