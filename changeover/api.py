@@ -233,7 +233,7 @@ class LiveEvent:
 
 @dataclass(frozen=True)
 class OutputEvent:
-    """A line of a build's output (daemon/builds.py), as it is written."""
+    """A line of a build's output (daemon/build_steps.py), as it is written."""
 
     name: str
     line: str

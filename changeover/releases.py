@@ -1,6 +1,6 @@
 """`[app] build*` and `[releases]`: how a release directory is made from a git revision or an
 archive, built, and pruned. The loaders are called from config.load(); the work is done by the
-daemon (daemon/builds.py), on the host that runs the app.
+daemon (daemon/builds.py, export.py, build_steps.py), on the host that runs the app.
 
     [app]
     build = ["npm", "ci", "--omit=dev"]   # any argv, run in the release directory before it starts

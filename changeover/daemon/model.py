@@ -16,7 +16,7 @@ before its switch and observed after it, like a deploy) or ends `failed` with th
 Steps and what undoes them (the pipeline unwinds the steps that ran, newest first):
 
     pre_checks, verify_*, session, note ....... nothing to undo (they only read)
-    build ..................................... remove the release directory it exported (daemon/builds.py)
+    build ..................................... remove the release directory it exported (daemon/build_steps.py)
     migrate ................................... kept: expand migrations are safe for the old code
     retire .................................... nothing (the old standby was given up on purpose)
     start ..................................... clean up the slot it started

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from changeover.config import Config, release_env
-from changeover.daemon import builds
+from changeover.daemon import build_steps, builds
 from changeover.daemon.active import Active
 from changeover.daemon.model import DeploymentKind, DeploymentState, StepKind, other
 from changeover.daemon.observation import Observation
@@ -183,7 +183,7 @@ class Pipeline(Unwinding):
         try:
             await self.telemetry.notify("deploy_started", {"version": release.version})
             if a.kind == DeploymentKind.DEPLOY:   # export and build (a rollback's release is built)
-                await builds.prepare_release(steps, config, release, a.source, self.state)
+                await build_steps.prepare_release(steps, config, release, a.source, self.state)
             await self.verify.pre_deploy(steps, config, release, a.previous)
             if a.kind == DeploymentKind.DEPLOY:
                 a.migrated = await self.verify.migrate_expand(steps, config, release)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from changeover import config as config_mod
-from changeover.daemon import builds
+from changeover.daemon import builds, export
 from changeover.errors import ConfigError, DeployError, UsageError
 from tests.daemon.harness import EXAMPLE, Project
 
@@ -64,7 +64,7 @@ APP = '[app]\ncommand = ["python3", "server.py", "$PORT"]\n'
 def test_export_git_default_repo_is_the_configs_directory_of_its_repository(tmp_path: Path) -> None:
     sha = commit_app(tmp_path, "site", "v1")
     cfg = cfg_at(tmp_path / "site", APP)
-    detail = asyncio.run(builds.export(cfg, "v1", builds.Source(git="main")))
+    detail = asyncio.run(export.export(cfg, "v1", builds.Source(git="main")))
     dest = tmp_path / "site" / "releases" / "v1"
     assert (dest / "server.py").read_bytes() == EXAMPLE.read_bytes()
     assert not (dest / "site").exists()                 # the subtree, not the whole repository
@@ -76,27 +76,27 @@ def test_export_git_default_repo_is_the_configs_directory_of_its_repository(tmp_
 def test_export_same_revision_is_reused_another_is_refused(tmp_path: Path) -> None:
     commit_app(tmp_path, "", "v1")
     cfg = cfg_at(tmp_path, APP + '[releases]\nrepo = "."\ndir = "out"\n')
-    asyncio.run(builds.export(cfg, "v1", builds.Source(git="main")))
-    again = asyncio.run(builds.export(cfg, "v1", builds.Source(git="main")))
+    asyncio.run(export.export(cfg, "v1", builds.Source(git="main")))
+    again = asyncio.run(export.export(cfg, "v1", builds.Source(git="main")))
     assert "reusing" in again
     commit_app(tmp_path, "", "v2", {"CHANGED": "x"})
     with pytest.raises(DeployError, match=r"already holds v1 from commit .* name this release differently"):
-        asyncio.run(builds.export(cfg, "v1", builds.Source(git="main")))
+        asyncio.run(export.export(cfg, "v1", builds.Source(git="main")))
     (tmp_path / "out" / "handmade").mkdir()
     with pytest.raises(DeployError, match="was not made by changeover"):
-        asyncio.run(builds.export(cfg, "handmade", builds.Source(git="main")))
+        asyncio.run(export.export(cfg, "handmade", builds.Source(git="main")))
 
 
 def test_export_errors_name_what_is_wrong(tmp_path: Path) -> None:
     commit_app(tmp_path / "repo", "", "v1")
     cfg = cfg_at(tmp_path, APP + '[releases]\nrepo = "repo"\nsubdir = "nope"\n')
     with pytest.raises(DeployError, match="no such branch, tag or commit"):
-        asyncio.run(builds.export(cfg, "v1", builds.Source(git="no-such-branch")))
+        asyncio.run(export.export(cfg, "v1", builds.Source(git="no-such-branch")))
     with pytest.raises(DeployError, match="has no directory 'nope'"):
-        asyncio.run(builds.export(cfg, "v1", builds.Source(git="main")))
+        asyncio.run(export.export(cfg, "v1", builds.Source(git="main")))
     cfg = cfg_at(tmp_path, APP + '[releases]\nrepo = "elsewhere"\n')
     with pytest.raises(DeployError, match="does not exist"):
-        asyncio.run(builds.export(cfg, "v1", builds.Source(git="main")))
+        asyncio.run(export.export(cfg, "v1", builds.Source(git="main")))
     with pytest.raises(UsageError, match="names a directory"):
         builds.release_dir(cfg, "../v1")
     with pytest.raises(UsageError, match="one of them"):
@@ -113,7 +113,7 @@ def test_export_archive_strips_one_top_directory_and_refuses_escapes(tmp_path: P
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(src, arcname="shop-1.0")
     cfg = cfg_at(tmp_path, APP)
-    asyncio.run(builds.export(cfg, "v1", builds.Source(archive=str(archive))))
+    asyncio.run(export.export(cfg, "v1", builds.Source(archive=str(archive))))
     assert (tmp_path / "releases" / "v1" / "server.py").is_file()
     assert (builds.read_marker(tmp_path / "releases" / "v1") or {})["identity"].startswith("archive:sha256:")
 
@@ -123,7 +123,7 @@ def test_export_archive_strips_one_top_directory_and_refuses_escapes(tmp_path: P
         info.size = 1
         tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(DeployError, match="cannot unpack"):
-        asyncio.run(builds.export(cfg, "v2", builds.Source(archive=str(evil))))
+        asyncio.run(export.export(cfg, "v2", builds.Source(archive=str(evil))))
     assert not (tmp_path / "outside.txt").exists()
     assert not (tmp_path / "releases" / "v2").exists()
     assert not list((tmp_path / "releases").glob(".*"))   # no partial directory left
@@ -133,7 +133,7 @@ def test_prune_keeps_the_newest_and_those_in_use_and_never_hand_made_ones(tmp_pa
     commit_app(tmp_path / "repo", "", "v1")
     cfg = cfg_at(tmp_path, APP + '[releases]\nrepo = "repo"\nkeep = 2\n')
     for v in ("v1", "v2", "v3", "v4"):
-        asyncio.run(builds.export(cfg, v, builds.Source(git="main")))
+        asyncio.run(export.export(cfg, v, builds.Source(git="main")))
     (tmp_path / "releases" / "by-hand").mkdir()
     removed = builds.prune(cfg, {(tmp_path / "releases" / "v1").resolve()})
     assert sorted(p.name for p in removed) == ["v2"]
