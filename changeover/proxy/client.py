@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 # an upgrade, or one refused. Bounded like upstream._HEADS (cleared when full).
 _SEEN: dict[bytes, tuple[bytes, int, bytes, bytes, bytes, bool]] = {}
 _SEEN_MAX = 256
-_SEEN_KEY_MAX = 4096
+_SEEN_KEY_MAX = 4096                  # larger heads are parsed every time (at most ~3 MB kept)
 
 
 class ClientConn(Reader):
