@@ -33,7 +33,8 @@ test: lint typecheck unit
 # Each benchmark prints its table and the command that produced it (see docs/benchmarks.md).
 BENCHES := proxy_bench rollback_bench migrations_bench websocket_bench
 
-bench: setup services
+bench: setup
+	bash scripts/ensure-services.sh --bench
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
 # Coverage-guided fuzzing of the proxy's parsers (tests/fuzz/run.py); `make test` runs a short,

@@ -13,6 +13,9 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)   # the fleet tests start
 command -v node >/dev/null 2>&1 || need+=(nodejs)   # the Node shop example's test (tests/examples)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v pebble >/dev/null 2>&1 || need+=(pebble)   # Let's Encrypt's test CA: the ACME tests (tests/tls)
+if [[ "${1:-}" == "--bench" ]]; then   # `make bench`: the scale benches' backend
+  command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+fi
 if ((${#need[@]})); then
   echo "installing: ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
