@@ -108,6 +108,12 @@ drain_timeout = "5s"
             raise out
         return json.loads(json.dumps(out, default=str))
 
+    def deployed(self, version: str) -> dict[str, Any]:
+        """`deploy VERSION --path releases/VERSION`, through the function the CLI calls, in this
+        process: for a test's setup deploys, whose output nothing reads (deploy() runs the CLI,
+        for the tests of what it prints and its exit code). Raises if the deploy fails."""
+        return dict(self.verb("deploy", version=version, path=str(self.release(version))))
+
     def status(self) -> dict[str, Any]:
         if "[fleet]" in self.config.read_text():
             return dict(json.loads(self.cli("status", "--json").stdout))

@@ -144,7 +144,7 @@ async def deploy_then_break(p: Project, version: str, fault: Path, spec: dict[st
 def test_faults_after_the_switch_are_rolled_back_with_the_right_reason(project: Project) -> None:
     fault, hooks, service = configure(project, observe="30s")
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     reactions: dict[str, float | None] = {}
 
     async def scenario() -> Load:
@@ -197,7 +197,7 @@ def test_faults_after_the_switch_are_rolled_back_with_the_right_reason(project: 
 def test_crash_loop_is_rolled_back(project: Project) -> None:
     fault, _, _ = configure(project, observe="30s", synthetic=0)
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> Any:
         result, _ = await deploy_then_break(project, "v2", fault, {"exit": True}, quiet=True)
@@ -212,7 +212,7 @@ def test_crash_loop_is_rolled_back(project: Project) -> None:
 def test_healthy_release_under_noise_is_finalised_and_manual_rollback_records_why(project: Project) -> None:
     fault, hooks, _ = configure(project, observe="8s")
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> tuple[Any, Load]:
         load = Load(project.port, connections=8, pause=0.005)
@@ -270,7 +270,7 @@ def test_automatic_rollback_is_refused_after_an_incompatible_migration(project: 
     with project.config.open("a") as f:
         f.write(f'\n[migrations]\ndatabase = "sqlite:///{db}"\ndir = "migrations"\n')
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     (mig / "0002_drop_old.up.sql").write_text("-- changeover:phase contract\nALTER TABLE items DROP COLUMN old;\n")
     (mig / "0002_drop_old.down.sql").write_text("ALTER TABLE items ADD COLUMN old TEXT;\n")
 
@@ -303,7 +303,7 @@ def test_a_release_after_a_rolled_back_one_is_judged_on_its_own_traffic(project:
     inherit its failure streak."""
     fault, _, _ = configure(project, observe="3s")
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> tuple[Any, Any]:
         load = Load(project.port, connections=4, pause=0.01)
@@ -326,7 +326,7 @@ def test_a_deploy_that_fails_before_its_switch_is_notified(project: Project) -> 
     _, hooks, _ = configure(project, observe="0s")
     project.write(project.extra, ready_timeout="3s")
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     bad = project.deploy("v2", "--env", "FAULT_HEALTH=fail", check=False)
     assert bad.returncode == 1 and "v1 is still live" in bad.stderr, bad.stderr
     deadline = time.monotonic() + 10

@@ -56,7 +56,7 @@ def test_deploy_status_rollback_and_standby(project: Project) -> None:
 def test_zero_failed_requests_across_switches(project: Project) -> None:
     """50 keep-alive connections; 2 deploys and 20 rollback switches; not one request fails."""
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> Load:
         load = Load(project.port, connections=50)
@@ -86,7 +86,7 @@ def test_zero_failed_requests_across_switches(project: Project) -> None:
 def test_failing_release_never_gets_traffic(project: Project) -> None:
     project.write(ready_timeout="3s")
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     bad = project.deploy("v2", "--env", "FAULT_HEALTH=fail", check=False)
     assert bad.returncode == 1
     assert "v1 is still live" in bad.stderr and "503" in bad.stderr and "Traceback" not in bad.stderr
@@ -100,7 +100,7 @@ def test_failing_release_never_gets_traffic(project: Project) -> None:
 
 def test_inflight_requests_drain_and_websocket_survives(project: Project) -> None:
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> None:
         slow = asyncio.create_task(get("127.0.0.1", project.port, "/slow?ms=1500", timeout=20))
@@ -131,7 +131,7 @@ def test_inflight_requests_drain_and_websocket_survives(project: Project) -> Non
 
 def test_second_deploy_is_refused_while_one_runs(project: Project) -> None:
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> str:
         slow = asyncio.create_task(asyncio.to_thread(project.deploy, "v2", "--env", "FAULT_START_DELAY=2"))
@@ -147,7 +147,7 @@ def test_second_deploy_is_refused_while_one_runs(project: Project) -> None:
 
 def test_daemon_killed_mid_deploy_restarts_into_the_truth(project: Project) -> None:
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> Load:
         load = Load(project.port, connections=20)
@@ -189,7 +189,7 @@ def test_an_instance_whose_pid_never_reached_the_state_is_stopped_by_the_next_da
     import sys
 
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     project.kill_daemon(signal.SIGKILL)
     tag = f"{(project.root / '.changeover').resolve()}:green:0"
     stray = subprocess.Popen([sys.executable, "server.py", "0"], cwd=project.release("v9"), start_new_session=True,
@@ -229,7 +229,7 @@ def pid_in(p: Project, pid: int) -> bool:
 def test_standby_is_retired_after_keep_standby_and_logs_are_readable(project: Project) -> None:
     project.write('[monitor]\nobserve = "1s"\nkeep_standby = "3s"\nmetrics_listen = ""\n')
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     project.deploy("v2", "--wait")
     assert project.status()["standby"]["version"] == "v1"
     deadline = time.monotonic() + 15
@@ -244,7 +244,7 @@ def test_standby_is_retired_after_keep_standby_and_logs_are_readable(project: Pr
 
 def test_status_shows_live_traffic_numbers(project: Project) -> None:
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     for _ in range(30):
         version_at(project)
     time.sleep(0.3)
@@ -266,10 +266,10 @@ def test_rollback_with_schema_undoes_the_release_migrations(project: Project) ->
     (mig / "0001_items.down.sql").write_text("DROP TABLE items;\n")
     project.write(f'[migrations]\ndatabase = "sqlite:///{db}"\ndir = "migrations"\n')
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     (mig / "0002_note.up.sql").write_text("ALTER TABLE items ADD COLUMN note TEXT;\n")
     (mig / "0002_note.down.sql").write_text("ALTER TABLE items DROP COLUMN note;\n")
-    project.deploy("v2")
+    project.deployed("v2")
     cols = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(items)")]
     assert "note" in cols
     out = project.cli("rollback", "--schema", "--reason", "bad release")
@@ -286,8 +286,8 @@ def test_rollback_with_schema_undoes_the_release_migrations(project: Project) ->
 @pytest.mark.proxy_workers(2)
 def test_a_killed_proxy_worker_is_replaced_at_once(project: Project) -> None:
     project.start_daemon()
-    project.deploy("v1")
-    project.deploy("v2")
+    project.deployed("v1")
+    project.deployed("v2")
     old_pid = project.status()["proxy"]["pid"]
     os.kill(old_pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -320,8 +320,8 @@ def test_proxy_handover_drops_no_request(project: Project) -> None:
     """`reload-proxy` (after an upgrade) and a changed [proxy] at daemon start: a new worker shares
     the port, the old one finishes its connections and exits; not one request fails."""
     project.start_daemon()
-    project.deploy("v1")
-    project.deploy("v2")
+    project.deployed("v1")
+    project.deployed("v2")
     first = project.status()["proxy"]["pid"]
 
     async def scenario() -> tuple[Load, int, int]:
@@ -359,8 +359,8 @@ def test_status_and_top_during_an_observation_window(project: Project) -> None:
 
     project.write('[monitor]\nobserve = "30s"\nmetrics_listen = ""\n')
     project.start_daemon()
-    project.deploy("v1")
-    project.deploy("v2")  # returns once live; the window goes on
+    project.deployed("v1")
+    project.deployed("v2")  # returns once live; the window goes on
     text = project.cli("status").stdout
     assert "observing green" in text and "left" in text
     assert project.status()["deployment"]["phase"] == "observing"
@@ -379,8 +379,8 @@ def test_status_and_top_during_an_observation_window(project: Project) -> None:
 def test_down_stops_everything_even_during_an_observation_window(project: Project) -> None:
     project.write('[monitor]\nobserve = "30s"\nmetrics_listen = ""\n')
     project.start_daemon()
-    project.deploy("v1")
-    project.deploy("v2")
+    project.deployed("v1")
+    project.deployed("v2")
     assert project.status()["deployment"]["phase"] == "observing"
     project.cli("down")
     assert project.daemon is not None

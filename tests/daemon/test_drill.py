@@ -101,7 +101,7 @@ def drill(project: Project) -> tuple[int, dict[str, Any], str]:
 def test_the_drill_passes_unseen_by_users(shop: Project, pg_url: str) -> None:
     migrations(shop, "ALTER TABLE items DROP COLUMN note;\n")
     shop.start_daemon()
-    shop.deploy("v1")
+    shop.deployed("v1")
     users = Users(shop.port)
     thread = users.run()
     try:
@@ -133,7 +133,7 @@ def test_the_drill_passes_unseen_by_users(shop: Project, pg_url: str) -> None:
 def test_a_broken_down_script_fails_the_drill_with_its_reason(shop: Project) -> None:
     migrations(shop, "ALTER TABLE items DROP COLUMN notes_typo;\n")
     shop.start_daemon()
-    shop.deploy("v1")
+    shop.deployed("v1")
     code, report, err = drill(shop)
     assert code == 1, (report, err)
     paths = {p["name"]: p for p in report["report"]}
@@ -148,8 +148,8 @@ def test_a_broken_down_script_fails_the_drill_with_its_reason(shop: Project) -> 
 
 def test_the_drill_refuses_to_take_the_standby(project: Project) -> None:
     project.start_daemon()           # keep_standby: 10 minutes by default
-    project.deploy("v1")
-    project.deploy("v2")
+    project.deployed("v1")
+    project.deployed("v2")
     code, _, err = drill(project)
     assert code == 1 and "the standby a rollback would use" in err and "stop-standby" in err
     assert project.status()["standby"]["version"] == "v1"
@@ -159,7 +159,7 @@ def test_no_down_script_is_a_broken_path(shop: Project) -> None:
     migrations(shop, "")
     (shop.root / "migrations" / "0002_note.down.sql").unlink()
     shop.start_daemon()
-    shop.deploy("v1")
+    shop.deployed("v1")
     code, report, _ = drill(shop)
     assert code == 1
     down = {p["name"]: p for p in report["report"]}["down migrations"]
@@ -177,7 +177,7 @@ def test_the_haproxy_engine_is_refused_clearly(tmp_path: Path) -> None:
     p.config.write_text(text.replace('drain_timeout = "5s"', 'drain_timeout = "5s"\nengine = "haproxy"'))
     try:
         p.start_daemon()
-        p.deploy("v1")
+        p.deployed("v1")
         code, _, err = drill(p)
         assert code == 1 and "the drill needs [proxy] engine = embedded for now" in err
     finally:

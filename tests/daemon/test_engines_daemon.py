@@ -34,7 +34,7 @@ def test_switches_rollbacks_and_a_restart_fail_no_request(project: Project, engi
                                     'window = "2s"\nconsecutive_failures = 5\nmetrics_listen = ""\n')
     project.start_daemon()
     assert project.status()["proxy"]["engine"] == engine
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> Load:
         load = Load(project.port, connections=50)

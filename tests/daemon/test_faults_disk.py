@@ -74,7 +74,7 @@ def pids_in(directory: Path) -> list[int]:
 def test_disk_full_during_a_deploy_stops_the_new_slot_and_keeps_the_old_one(small_disk: Project) -> None:
     p = small_disk
     p.start_daemon()
-    p.deploy("v1")
+    p.deployed("v1")
     assert health(p)["version"] == "v1"
     v2 = p.release("v2")
     deploy = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "v2", "--path", str(v2), "-c",
@@ -121,7 +121,7 @@ def test_disk_full_right_after_the_switch_switches_back_to_the_warm_old_slot(sma
     # the switch step is held 3 s after it acted (v2 serves), before it is recorded done
     monkeypatch.setenv("CHANGEOVER_TEST_STEP_DELAY", "switch:3")
     p.start_daemon()
-    p.deploy("v1")
+    p.deployed("v1")
     v2 = p.release("v2")
     deploy = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "v2", "--path", str(v2), "-c",
                                str(p.config)], cwd=p.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -93,7 +93,7 @@ def test_a_daemon_prunes_its_state_and_rotates_its_log(tmp_path: Path) -> None:
     (tmp_path / ".changeover" / "daemon.log").write_text("x" * 100_000 + "\n")
     try:
         p.start_daemon()
-        p.deploy("v1")
+        p.deployed("v1")
         c = counts(tmp_path / ".changeover" / "state.db")
         assert c["deployments"] <= 11 and c["events"] <= 100 + PRUNE_EVERY and c["steps"] < 100, c
         logs = sorted(f.name for f in (tmp_path / ".changeover").glob("daemon.log*"))

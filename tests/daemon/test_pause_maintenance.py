@@ -119,7 +119,7 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 
 def test_pause_holds_users_and_resume_releases_every_request(project: Project) -> None:
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     users = Users(project.port, 20)
     try:
         until(lambda: users.load.ok > 50, what="load flowing")
@@ -156,7 +156,7 @@ def test_maintenance_answers_503_with_the_page_and_a_deploy_goes_through(project
     project.write("retry_after = 45\n")
     (project.root / "page.html").write_text(PAGE)
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     slow: Future[tuple[int, dict[str, str], bytes]] = pool.submit(fetch, project, "/slow?ms=1500")
     # (the slow request reaches the app while this CLI starts: it is in flight when maintenance begins)
     bad = project.cli("maintenance", "on", "--page", "missing.html", check=False)
@@ -207,7 +207,7 @@ def test_maintenance_answers_503_with_the_page_and_a_deploy_goes_through(project
 def test_the_proxy_keeps_the_mode_while_the_daemon_is_away(project: Project, pool: ThreadPoolExecutor,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     # paused, SIGKILL: the worker holds on, also what arrives while no daemon runs
     ctl(project).pause(timeout=120)
@@ -257,7 +257,7 @@ def test_haproxy_engine_serves_maintenance_and_refuses_pause_clearly(project: Pr
     project.write('engine = "haproxy"\n')
     (project.root / "page.html").write_text(PAGE)
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
     p = project.cli("pause", check=False)
     assert p.returncode != 0 and 'engine = "haproxy"' in p.stderr and "Traceback" not in p.stderr
     assert [r for r in history(project) if r["id"] is None] == []      # refused before anything was recorded

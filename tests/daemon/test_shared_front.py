@@ -110,8 +110,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Project, Pr
     try:
         a.start_daemon()
         b.start_daemon()
-        a.deploy("a1")
-        b.deploy("b1")
+        a.deployed("a1")
+        b.deployed("b1")
         yield a, b, front
     finally:
         pid = _front_pid(front)

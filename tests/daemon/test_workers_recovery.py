@@ -41,7 +41,7 @@ def test_daemon_killed_mid_switch_every_worker_serves_one_slot_after_recovery(
     monkeypatch.setenv("CHANGEOVER_TEST_STEP_DELAY", "switch:2")
     project.start_daemon()
     try:
-        project.deploy("v1")
+        project.deployed("v1")
         sock = tmp_path / ".changeover" / "proxy.sock"
         before = asyncio.run(rpc.call(sock, "ping"))
         assert len(before["pids"]) == 2

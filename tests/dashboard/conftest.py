@@ -95,7 +95,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     p.write(CONFIG.format(fault=fault, pw=DB_PASSWORD, db=db, secret=API_SECRET, port=port))
     try:
         p.start_daemon()
-        p.deploy("v1")   # applies 0001 (expand); 0002 (contract) stays pending for `migrate contract`
+        p.deployed("v1")   # applies 0001 (expand); 0002 (contract) stays pending for `migrate contract`
         p.cli("promote", check=False)   # end v1's window: v1 is the settled release
         yield Site(p, port, fault, (DB_PASSWORD, API_SECRET))
     finally:

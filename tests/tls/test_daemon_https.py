@@ -45,7 +45,7 @@ def test_deploys_over_https_without_a_failed_request(project: Project, tmp_path:
     with project.config.open("a") as f:
         f.write(tls_section(ca, tls_port, "https_redirect = true\nhsts = 3600"))
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> Load:
         load = https_load(ca, tls_port)
@@ -81,7 +81,7 @@ def test_automatic_rollback_over_https(project: Project, tmp_path: Path) -> None
     with project.config.open("a") as f:
         f.write(tls_section(ca, tls_port))
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> tuple[Load, object]:
         load = https_load(ca, tls_port)

@@ -31,7 +31,7 @@ def test_adding_tls_hands_over_without_a_gap(project: Project, tmp_path: Path) -
     leaf = ca.leaf("site", ["localhost"])
     project.write()
     project.start_daemon()
-    project.deploy("v1")
+    project.deployed("v1")
 
     async def scenario() -> tuple[Load, int]:
         load = Load(project.port, connections=8, pause=0.002)
