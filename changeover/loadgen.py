@@ -18,17 +18,23 @@ RW = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 async def get(host: str, port: int, path: str = "/", conn: RW | None = None, timeout: float = 10,
               tls: _ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes, RW | None]:
     """One HTTP/1.1 GET on an existing or new connection: status, headers (lower-case), body, conn.
-    With `tls`, a new connection is HTTPS (SNI: `host`)."""
+    With `tls`, a new connection is HTTPS (SNI: `host`). asyncio.timeout, not wait_for: on Python
+    3.11 wait_for drops a cancel that lands as the read finishes, and a load loop then never ends."""
     if conn is None:
-        conn = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), timeout)
+        async with asyncio.timeout(timeout):
+            conn = await asyncio.open_connection(host, port, ssl=tls)
     reader, writer = conn
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    async with asyncio.timeout(timeout):
+        head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
     n = int(headers.get("content-length", "0"))
-    body = await asyncio.wait_for(reader.readexactly(n), timeout) if n else b""
+    body = b""
+    if n:
+        async with asyncio.timeout(timeout):
+            body = await reader.readexactly(n)
     if headers.get("connection", "").lower() == "close":
         writer.close()
         return status, headers, body, None
