@@ -134,7 +134,8 @@ def test_second_deploy_is_refused_while_one_runs(project: Project) -> None:
     project.deployed("v1")
 
     async def scenario() -> str:
-        slow = asyncio.create_task(asyncio.to_thread(project.deploy, "v2", "--env", "FAULT_START_DELAY=2"))
+        # v2 takes 8 s to start: the second CLI (seconds on a busy machine) arrives while it does
+        slow = asyncio.create_task(asyncio.to_thread(project.deploy, "v2", "--env", "FAULT_START_DELAY=8"))
         await asyncio.to_thread(project.wait_for_step, "start ")  # v2's deploy holds the pipeline
         second = await asyncio.to_thread(project.deploy, "v3", check=False)
         await slow
