@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -21,11 +21,22 @@ from changeover import commands
 from changeover.config import Config, locate, release_env
 from changeover.errors import DaemonError, UsageError
 from changeover.fleet.config import FleetConfig, peek
-from changeover.fleet.coordinator import Coordinator, run
+
+if TYPE_CHECKING:
+    from changeover.fleet.coordinator import Coordinator
 
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 400)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 400)
 MARK = {"ok": "[green]✓[/]", "failed": "[red]✗[/]", "skipped": "[dim]-[/]"}
+
+
+def run(fleet: FleetConfig, progress: Callable[[dict[str, Any]], None] | None,
+        work: Callable[[Coordinator], Any]) -> Any:
+    """The coordinator's run, imported when a fleet command runs: its etcd client (httpx) would
+    otherwise cost every CLI call of every project ~0.1 s."""
+    from changeover.fleet.coordinator import run as coordinate
+
+    return coordinate(fleet, progress, work)
 
 
 def configured(path: Path) -> FleetConfig | None:
