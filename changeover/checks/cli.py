@@ -16,9 +16,6 @@ import typer
 from rich.console import Console
 
 from changeover import config as config_mod
-from changeover.checks.flows import run_flows
-from changeover.checks.http import check_version, normalize_url, run_smoke
-from changeover.checks.pre import run_pre
 from changeover.checks.render import print_results
 from changeover.checks.result import CheckResult, failures, summary
 from changeover.errors import CheckFailed, UsageError
@@ -32,7 +29,13 @@ UrlOpt = Annotated[str | None, typer.Option("--url", help="Base URL to test (def
 PROBE_TIMEOUT = 0.5  # seconds to decide whether the proxy is listening at all
 
 
+# The checks themselves (httpx, psycopg, redis) are imported by the command that runs them: the
+# main CLI mounts this app for every call, and most calls run no check.
+
+
 def _proxy_url(cfg: config_mod.Config) -> str:
+    from changeover.checks.http import normalize_url
+
     return normalize_url(cfg.proxy.listen)
 
 
@@ -64,6 +67,8 @@ def _run(coro_fn: Callable[[], Awaitable[list[CheckResult]]]) -> list[CheckResul
 @app.command()
 def pre(config: ConfigOpt = Path(config_mod.DEFAULT_CONFIG), json: JsonOpt = False, url: UrlOpt = None) -> None:
     """Database, Redis, live endpoints, services, data integrity, connection budget."""
+    from changeover.checks.pre import run_pre
+
     cfg = config_mod.load(config)
     live = url
     if live is None and _listening(cfg.proxy.host, cfg.proxy.port):
@@ -76,6 +81,8 @@ def pre(config: ConfigOpt = Path(config_mod.DEFAULT_CONFIG), json: JsonOpt = Fal
 @app.command()
 def smoke(config: ConfigOpt = Path(config_mod.DEFAULT_CONFIG), json: JsonOpt = False, url: UrlOpt = None) -> None:
     """The [[checks.smoke]] requests (and the version check when API_VERSION is set)."""
+    from changeover.checks.http import check_version, normalize_url, run_smoke
+
     cfg = config_mod.load(config)
     base = normalize_url(url) if url else _proxy_url(cfg)
     env = _release_env(cfg)
@@ -98,6 +105,9 @@ def smoke(config: ConfigOpt = Path(config_mod.DEFAULT_CONFIG), json: JsonOpt = F
 @app.command()
 def flows(config: ConfigOpt = Path(config_mod.DEFAULT_CONFIG), json: JsonOpt = False, url: UrlOpt = None) -> None:
     """The [[checks.flow]] user flows, each with its own cookie jar."""
+    from changeover.checks.flows import run_flows
+    from changeover.checks.http import normalize_url
+
     cfg = config_mod.load(config)
     if not cfg.checks.flows:
         raise UsageError(f"{config}: nothing to run: no [[checks.flow]] defined")
