@@ -12,7 +12,7 @@ import httpx
 from changeover.monitor.config import MonitorConfig
 from changeover.monitor.metrics import Recorder
 from changeover.monitor.observer import Observer, Probes, Verdict
-from changeover.monitor.triggers import CONSECUTIVE_FAILURES, LATENCY, capture_baseline
+from changeover.monitor.triggers import CONSECUTIVE_FAILURES, ERROR_RATE, LATENCY, capture_baseline
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy
 from tests.monitor.app import App, load
@@ -84,7 +84,9 @@ async def deploy(fault: str | None, cfg: MonitorConfig = CFG, fault_after: float
 
 def test_release_failing_every_request_is_rolled_back_within_a_second() -> None:
     out = asyncio.run(deploy("errors"))
-    assert not out.verdict.ok and out.verdict.reason == CONSECUTIVE_FAILURES
+    # either trigger is right for a release failing everything: which one sees it first depends
+    # on how many requests a busy machine makes in the first second
+    assert not out.verdict.ok and out.verdict.reason in (CONSECUTIVE_FAILURES, ERROR_RATE), out.verdict
     assert out.onset_to_verdict <= 1.0, out
     assert out.onset_to_blue <= 2.0, out
     assert out.verdict.evidence["version"] == "v2"
@@ -92,7 +94,7 @@ def test_release_failing_every_request_is_rolled_back_within_a_second() -> None:
 
 def test_dead_upstream_is_rolled_back() -> None:
     out = asyncio.run(deploy("down"))
-    assert not out.verdict.ok and out.verdict.reason == CONSECUTIVE_FAILURES
+    assert not out.verdict.ok and out.verdict.reason in (CONSECUTIVE_FAILURES, ERROR_RATE), out.verdict
     assert out.onset_to_verdict <= 1.0, out
 
 
