@@ -22,8 +22,9 @@ async def _client(port: int, rounds: int, gate: asyncio.Barrier, failures: list[
     try:
         for _ in range(rounds):
             await gate.wait()              # every client's request is in flight at once
-            # the app holds each answer a little, so that all CLIENTS need a connection at once
-            writer.write(b"GET /slow?ms=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+            # the app holds each answer long enough that all CLIENTS need a connection at once,
+            # even when a busy machine takes a while to send the last of them (30 ms was not)
+            writer.write(b"GET /slow?ms=200 HTTP/1.1\r\nHost: t\r\n\r\n")
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
             await reader.readexactly(length)
