@@ -57,12 +57,7 @@ def drain_abort(ex: Exchange, why: str = "drain timeout") -> None:
     if ex.state == S_TUNNEL:
         ex.tunnel_cut(why)
     elif ex.resp_started:
-        up, ex.up = ex.up, None
-        if up is not None:
-            up.client = None
-            up.transport.close()
-        ex._finish_request(ex.resp_status, False)
-        ex._close()
+        tunnel.end(ex)       # a response under way: cut both sides, recorded with its status
     else:
         ex.req_keep = False
         ex.upstream_error(504)

@@ -147,6 +147,8 @@ def _log_unframed(ex: Exchange) -> None:
 
 
 def end(ex: Exchange) -> None:
+    """End the exchange now, both sides: the app's connection is closed, not pooled (a tunnel, or
+    a response cut mid-way), and the request is recorded with the status it had."""
     up, ex.up = ex.up, None
     if up is not None:
         up.client = None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from changeover.state import State
+from changeover.state_schema import Deployment
 from tests.daemon.harness import Project
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root")
@@ -71,44 +72,59 @@ def pids_in(directory: Path) -> list[int]:
     return out
 
 
-def test_disk_full_during_a_deploy_stops_the_new_slot_and_keeps_the_old_one(small_disk: Project) -> None:
-    p = small_disk
-    p.start_daemon()
-    p.deployed("v1")
-    assert health(p)["version"] == "v1"
+def deploy_v2(p: Project) -> tuple[subprocess.Popen[str], Path]:
     v2 = p.release("v2")
     deploy = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "v2", "--path", str(v2), "-c",
                                str(p.config)], cwd=p.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
-    p.wait_for_step("start")
+    return deploy, v2
+
+
+def fill_and_expect_v1(p: Project, deploy: subprocess.Popen[str], v2: Path) -> Path:
+    """Fill the disk under the running deploy: it fails saying "disk full", v1 serves and v2's
+    processes are gone (not left "starting" until the next deploy). Returns the filler file."""
     filler = p.root / ".changeover" / "filler"
     fill(filler)
     out, _ = deploy.communicate(timeout=120)
     assert deploy.returncode == 1, out
     assert "disk full" in out and "internal error" not in out and "OperationalError:" not in out, out
     assert "v1 is still live" in out, out
-
-    # The old slot serves; the new one's processes are gone (not left "starting" until the next deploy).
     assert health(p)["version"] == "v1"
     deadline = time.monotonic() + 30
     while pids_in(v2):
         assert time.monotonic() < deadline, f"v2 still runs: {pids_in(v2)}"
         time.sleep(0.1)
+    return filler
 
-    # Space comes back: the deployment is recorded as failed and the slot as empty, without a deploy.
+
+def recorded_once_space_returns(p: Project, filler: Path) -> Deployment:
+    """Space comes back: without a deploy, the deployment is recorded as failed, its slot as empty
+    and not live."""
     filler.unlink()
     deadline = time.monotonic() + 30
     while True:
         st = State(p.root / ".changeover" / "state.db", readonly=True)
         try:
             dep = st.deployments(1)[0]
+            live = st.live_slot()
             slot = st.slot(dep.slot or "")
         finally:
             st.close()
-        if dep.state == "failed" and slot.state == "empty":
-            break
-        assert time.monotonic() < deadline, f"deployment {dep.state}, slot {slot.state}"
+        if dep.state == "failed" and slot.state == "empty" and live != dep.slot:
+            return dep
+        assert time.monotonic() < deadline, f"deployment {dep.state}, slot {slot.state}, live {live}"
         time.sleep(0.2)
+
+
+def test_disk_full_during_a_deploy_stops_the_new_slot_and_keeps_the_old_one(small_disk: Project) -> None:
+    p = small_disk
+    p.start_daemon()
+    p.deployed("v1")
+    assert health(p)["version"] == "v1"
+    deploy, v2 = deploy_v2(p)
+    p.wait_for_step("start")
+    filler = fill_and_expect_v1(p, deploy, v2)
+    dep = recorded_once_space_returns(p, filler)
     assert dep.version == "v2" and "disk full" in (dep.reason or "")
     assert p.status()["live"]["version"] == "v1"
     assert p.deploy("v3").returncode == 0   # and the next deploy works
@@ -122,45 +138,15 @@ def test_disk_full_right_after_the_switch_switches_back_to_the_warm_old_slot(sma
     monkeypatch.setenv("CHANGEOVER_TEST_STEP_DELAY", "switch:3")
     p.start_daemon()
     p.deployed("v1")
-    v2 = p.release("v2")
-    deploy = subprocess.Popen([sys.executable, "-m", "changeover", "deploy", "v2", "--path", str(v2), "-c",
-                               str(p.config)], cwd=p.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    deploy, v2 = deploy_v2(p)
     p.wait_for_step("switch")
     deadline = time.monotonic() + 30
     while health(p)["version"] != "v2":             # the switch acted: users are on v2
         assert time.monotonic() < deadline, "v2 never served"
         time.sleep(0.05)
-    filler = p.root / ".changeover" / "filler"
-    fill(filler)
-    out, _ = deploy.communicate(timeout=120)
-    assert deploy.returncode == 1, out
-    assert "disk full" in out and "internal error" not in out and "OperationalError:" not in out, out
-    assert "v1 is still live" in out, out
-
     # users are back on v1 at once, v2's processes stop, and nothing waits for the disk
-
-    assert health(p)["version"] == "v1"
-    deadline = time.monotonic() + 30
-    while pids_in(v2):
-        assert time.monotonic() < deadline, f"v2 still runs: {pids_in(v2)}"
-        time.sleep(0.1)
-
-    # space comes back: the state says what happened (v1's slot live, the deployment failed)
-    filler.unlink()
-    deadline = time.monotonic() + 30
-    while True:
-        st = State(p.root / ".changeover" / "state.db", readonly=True)
-        try:
-            dep = st.deployments(1)[0]
-            live = st.live_slot()
-            slot = st.slot(dep.slot or "")
-        finally:
-            st.close()
-        if dep.state == "failed" and slot.state == "empty" and live != dep.slot:
-            break
-        assert time.monotonic() < deadline, f"deployment {dep.state}, slot {slot.state}, live {live}"
-        time.sleep(0.2)
+    filler = fill_and_expect_v1(p, deploy, v2)
+    dep = recorded_once_space_returns(p, filler)
     assert dep.version == "v2" and "disk full" in (dep.reason or "")
     assert p.status()["live"]["version"] == "v1"
     assert health(p)["version"] == "v1"
