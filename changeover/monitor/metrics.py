@@ -3,10 +3,10 @@
 Each slot has a ring of per-second buckets (request counts by outcome and a log-bucketed latency
 histogram per second) covering the last `history` seconds, so any sliding window is a sum of a few
 buckets. `record()` runs once per proxied request in the event-loop thread: it does a clock read,
-a dict lookup, a bisect over a constant tuple and a handful of integer increments into
-pre-allocated lists; no locks (the proxy, the observer and the exporter share one thread), no
-objects built per call. Cumulative totals per (slot, version) feed the Prometheus counters, which
-must never go down.
+a dict lookup, a bisect over a constant tuple and appends one small tuple; the counting happens in
+bulk (ring.py `group`) before anything is read, so readers call `group()`/`flush()` first. No
+locks: the proxy, the observer and the exporter share one thread. Cumulative totals per (slot,
+version) feed the Prometheus counters, which must never go down.
 
 The ring itself is ring.py's, what a window adds up to stats.py's.
 """
@@ -47,45 +47,30 @@ class Recorder:
     # -- hot path -----------------------------------------------------------------------------
     def record(self, slot: str, status: int, seconds: float, upstream_failed: bool,
                request: bytes | str | None = None) -> None:
-        """request: the raw request head or line ("GET /cart/42 HTTP/1.1\r\n..."), only parked
-        here by reference; it is grouped by route when the second ends (routebook.py)."""
+        """request: the raw request head or line ("GET /cart/42 HTTP/1.1\r\n..."), only kept
+        here by reference; it is grouped by route when the requests are counted (ring.py)."""
         s = self._slots.get(slot)
         if s is None:
             s = self._add(slot)
         now = int(self.clock())
         if now != s.sec:
             self._roll(s, now)
-        c, t, base = s.counts, s.tcounts, s.cbase
-        # Literal offsets (REQ=0, ERR=1, UPSTREAM=2, class k at 2+k): no global lookups here.
-        c[base] += 1
-        t[0] += 1
-        b = bisect_left(BOUNDS, seconds)
-        code = b
+        code = bisect_left(BOUNDS, seconds)
         if upstream_failed or status >= 500:
-            c[base + 1] += 1
-            t[1] += 1
-            s.run += 1
-            code = b + FAILED
-            if upstream_failed:
-                c[base + 2] += 1
-                t[2] += 1
-                code = b + UPSTREAM_FAILED
+            s.run += 1                  # here, not when counted: the trigger reads it any time
+            code += UPSTREAM_FAILED if upstream_failed else FAILED
         else:
             s.run = 0
-        k = status // 100
-        if 0 < k < 6:
-            c[base + 2 + k] += 1
-            t[2 + k] += 1
-        s.hist[s.hbase + b] += 1
-        s.thist[b] += 1
-        s.totals.sum += seconds
-        if request is not None:
-            i = s.nparked
-            s.parked[i] = request
-            s.codes[i] = code
-            s.nparked = i + 1
-            if i + 1 == PARKED:
-                s.group()
+        s.lsum += seconds
+        p = s.pend
+        p.append((request, status, code))
+        if len(p) >= PARKED:
+            s.group()
+
+    def flush(self) -> None:
+        """Count every slot's pending requests (before the counters or totals are read)."""
+        for s in self._slots.values():
+            s.group()
 
     def _roll(self, s: SlotMetrics, now: int) -> None:
         """A new second on the hot path (once a second per slot): group, profile, move on."""
@@ -109,6 +94,7 @@ class Recorder:
         s = self._slots.get(slot) or self._add(slot)
         if s.version == version:
             return
+        s.group()                       # what ended before the change is the previous release's
         s.clear(self.clock())
         s.version = version
         s.totals = self._totals.setdefault((slot, version), Totals())
@@ -130,6 +116,7 @@ class Recorder:
 
     def totals(self) -> list[tuple[str, str, list[int], list[int], float]]:
         """(slot, version, counts[C], histogram per bucket, latency sum) for /metrics."""
+        self.flush()
         return [(slot, ver, list(t.counts), list(t.hist), t.sum)
                 for (slot, ver), t in sorted(self._totals.items()) if t.counts[REQ]]
 
@@ -150,6 +137,7 @@ class Recorder:
         if s is None:
             return empty_stats(slot, "", 0.0), [0] * NBUCKETS
         s.advance(int(now))
+        s.group()
         last = int(now) - offset
         first = last - n
         start: float = first

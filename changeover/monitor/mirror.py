@@ -38,6 +38,7 @@ def export(rec: Recorder, since: int | None) -> dict[str, Any]:
     slots: dict[str, Any] = {}
     for name, s in rec._slots.items():
         s.advance(now)
+        s.group()
         first = max(s.sec - s.size + 1, int(s.first), since if since is not None else -(2**62))
         rows = []
         for t in range(first, s.sec + 1):
@@ -47,7 +48,6 @@ def export(rec: Recorder, since: int | None) -> dict[str, Any]:
                 continue
             h = s.hist[i * NBUCKETS:(i + 1) * NBUCKETS]
             rows.append([t, counts, [[b, n] for b, n in enumerate(h) if n]])
-        s.group()
         routes: dict[str, Any] = {}
         book = s.book
         for i, key in enumerate(book.names):
@@ -67,6 +67,7 @@ def absorb(rec: Recorder, data: dict[str, Any]) -> int:
     second, which was still filling up)."""
     for name, d in data["slots"].items():
         s = rec._slots.get(name) or rec._add(name)
+        s.group()
         if s.version != d["version"] or s.first != d["first"]:
             s.clear(float(d["first"]))
             s.version = d["version"]

@@ -1,12 +1,16 @@
 """One slot's ring of per-second buckets: request counts by outcome and a latency histogram per
 second, covering the last `history` seconds, plus the cumulative totals of the release it runs.
-The recorder (metrics.py) writes into it on the proxy's hot path, which is why everything here is
-pre-allocated flat lists with fixed strides and no objects are built per request."""
+The recorder (metrics.py) only appends one small tuple per request on the proxy's hot path; they
+are counted here in bulk (`group`) when the second ends, when PARKED have piled up or before
+anyone reads, so identical outcomes (the same request line, status and latency bucket) cost one
+C-level count each rather than a dozen list stores per request."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from changeover.monitor.buckets import NBUCKETS
-from changeover.monitor.routebook import LoadProfile, RouteBook, level_of
+from changeover.monitor.routebook import FAILED, UPSTREAM_FAILED, LoadProfile, RouteBook, level_of
 from changeover.monitor.routes import RouteRules
 
 # Layout of one second's counters (and of a version's totals): stride C in a flat list.
@@ -14,7 +18,7 @@ REQ, ERR, UPSTREAM = 0, 1, 2      # errors = 5xx or upstream failure (what the t
 CLASS0 = 2                        # index of status class k (1..5) is CLASS0 + k
 C = 8
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-PARKED = 512                      # requests parked per slot before they are grouped by route
+PARKED = 512                      # requests pending per slot before they are counted
 
 
 class Totals:
@@ -31,8 +35,8 @@ class Totals:
 class SlotMetrics:
     """The ring of per-second buckets of one slot. Second t lives at index t % size."""
 
-    __slots__ = ("book", "cbase", "codes", "counts", "first", "folded", "hbase", "hist", "name", "nparked",
-                 "parked", "profile", "run", "sec", "size", "tcounts", "thist", "totals", "version")
+    __slots__ = ("book", "cbase", "counts", "first", "folded", "hbase", "hist", "lsum", "name", "pend",
+                 "profile", "run", "sec", "size", "tcounts", "thist", "totals", "version")
 
     def __init__(self, name: str, size: int, now: float, rules: RouteRules) -> None:
         self.name = name
@@ -48,19 +52,49 @@ class SlotMetrics:
         self.totals = Totals()
         self.tcounts = self.totals.counts
         self.thist = self.totals.hist
-        # Requests parked by the hot path until they are grouped by route (see routebook.py).
-        self.parked: list[bytes | str | None] = [None] * PARKED
-        self.codes = [0] * PARKED
-        self.nparked = 0
+        # Requests of the current second not counted yet: (request line or None, status, code),
+        # code = latency bucket (+FAILED, +UPSTREAM_FAILED); lsum = their latency sum.
+        self.pend: list[tuple[bytes | str | None, int, int]] = []
+        self.lsum = 0.0
         self.book = RouteBook(rules)
         self.profile = LoadProfile()
         self.folded = self.sec - 1      # seconds up to this one are in the load profiles
 
     def group(self) -> None:
-        """Group the parked requests by route, into the current second."""
-        if self.nparked:
-            self.book.add(self.parked, self.codes, self.nparked, self.sec)
-            self.nparked = 0
+        """Count the pending requests into the current second: the slot's counters and
+        histogram, the release's totals and the routes."""
+        p = self.pend
+        if not p:
+            return
+        self.pend = []
+        self.totals.sum += self.lsum
+        self.lsum = 0.0
+        c, t, cb, hist, hb, th = self.counts, self.tcounts, self.cbase, self.hist, self.hbase, self.thist
+        seen = Counter(p)           # in C: a steady stream has a handful of distinct outcomes
+        failed = False
+        for (_, status, code), n in seen.items():
+            c[cb] += n
+            t[0] += n
+            if code >= FAILED:
+                failed = True
+                c[cb + 1] += n
+                t[1] += n
+                if code >= UPSTREAM_FAILED:
+                    c[cb + 2] += n
+                    t[2] += n
+                    code -= UPSTREAM_FAILED
+                else:
+                    code -= FAILED
+            k = status // 100
+            if 0 < k < 6:
+                c[cb + 2 + k] += n
+                t[2 + k] += n
+            hist[hb + code] += n
+            th[code] += n
+        if failed:
+            self.book.add(p, self.sec)          # in order: runs of consecutive failures per route
+        else:
+            self.book.add_counted(seen, self.sec)
 
     def fold(self, upto: int) -> None:
         """Add the complete seconds up to `upto` to the load profiles (slot and routes)."""
@@ -99,8 +133,8 @@ class SlotMetrics:
         self.cbase = (now % size) * C
 
     def clear(self, now: float) -> None:
-        self.nparked = 0
-        self.parked = [None] * PARKED
+        self.pend = []
+        self.lsum = 0.0
         self.book = RouteBook(self.book.rules)
         self.profile = LoadProfile()
         self.counts[:] = [0] * (self.size * C)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from changeover.monitor.buckets import BOUNDS, NBUCKETS
-from changeover.monitor.metrics import Recorder
+from changeover.monitor.metrics import Recorder, route_runs, route_windows
 from changeover.monitor.stats import WindowStats, quantile
 from tests.monitor.sim import FakeClock
 
@@ -200,3 +200,47 @@ def test_windows_match_a_naive_model(events: list[tuple[float, int, bool]], seco
     inside = [failed for sec, failed in log if first <= sec <= last and sec > now - rec.size]
     w = rec.window("s", seconds, offset=offset)
     assert (w.requests, w.errors) == (len(inside), sum(inside))
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=st.lists(st.tuples(st.floats(0, 0.02), st.sampled_from(["/a", "/b/1", "/b/2", "/c?x=1"]),
+                                 st.sampled_from([200, 204, 302, 404, 500, 503]), st.booleans(),
+                                 st.sampled_from([0.0004, 0.003, 0.04, 0.9])),
+                       min_size=1, max_size=1500))
+def test_counted_in_bulk_matches_each_request_counted_alone(
+        events: list[tuple[float, str, int, bool, float]]) -> None:
+    """Requests are counted in bulk (alike outcomes together, a batch with a failure in order):
+    the window, its histogram, the totals, each route and each route's run of consecutive
+    failures come out as if every request had been counted on its own."""
+    clock = FakeClock(500.0)
+    rec = Recorder(history=60, clock=clock)
+    rec.set_version("s", "v1")
+    statuses: dict[str, int] = {}
+    hist = [0] * NBUCKETS
+    routes: dict[str, list[int]] = {}
+    runs: dict[str, int] = {}
+    lsum = 0.0
+    for dt, path, status, upstream, seconds in events:
+        clock.advance(dt)
+        rec.record("s", status, seconds, upstream, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        failed = upstream or status >= 500
+        cls = f"{status // 100}xx"
+        statuses[cls] = statuses.get(cls, 0) + 1
+        b = next(i for i, bound in enumerate(BOUNDS) if seconds <= bound)
+        hist[b] += 1
+        key = "GET " + path.split("?")[0].replace("/1", "/{id}").replace("/2", "/{id}")
+        r = routes.setdefault(key, [0, 0])
+        r[0] += 1
+        r[1] += failed
+        runs[key] = runs.get(key, 0) + 1 if failed else 0
+        lsum += seconds
+    span = int(clock.t) - 500 + 1
+    w, h = rec.window_hist("s", span)
+    assert w.requests == len(events)
+    assert {k: v for k, v in w.status.items() if v} == statuses
+    assert h == hist
+    got = {name: [req, err] for name, req, err, _ in route_windows(rec, "s", span)}
+    assert got == routes
+    assert route_runs(rec, "s") == {k: n for k, n in runs.items() if n}
+    [(_, _, counts, thist, total)] = rec.totals()
+    assert counts[0] == len(events) and thist == hist and total == pytest.approx(lsum)
