@@ -119,6 +119,7 @@ class ClientConn(Reader):
             # forwarding headers differ
             method, target, head, pre, post, http11 = seen
             out = pre + self.fwd + post
+            line = pre                     # what is recorded: a shared object, its hash kept
             self.req_http11 = self.req_keep = http11
             self.req_upgrade = False
             length = 0
@@ -130,6 +131,7 @@ class ClientConn(Reader):
             if parsed is None:
                 return
             method, target, head, out, length, chunked, drill = parsed
+            line = out
         self.req_head_only = method == b"HEAD"
         hp = proxy.health_path
         if hp and head.startswith(hp, target) and head[target + len(hp)] in b" ?":
@@ -154,7 +156,7 @@ class ClientConn(Reader):
                 self.req_drill = True
         if site.gate is not None and not self.req_drill:    # paused or in maintenance (proxy/hold.py)
             return site.gate.admit(self, method, out, rest, length, chunked)
-        self._route(method, out, rest, length, chunked, slot)
+        self._route(method, out, rest, length, chunked, slot, 0.0, line)
 
     def _parse(self, head: bytes) -> tuple[bytes, int, bytes, bytes, int, bool, bytes] | None:
         """A head not seen before: validated and rewritten into (method, target offset, head,
@@ -235,7 +237,9 @@ class ClientConn(Reader):
         return method, target, head, r.out, r.length, r.chunked, r.drill
 
     def _route(self, method: bytes, out: bytes, rest: bytes, length: int, chunked: bool,
-               slot: UpstreamPool | None, t0: float = 0.0) -> None:
+               slot: UpstreamPool | None, t0: float = 0.0, line: bytes = b"") -> None:
+        """`line`: the request as the monitor records it (its line picks the route), `out` if
+        empty."""
         proxy = self.proxy
         self.resp_started = self.resp_close = self.upstream_failed = False
         self.attempts = 0
@@ -253,6 +257,7 @@ class ClientConn(Reader):
         self.req_slot = slot
         slot.inflight += 1
         self.req_out = out
+        self.req_line = line or out
         part = b""
         if not (length or chunked):        # the common case: no body
             self.req_replayable = method in REPLAYABLE

@@ -58,7 +58,7 @@ VALIDATE = _Validate()
 class Exchange(asyncio.Protocol):
     __slots__ = ("attempts", "body_chunked", "body_remaining", "buf", "closed", "deadline", "dkind", "fwd",
                  "ip", "parser", "partial", "pending", "pending_size", "proxy", "req_drill", "req_head_only",
-                 "req_http11", "req_keep", "req_out", "req_replayable", "req_seq", "req_slot", "req_t0",
+                 "req_http11", "req_keep", "req_line", "req_out", "req_replayable", "req_seq", "req_slot", "req_t0",
                  "req_upgrade", "resp_close", "resp_started", "resp_status", "rpause", "scanner", "state", "transport",
                  "trusted", "tun_active", "tun_cut", "tun_limit", "up", "upstream_failed", "wpaused", "ws_in",
                  "ws_out")
@@ -83,6 +83,7 @@ class Exchange(asyncio.Protocol):
         self.scanner: ChunkScanner | None = None
         self.req_t0 = 0.0
         self.req_out = b""
+        self.req_line = b""
         self.req_keep = self.req_http11 = True
         self.req_drill = False             # on the drill route: the response names its slot
         self.req_head_only = self.req_upgrade = self.req_replayable = False
@@ -239,7 +240,7 @@ class Exchange(asyncio.Protocol):
             rec = proxy.recorder
             if rec is not None:
                 try:
-                    rec.record(slot.name, up.status, perf() - self.req_t0, self.upstream_failed, self.req_out)
+                    rec.record(slot.name, up.status, perf() - self.req_t0, self.upstream_failed, self.req_line)
                 except Exception:          # a monitor bug must never break traffic
                     log.exception("request recorder failed")
             slot.inflight -= 1
@@ -305,7 +306,7 @@ class Exchange(asyncio.Protocol):
         slot, self.req_slot = self.req_slot, None
         if slot is not None:
             if self.state != S_TUNNEL and self.proxy.recorder is not None:
-                self.proxy.record(slot.name, status, perf() - self.req_t0, failed, self.req_out)
+                self.proxy.record(slot.name, status, perf() - self.req_t0, failed, self.req_line)
             slot.inflight -= 1
             if not slot.inflight and slot.waiters:
                 slot.done_one_wake()

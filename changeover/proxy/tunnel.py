@@ -35,7 +35,7 @@ def open_tunnel(ex: Exchange, up: UpstreamConn) -> None:
     if WS_UPGRADE.search(ex.req_out) is not None:
         ex.ws_in, ex.ws_out = FrameTracker(), FrameTracker()
     proxy.record(ex.req_slot.name if ex.req_slot else "", 101, perf() - ex.req_t0,
-                 ex.upstream_failed, ex.req_out)
+                 ex.upstream_failed, ex.req_line)
     if ex.buf:
         data = bytes(ex.buf)
         ex.buf.clear()
