@@ -9,14 +9,7 @@ closes what is left at the timeout. The wire work lives in `client.py` (client s
 Timeouts are deadlines on each client connection, checked by one sweeper task a few times a
 second: the hot path never creates a timer, task or coroutine when a pooled connection exists.
 
-Proxy replacement without a gap: with `reuse_port=True` the listening socket has SO_REUSEPORT, so
-a successor process binds the same address while this one still listens (give the successor its
-slots before its `start()`: it takes connections as soon as it listens). `retire()` then has the
-kernel send new connections to the successor, closes this proxy's listener once the handshakes
-already under way have completed (`RETIRE_LISTEN_SETTLE`; what is in its accept queue is taken
-over, not reset) and lets every client connection end cleanly: responses carry
-`Connection: close`, idle keep-alive connections get `RETIRE_IDLE_GRACE` to send one more request,
-tunnels run until they close or the timeout. Clients reconnect, and only the successor accepts them.
+Proxy replacement without a gap (SO_REUSEPORT, `retire()`): `handover.py`.
 
 The drill route (`changeover drill`): a request carrying `X-Changeover-Drill: <token>` with the
 drill's token goes to `drill_slot` instead of the live slot; any other value is a public request
@@ -35,24 +28,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hmac
 import ipaddress
 import json
 import logging
-import os
-import socket
-import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from changeover.errors import ChangeoverError, ConfigError
+from changeover.proxy import handover
 from changeover.proxy.base import ProxySettings, RequestRecorder
 from changeover.proxy.client import ClientConn
-from changeover.proxy.exchange import D_HEAD, D_IDLE, S_HEAD, S_TUNNEL, WS_CUT_WAIT, Exchange
+from changeover.proxy.exchange import S_TUNNEL, Exchange
+from changeover.proxy.handover import RETIRE_IDLE_GRACE, RETIRE_LISTEN_SETTLE, RETIRE_TICK  # noqa: F401 (re-exported)
 from changeover.proxy.hold import Gate
 from changeover.proxy.ops import DrainResult
-from changeover.proxy.tls import TlsClientConn, TlsEdge
+from changeover.proxy.tls import TlsEdge
 from changeover.proxy.upstream import Upstream, UpstreamPool
 
 if TYPE_CHECKING:
@@ -60,21 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("changeover.proxy")
 
-# retire(): how long an idle keep-alive connection may still send one request (answered with
-# Connection: close) before it is closed, and how often retire() looks at its connections
-RETIRE_IDLE_GRACE = 1.0
-RETIRE_TICK = 0.05
-# how long a retiring listener that steered new connections to its successor still accepts, so
-# that handshakes already under way complete here instead of being reset (about one client RTT)
-RETIRE_LISTEN_SETTLE = 0.25
 # the accept queue: a burst of thousands of new connections (a load balancer's pool refilling)
 # must not overflow it into SYN retries of 1 s and more; the kernel caps it at net.core.somaxconn
 LISTEN_BACKLOG = 65535
-_SO_ATTACH_REUSEPORT_CBPF = 51      # linux/asm-generic/socket.h
-_SO_DETACH_REUSEPORT_BPF = 68
-_BPF_RET_K = 0x06                    # BPF_RET | BPF_K: return the constant k
-_BPF_RET_A, _BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_ALU_ADD_K = 0x16, 0x20, 0x94, 0x04   # A = ..., return A
-_SKF_AD_CPU = (-0x1000 + 36) & 0xFFFFFFFF   # SKF_AD_OFF + SKF_AD_CPU: the CPU number, an ancillary load
 
 
 class ListenError(ChangeoverError, OSError):
@@ -103,10 +82,10 @@ class EmbeddedProxy:
         self.live_slot: UpstreamPool | None = None
         self.clients: set[Exchange] = set()
         self.tasks: set[asyncio.Task[None]] = set()   # upstream connects in progress
-        self._adopting: set[asyncio.Task[None]] = set()   # connections taken from a retired listener
+        self.adopting: set[asyncio.Task[None]] = set()   # connections taken from a retired listener
         self.now = 0.0                     # the sweeper's clock; deadlines are set against it
-        self._server: asyncio.Server | None = None
-        self._running = False
+        self.server: asyncio.Server | None = None
+        self.running = False
         self._port = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._fwd_cache: dict[bytes, bytes] = {}
@@ -150,7 +129,7 @@ class EmbeddedProxy:
         return self._loop
 
     async def start(self) -> None:
-        if self._running:
+        if self.running:
             return
         self._loop = asyncio.get_running_loop()
         self.now = self._loop.time()
@@ -159,45 +138,42 @@ class EmbeddedProxy:
         except (ValueError, IndexError):
             raise ChangeoverError(f"proxy listen address {self.settings.listen!r}: expected host:port") from None
         try:
-            self._server = await self._loop.create_server(
+            self.server = await self._loop.create_server(
                 lambda: ClientConn(self), self.settings.host or None, port, backlog=LISTEN_BACKLOG,
                 reuse_address=True, reuse_port=self.reuse_port)
         except OSError as e:
             raise ListenError(e.errno or 0, e.strerror or str(e), self.settings.listen) from None
-        self._port = int(self._server.sockets[0].getsockname()[1]) if self._server.sockets else port
+        self._port = int(self.server.sockets[0].getsockname()[1]) if self.server.sockets else port
         if self.tls is not None:
             try:
                 await self.tls.start(self._loop, self.reuse_port)
             except BaseException:
-                self._server.close()
-                self._server = None
+                self.server.close()
+                self.server = None
                 raise
         if self.reuse_port:
             # a retired predecessor leaves its steering program on the group: back to the
             # kernel's spreading by hash over every listener of the address
-            for ls in self._listeners():
-                with contextlib.suppress(OSError):
-                    ls.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
-                ls.close()
+            handover.unsteer(self)
         self.retiring = False
         for slot in self.slots.values():    # started again after close(): pool again
             for up in slot.upstreams:
                 up.retired = False
-        self._running = True
+        self.running = True
         self._sweeper = self._loop.create_task(self._sweep())
 
     @property
     def port(self) -> int:
         """The bound port (useful with listen port 0); still known while and after retiring."""
-        if not self._running:
+        if not self.running:
             raise ChangeoverError("the proxy is not listening")
         return self._port
 
     async def close(self) -> None:
-        if not self._running:
+        if not self.running:
             return
-        self._running = False
-        server, self._server = self._server, None
+        self.running = False
+        server, self.server = self.server, None
         if server is not None:
             server.close()
         if self.tls is not None:
@@ -206,7 +182,7 @@ class EmbeddedProxy:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        for task in [*self.tasks, *self._adopting]:
+        for task in [*self.tasks, *self.adopting]:
             task.cancel()
         for client in list(self.clients):
             if client.state == S_TUNNEL:
@@ -220,156 +196,15 @@ class EmbeddedProxy:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
-    # -- hand-over to a successor --------------------------------------------------------------
+    # -- hand-over to a successor (proxy/handover.py) -------------------------------------------
     async def retire(self, timeout: float, first: int = 1, count: int = 1) -> int:
-        """Hand the listen address over to a successor bound with SO_REUSEPORT (see the module
-        docstring). New connections stop coming at once; returns when every client connection
-        has ended, or at `timeout`, when what is left is closed (an unanswered request gets a
-        504): the number of connections cut then. Slots keep working meanwhile; `close()` is
-        still to be called."""
-        if not self._running:
-            return 0
-        loop = self.loop
-        self.retiring = True
-        now = loop.time()
-        deadline = now + timeout
-        close_listener = now + RETIRE_LISTEN_SETTLE if self._steer_away(first, count) else now
-        # (a TLS connection is a client once its handshake is done; until then `tls.handshaking`)
-        while self._server is not None or self.clients or self._adopting or (self.tls and self.tls.handshaking):
-            now = loop.time()
-            if self._server is not None and now >= min(close_listener, deadline):
-                self._stop_listening()
-                continue
-            if now >= deadline:
-                break
-            self._retire_idle(now)
-            wake = deadline if self._server is None else min(deadline, close_listener)
-            await asyncio.sleep(min(RETIRE_TICK, wake - now))
-        else:
-            self._close_idle_upstreams()
-            return 0
-        for task in list(self._adopting):
-            task.cancel()
-        cut = len(self.clients)
-        for client in list(self.clients):
-            try:
-                client.retire_abort()
-            except Exception:
-                log.exception("closing a connection at the retire timeout failed")
-                client.transport.abort()
-        # WebSocket tunnels being closed wait for a frame in flight to end (exchange.WS_CUT_WAIT)
-        end = loop.time() + WS_CUT_WAIT + RETIRE_TICK
-        while any(c.cut_pending for c in self.clients) and loop.time() < end:
-            await asyncio.sleep(RETIRE_TICK)
-        self.clients.clear()
-        self._close_idle_upstreams()
-        if cut:
-            log.warning("retire timed out after %.1fs; closed %d connection(s)", timeout, cut)
-        return cut
-
-    def _listeners(self) -> list[socket.socket]:
-        """Duplicates of the listening sockets (the server's own are not ours to configure)."""
-        out: list[socket.socket] = []
-        for server in (self._server, self.tls.server if self.tls is not None else None):
-            for s in server.sockets if server is not None else ():
-                with contextlib.suppress(OSError):
-                    out.append(socket.socket(fileno=os.dup(s.fileno())))
-        return out
+        """Hand the listen address over to a successor bound with SO_REUSEPORT: see handover.py.
+        Returns the number of connections cut at `timeout`; `close()` is still to be called."""
+        return await handover.retire(self, timeout, first, count)
 
     def unsteer(self) -> None:
-        """Remove the steering program a retired predecessor group left on the SO_REUSEPORT group
-        (proxy/workers.py calls it once the predecessor's listeners are gone: a program picking
-        socket k would otherwise keep sending every connection to one worker of a larger group)."""
-        for ls in self._listeners():
-            with contextlib.suppress(OSError):
-                ls.setsockopt(socket.SOL_SOCKET, _SO_DETACH_REUSEPORT_BPF, 0)
-            ls.close()
-
-    def _steer_away(self, first: int = 1, count: int = 1) -> bool:
-        """Ask the kernel to send new connections for the address to the successor: a one-
-        instruction classic BPF program on the SO_REUSEPORT group that picks socket 1. A group
-        holds its sockets in bind order, so while an old proxy hands over to one successor that
-        is the successor (and with no successor the index is out of range: the kernel picks by
-        hash as usual). Handshakes already under way then complete on this listener, which keeps
-        accepting for RETIRE_LISTEN_SETTLE: closing it at once would reset them."""
-        if not self.reuse_port or self._server is None or count < 1:
-            return False
-        # several successors ([proxy] workers, proxy/workers.py): sockets first..first+count-1,
-        # picked by the CPU the handshake arrives on
-        code = [(_BPF_RET_K, first)] if count == 1 else [
-            (_BPF_LD_W_ABS, _SKF_AD_CPU), (_BPF_ALU_MOD_K, count), (_BPF_ALU_ADD_K, first), (_BPF_RET_A, 0)]
-        insn = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", c, 0, 0, k) for c, k in code))
-        prog = struct.pack("HP", len(code), ctypes.addressof(insn))       # struct sock_fprog
-        steered = False
-        for ls in self._listeners():
-            try:
-                ls.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, prog)
-                steered = True
-            except OSError as e:
-                log.info("cannot steer new connections to the successor: %s", e)
-            finally:
-                ls.close()
-        return steered
-
-    def _stop_listening(self) -> None:
-        """Close the listener without losing the connections already in its accept queue: the
-        kernel resets those when a listening socket closes (unless net.ipv4.tcp_migrate_req moves
-        them to the successor), so they are accepted here first, through a duplicate of the socket.
-        The steering program stays on the group (removing it first would let the kernel pick this
-        listener again until it is closed): the next proxy to bind the address removes it."""
-        dups = self._listeners()
-        tls_names = {s.getsockname() for s in self.tls.server.sockets} if self.tls and self.tls.server else set()
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        if self.tls is not None:
-            self.tls.stop_listening()
-        for ls in dups:
-            tls = ls.getsockname() in tls_names
-            ls.setblocking(False)
-            try:
-                while True:
-                    try:
-                        conn, _ = ls.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        log.exception("accepting from the retired listener failed")
-                        break
-                    conn.setblocking(False)
-                    task = self.loop.create_task(self._adopt(conn, tls))
-                    self._adopting.add(task)
-                    task.add_done_callback(self._adopting.discard)
-            finally:
-                ls.close()
-
-    async def _adopt(self, conn: socket.socket, tls: bool = False) -> None:
-        try:
-            if tls and self.tls is not None:   # accepted from the HTTPS listener: the handshake is ours
-                await self.loop.connect_accepted_socket(lambda: TlsClientConn(self), conn, ssl=self.tls.ssl)
-                return
-            await self.loop.connect_accepted_socket(lambda: ClientConn(self), conn)
-        except BaseException:
-            conn.close()
-            raise
-
-    def _retire_idle(self, now: float) -> None:
-        """Idle keep-alive connections (and accepted ones that sent nothing yet) get the grace to
-        send one more request; past it they are closed between requests, never mid-response."""
-        self.now = max(self.now, now)
-        grace = now + RETIRE_IDLE_GRACE
-        for client in list(self.clients):
-            if client.state == S_HEAD and not client.buf and (client.dkind == D_IDLE or client.dkind == D_HEAD):
-                if client.deadline > grace:
-                    client.deadline = grace
-                elif client.deadline <= now:
-                    client.timeout(now)
-
-    def _close_idle_upstreams(self) -> None:
-        for slot in self.slots.values():
-            for up in slot.upstreams:
-                up.close_idle()
+        """Remove the steering program a retired predecessor group left (proxy/workers.py)."""
+        handover.unsteer(self)
 
     # -- slots ---------------------------------------------------------------------------------
     def set_slot(self, slot: str, upstreams: Sequence[tuple[str, int]]) -> None:
