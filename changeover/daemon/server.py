@@ -32,7 +32,8 @@ from changeover.api import Op
 from changeover.config import Config
 from changeover.daemon import builds, cancel
 from changeover.daemon import logs as logfiles
-from changeover.daemon.model import SlotState, other
+from changeover.daemon import status as status_view
+from changeover.daemon.model import SlotState
 from changeover.daemon.pipeline import Pipeline
 from changeover.daemon.recovery import configure_proxy, recover, routing
 from changeover.daemon.slots import SlotManager
@@ -52,8 +53,6 @@ PROXY_CHECK_INTERVAL = 0.5   # how often the daemon checks that the proxy worker
 CLOSE_TIMEOUT = 15.0         # seconds each part of a stopping daemon may take before it is left behind
 LEFTOVER_TIMEOUT = 5.0       # seconds a task still running once the daemon stopped gets to end
 PROXY_MISSES = 2             # unanswered checks in a row before it is restarted
-INCIDENTS = ("instance.crashed", "instance.gave_up", "instance.restarted", "instance.lost", "recovery.failed",
-             "recovery.restarted", "proxy.restarted", "proxy.restart_failed")
 
 
 def make_control(config: Config) -> ProxyControl:
@@ -348,72 +347,7 @@ class Daemon:
         return await self.status()
 
     async def status(self) -> dict[str, Any]:
-        live = self.state.live_slot()
-        standby_name = other(live) if live else None
-        out: dict[str, Any] = {"live": None, "standby": None, "deploying": self.pipeline.active is not None}
-        if live:
-            out["live"] = self._slot_info(live)
-        if standby_name:
-            s = self.state.slot(standby_name)
-            if s.state != SlotState.EMPTY:
-                info = self._slot_info(standby_name)
-                info["state"] = ("warm" if s.state == SlotState.STANDBY and self.slots.warm(standby_name)
-                                 else s.state)
-                timer = self.state.timer("standby_expiry")
-                if timer is not None and timer[1].get("slot") == standby_name:
-                    info["expires_at"] = timer[0]
-                out["standby"] = info
-        a = self.pipeline.active
-        if a is not None:
-            out["deployment"] = {"id": a.id, "kind": str(a.kind), "version": a.version, "phase": str(a.phase),
-                                 "slot": a.target, "started_at": a.started, "step": a.steps.current}
-        out["proxy"] = {"listen": self.config.proxy.listen, "pid": self.proxy.pid, "engine": self.config.proxy.engine}
-        pids = getattr(self.proxy, "pids", None)   # [proxy] workers: every process of the group, the leader first
-        if pids:
-            out["proxy"]["workers"] = list(pids)
-        kept = self.slots.linger.groups()  # a retired release's processes kept for its tunnels (daemon/linger.py)
-        if kept:
-            out["tunnels_kept"] = [{"slot": g.get("slot"), "version": g.get("version"), "tunnels": g.get("tunnels"),
-                                    "until": g.get("due")} for g in kept]
-        out.update(await self.traffic.status())   # "mode": serving | paused | maintenance, "pause", "maintenance"
-        if self.config.proxy.hosts:        # host routing: this project's names, on a shared front or not
-            shared = self.config.proxy.shared
-            out["proxy"].update(hosts=list(self.config.proxy.hosts), shared=shared,
-                                front_socket=str(getattr(self.proxy, "socket", "")) if shared else None)
-        if getattr(self, "certs", None) is not None and self.config.proxy.tls is not None:   # [proxy.tls]
-            out["proxy"]["tls"] = {"listen": self.config.proxy.tls.listen, "acme": self.certs.status()}
-        out["incidents"] = self._incidents()
-        out["metrics"] = self.telemetry.live_metrics()
-        return out
-
-    def _incidents(self) -> list[dict[str, Any]]:
-        """Crashes and restarts of the last hour: those of what runs now, and those during the latest
-        deployment (they explain its outcome); not those of releases replaced since."""
-        recent = time.time() - 3600
-        latest = self.state.deployments(1)
-        last_start = latest[0].started_at if latest else 0.0
-        since = {}
-        for name in SLOTS:
-            rel = self.state.release(self.state.slot(name).release_id)
-            since[name] = rel.created_at if rel is not None else None
-        out = []
-        for e in self.state.events(limit=200):
-            if e["ts"] < recent or e["kind"] not in INCIDENTS:
-                continue
-            if e["kind"].startswith("instance.") and e.get("slot") in since:
-                start = since[e["slot"]]
-                if e["ts"] < last_start and (start is None or e["ts"] < start):
-                    continue
-            out.append(e)
-        return out[:10]
-
-    def _slot_info(self, slot: str) -> dict[str, Any]:
-        s = self.state.slot(slot)
-        rel = self.state.release(s.release_id)
-        ready = self.slots.supervisor.upstreams(slot)
-        return {"slot": slot, "version": rel.version if rel else None, "since": s.updated_at,
-                "instances": [{"pid": r.pid, "port": r.port, "ready": ("127.0.0.1", r.port) in ready}
-                              for r in self.slots.supervisor.records(slot)]}
+        return await status_view.report(self)
 
     async def h_deploy(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         a = api.decode(api.DeployArgs, args)
