@@ -101,7 +101,8 @@ class CertManager:
             wait = max(0.05, min(CHECK_INTERVAL, (soonest - self.clock()).total_seconds()))
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self.wake.wait()
 
     async def ensure(self, host: str) -> bool:
         """Issue or renew `host`'s certificate if it is due; False when the CA failed us."""

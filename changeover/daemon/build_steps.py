@@ -118,7 +118,8 @@ async def run_build(config: Config, release: Release, emit_line: Any, log_path: 
             return await proc.wait()
 
         try:
-            rc = await asyncio.wait_for(pump(), build.timeout)
+            async with asyncio.timeout(build.timeout):
+                rc = await pump()
         except (TimeoutError, asyncio.CancelledError) as e:
             await _stop_group(proc)
             log.write(f"--- stopped: {'timed out' if isinstance(e, TimeoutError) else 'deploy stopped'}\n")
@@ -142,7 +143,8 @@ def _quote(tail: collections.deque[str]) -> str:
 async def _stop_group(proc: asyncio.subprocess.Process) -> None:
     kill_group(proc.pid, signal.SIGTERM)
     try:
-        await asyncio.wait_for(proc.wait(), KILL_GRACE)
+        async with asyncio.timeout(KILL_GRACE):
+            await proc.wait()
     except TimeoutError:
         kill_group(proc.pid, signal.SIGKILL)
         await proc.wait()

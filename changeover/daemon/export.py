@@ -113,7 +113,8 @@ async def _git(args: list[str], timeout: float) -> str:
     except FileNotFoundError:
         raise DeployError("git is not installed on the daemon's host (needed by --git)") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
     except (TimeoutError, asyncio.CancelledError) as e:
         kill_group(proc.pid, signal.SIGKILL)
         await proc.wait()

@@ -64,7 +64,8 @@ class Feed:
         """Until the feed has something newer than `seen` (or timeout): the current version."""
         if self.version == seen:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
         return self.version
 
     async def _loop(self) -> None:

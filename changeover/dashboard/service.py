@@ -85,7 +85,8 @@ class Dashboard:
             self._server.should_exit = True
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._task, SHUTDOWN_GRACE + 2)
+                async with asyncio.timeout(SHUTDOWN_GRACE + 2):
+                    await self._task
             except (TimeoutError, asyncio.CancelledError, SystemExit):
                 self._task.cancel()
         await self.feed.close()

@@ -93,7 +93,8 @@ class Agent(HostVerbs):
         await asyncio.gather(*self._tasks, *([self._busy] if self._busy else []), return_exceptions=True)
         if self._lease:
             with contextlib.suppress(ChangeoverError, Exception):
-                await asyncio.wait_for(self.etcd.revoke(self._lease), 1.0)   # leave the fleet at once
+                async with asyncio.timeout(1.0):
+                    await self.etcd.revoke(self._lease)   # leave the fleet at once
         if self.health is not None:
             await self.health.close()
         await self.etcd.close()
@@ -208,7 +209,8 @@ class Agent(HostVerbs):
             beat = self.cfg.host_ttl / 3
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._publish.wait(), beat)
+                    async with asyncio.timeout(beat):
+                        await self._publish.wait()
                 self._publish.clear()
                 if watcher.done():
                     watcher.result()   # raises what broke it

@@ -85,7 +85,8 @@ class FleetView:
     async def changed(self, until: float) -> None:
         """Wait for news from etcd (at most until `until`, and 0.5 s: deadlines are checked too)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), max(0.0, min(until - time.monotonic(), 0.5)))
+            async with asyncio.timeout(max(0.0, min(until - time.monotonic(), 0.5))):
+                await self._changed.wait()
         self._changed.clear()
         if self.lock_lost:
             raise FleetError("the fleet lock was lost (etcd unreachable for longer than lock_ttl): stopped; "

@@ -35,7 +35,8 @@ async def paired_probe(new: Address, old: Address, path: str, timeout: float) ->
     conns: list[RW] = []
     try:
         for host, port in (new, old):
-            conns.append(await asyncio.wait_for(asyncio.open_connection(host, port), timeout))
+            async with asyncio.timeout(timeout):
+                conns.append(await asyncio.open_connection(host, port))
         first_new = random.random() < 0.5    # which one leaves first: no side always gains
         jobs = [_timed(new, path, conns[0], timeout), _timed(old, path, conns[1], timeout)]
         got = await asyncio.gather(*(jobs if first_new else jobs[::-1]))

@@ -194,7 +194,8 @@ class EmbeddedProxy:
                 up.retire()                # the idle ones, and those settling after a HEAD
         if server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
 
     # -- hand-over to a successor (proxy/handover.py) -------------------------------------------
     async def retire(self, timeout: float, first: int = 1, count: int = 1) -> int:
@@ -324,7 +325,8 @@ class EmbeddedProxy:
             waiter: asyncio.Future[None] = self.loop.create_future()
             s.waiters.append(waiter)
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(waiter)
             except TimeoutError:
                 clean = False
                 for client in list(self.clients):

@@ -289,7 +289,8 @@ async def cli(path: Path | str, command: str, timeout: float = CLI_TIMEOUT) -> s
         finally:
             writer.close()
     try:
-        return await asyncio.wait_for(go(), timeout)
+        async with asyncio.timeout(timeout):
+            return await go()
     except TimeoutError:
         raise OSError(f"no answer within {timeout:g}s") from None
 

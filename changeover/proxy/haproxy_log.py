@@ -46,7 +46,8 @@ class LogFollower:
         goes on until that worker exits (after a reload it still finishes requests)."""
         ready = self._start(fresh)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(ready), 5)
+            async with asyncio.timeout(5):
+                await asyncio.shield(ready)
 
     def keep(self) -> None:
         """Replace a reader that ended (HAProxy restarted behind our back, a broken connection);
