@@ -21,7 +21,7 @@ from changeover.proxy.tls import CHALLENGE_PREFIX, TlsEdge, _Cert
 from changeover.proxy.tls_settings import TlsSettings
 
 if TYPE_CHECKING:
-    from changeover.proxy.front import FrontProxy
+    from changeover.proxy.front_registry import FrontProxy
 
 log = logging.getLogger("changeover.proxy.front")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")   # an ACME token: never a path
