@@ -148,6 +148,7 @@ class SlotMetrics:
 
     def sums(self, first: int, last: int) -> tuple[list[int], list[int]]:
         """Counters and histogram summed over seconds first..last (inclusive, already advanced)."""
+        self.group()                    # whoever reads: the requests not counted yet first
         counts = [0] * C
         hist = [0] * NBUCKETS
         first = max(first, self.sec - self.size + 1)
