@@ -137,7 +137,6 @@ class Recorder:
         if s is None:
             return empty_stats(slot, "", 0.0), [0] * NBUCKETS
         s.advance(int(now))
-        s.group()
         last = int(now) - offset
         first = last - n
         start: float = first

@@ -23,7 +23,7 @@ from changeover.monitor.routes import CACHE, OTHER, RouteRules
 
 ROUTE_HISTORY = 120           # seconds of per-route rows kept
 PROFILE_SECONDS = 600         # seconds per load level before its counts are halved
-FAILED, UPSTREAM_FAILED = 80, 160  # added to a parked request's latency bucket (< 80 buckets)
+FAILED, UPSTREAM_FAILED = 80, 160  # added to a pending request's latency bucket (< 80 buckets)
 R = 3                         # row layout: requests, errors, upstream failures, then the histogram
 
 

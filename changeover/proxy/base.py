@@ -7,6 +7,7 @@ implementations share: the [proxy] settings, and the `RequestRecorder` the monit
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,3 +89,13 @@ class RequestRecorder(Protocol):
         request's route is read from, starting with its request line ("GET /cart/42 HTTP/1.1",
         the whole head will do). Pass an object that already exists: the recorder only keeps a
         reference and groups requests by route later, off the per-request path."""
+
+
+def probe_bind(host: str, port: int) -> int:
+    """Bind (host, port) for a moment, as a listener would (SO_REUSEADDR), and return the port
+    bound: whether nobody listens there before a proxy is started on it. Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        return int(s.getsockname()[1])

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ from typing import Any
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.monitor.metrics import Recorder
 from changeover.proxy import haproxy as hx
-from changeover.proxy.base import ProxySettings
+from changeover.proxy.base import ProxySettings, probe_bind
 from changeover.proxy.haproxy_log import LogFollower
 
 log = logging.getLogger("changeover.proxy.haproxy")
@@ -136,23 +135,13 @@ class HAProxyProcess:
         if port == 0:
             text = self._written()
             port = (hx.written_port(text) if text else None) or 0
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError as e:
-                if self.settings.port == 0:
-                    return self._pick_port_fresh(family, host)
-                raise ConfigError(f"cannot listen on {self.settings.listen}: {e.strerror or e} "
-                                  "(another process uses it)", key="proxy.listen") from None
-            return int(s.getsockname()[1])
-
-    @staticmethod
-    def _pick_port_fresh(family: socket.AddressFamily, host: str) -> int:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            return int(s.getsockname()[1])
+        try:
+            return probe_bind(host, port)
+        except OSError as e:
+            if self.settings.port == 0:
+                return probe_bind(host, 0)     # the written one is taken now: any free one
+            raise ConfigError(f"cannot listen on {self.settings.listen}: {e.strerror or e} "
+                              "(another process uses it)", key="proxy.listen") from None
 
     async def shutdown(self) -> None:
         """Stop HAProxy if changeover runs it (the daemon drained the slots before) and remove

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from changeover import rpc
 from changeover.daemon.logs import private_dir, private_file
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy import ops
-from changeover.proxy.base import ProxySettings
+from changeover.proxy.base import ProxySettings, probe_bind
 
 log = logging.getLogger("changeover.proxy")
 START_TIMEOUT = 10.0
@@ -113,14 +112,11 @@ class ProxyProcess:
             host, port = listen.rsplit(":", 1)[0].strip("[]"), int(listen.rsplit(":", 1)[1])
             if port == 0:
                 continue
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((host, port))
-                except OSError as e:
-                    raise ConfigError(f"cannot listen on {listen}: {e.strerror or e} "
-                                      "(another process uses it)", key=key) from None
+            try:
+                probe_bind(host, port)
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {listen}: {e.strerror or e} "
+                                  "(another process uses it)", key=key) from None
 
     async def handover(self, initial: dict[str, Any], configure: Callable[[ProxyProcess], Awaitable[None]]) -> None:
         """Replace the running worker without dropping a request: start a successor on the same

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 from changeover import rpc
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy import ops
-from changeover.proxy.base import ProxySettings
+from changeover.proxy.base import ProxySettings, probe_bind
 from changeover.proxy.front_wire import FRONT_PROTOCOL, MOVED, start_front
 
 log = logging.getLogger("changeover.proxy.shared")
@@ -133,14 +132,11 @@ class SharedFront:
         host, port = self.settings.host, self.settings.port
         if port == 0:
             return
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError as e:
-                raise ConfigError(f"cannot start the shared front on {self.settings.listen}: {e.strerror or e} "
-                                  "(another process, not a changeover front, uses it)", key="proxy.listen") from None
+        try:
+            probe_bind(host, port)
+        except OSError as e:
+            raise ConfigError(f"cannot start the shared front on {self.settings.listen}: {e.strerror or e} "
+                              "(another process, not a changeover front, uses it)", key="proxy.listen") from None
 
     async def _attach(self, initial: dict[str, Any] | None) -> dict[str, Any]:
         s = self.settings
