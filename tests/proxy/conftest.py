@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Coroutine, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, urlparse
@@ -270,6 +271,16 @@ class Client:
 
     def shutdown(self, how: int) -> None:
         self.sock.shutdown(how)
+
+
+def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (polling) until `cond()` holds: what the proxy's loop thread does after a socket
+    event the test caused is not ordered with the test's next call into that loop."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.005)
 
 
 @contextlib.contextmanager

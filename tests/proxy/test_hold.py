@@ -10,19 +10,10 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
 
 from changeover.proxy.embedded import EmbeddedProxy
 from changeover.proxy.hold import DEFAULT_PAGE
-from tests.proxy.conftest import Backend, Client, LoopThread, make_proxy, raw, read_response
-
-
-def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
+from tests.proxy.conftest import Backend, Client, LoopThread, make_proxy, raw, read_response, until
 
 
 def open_client(port: int) -> Client:

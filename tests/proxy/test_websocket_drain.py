@@ -34,7 +34,7 @@ from changeover.proxy.embedded import EmbeddedProxy
 from changeover.proxy.websocket import FrameTracker, close_frame
 from changeover.state import State
 
-from .conftest import LoopThread, Recorder
+from .conftest import LoopThread, Recorder, until
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -211,13 +211,6 @@ def wsp(lt: LoopThread, apps: tuple[WsApp, WsApp]) -> Iterator[EmbeddedProxy]:
     lt.run(p.close())
 
 
-def wait_until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 # -- frame tracking -----------------------------------------------------------------------------------------
 def test_frame_tracker_follows_boundaries_across_any_split() -> None:
     frames = [frame(2, b"x" * n, masked=m) for n, m in ((0, True), (5, False), (125, True), (126, True),
@@ -271,8 +264,8 @@ def test_drain_limit_sends_1001_both_ways(lt: LoopThread, wsp: EmbeddedProxy, ap
         assert ws.buf == b"" and ws.sock.recv(100) == b""   # ...and sees the proxy's FIN, not a reset
     finally:
         ws.close()
-    wait_until(lambda: apps[0].closes == [1001])        # the app got a masked close frame 1001 too
-    wait_until(lambda: lt.call(wsp.inflight, "blue") == 0)
+    until(lambda: apps[0].closes == [1001])        # the app got a masked close frame 1001 too
+    until(lambda: lt.call(wsp.inflight, "blue") == 0)
 
 
 def test_drain_waits_for_requests_but_not_for_tunnels(lt: LoopThread, wsp: EmbeddedProxy) -> None:
@@ -306,7 +299,7 @@ def test_idle_tunnel_is_closed_with_1001(lt: LoopThread, apps: tuple[WsApp, WsAp
         idle.close()
     finally:
         lt.run(p.close())
-    wait_until(lambda: apps[0].closes == [1001, 1001])
+    until(lambda: apps[0].closes == [1001, 1001])
 
 
 def test_cut_waits_for_a_frame_in_flight_to_end(lt: LoopThread, wsp: EmbeddedProxy,
@@ -323,7 +316,7 @@ def test_cut_waits_for_a_frame_in_flight_to_end(lt: LoopThread, wsp: EmbeddedPro
         ws.sock.sendall(whole[200:])                    # the frame ends within WS_CUT_WAIT...
     finally:
         ws.close()
-    wait_until(lambda: apps[0].closes == [1001])        # ...then the app gets its close frame, after it
+    until(lambda: apps[0].closes == [1001])        # ...then the app gets its close frame, after it
 
 
 def test_frame_that_does_not_end_is_cut_without_a_close_frame(lt: LoopThread, wsp: EmbeddedProxy,
@@ -401,7 +394,7 @@ def test_haproxy_drain_does_not_wait_for_tunnels(lt: LoopThread, apps: tuple[WsA
             assert ws.recv() == (2, b"still here")
         finally:
             ws.close()
-        wait_until(lambda: lt.run(c.inflight("blue")) == 0)
+        until(lambda: lt.run(c.inflight("blue")) == 0)
         assert lt.run(c.drain_requests("blue", 5)) == {"clean": True, "tunnels": 0, "websockets": 0,
                                                          "limit_in": 0.0}
     finally:
@@ -490,7 +483,7 @@ def _after_the_limit(project: Any, ws: WsClient, pids: list[int], live: str) -> 
     with contextlib.suppress(OSError):
         ws.send(b"grace")
     assert ws.close_code() == 1001                      # going away at the drain limit, not 1006
-    wait_until(lambda: not _linger(project), timeout=15)
+    until(lambda: not _linger(project), timeout=15)
     assert not any(_alive(p) for p in pids)             # the processes kept for it are stopped
     assert _events(project, "drain.tunnels_stopped")
     st = project.status()
@@ -542,7 +535,7 @@ def test_daemon_killed_inside_the_retire_step_that_kept_tunnels(project: Any, mo
                                   cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Inside the held retire step once it has acted: the processes kept and the event written
         # (the timer is written first: killed between the two, the event would never be there).
-        wait_until(lambda: bool(_linger(project)) and bool(_events(project, "drain.tunnels")), timeout=30)
+        until(lambda: bool(_linger(project)) and bool(_events(project, "drain.tunnels")), timeout=30)
         pids = [r["pid"] for r in _linger(project)[0]["records"]]
         project.kill_daemon(signal.SIGKILL)
         monkeypatch.delenv("CHANGEOVER_TEST_STEP_DELAY")
