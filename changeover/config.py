@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from changeover import sockets
 from changeover.checks import config as checks_config
 from changeover.dashboard import config as dashboard_config
 from changeover.errors import ConfigError
@@ -79,7 +80,7 @@ class Config:
 
     @property
     def socket_path(self) -> Path:
-        return self.state_dir / "control.sock"
+        return sockets.place(self.state_dir, "control.sock")
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -339,7 +340,7 @@ class Location:
 
     @property
     def socket_path(self) -> Path:
-        return self.state_dir / "control.sock"
+        return sockets.place(self.state_dir, "control.sock")
 
 
 def locate(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Location:

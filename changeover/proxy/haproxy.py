@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from changeover.errors import ChangeoverError, ConfigError
+from changeover import sockets
+from changeover.errors import ChangeoverError
 from changeover.proxy.base import ProxySettings
 
 BACKEND = "changeover"
@@ -37,7 +38,6 @@ SLOTS = ("blue", "green")
 LOG_TAG = "co"            # first field of our per-request log lines; anything else on the socket is ignored
 RING = "changeover_log"
 RING_SIZE = 1 << 20       # ~15k lines: what a reader may fall behind by before it misses some
-MAX_UNIX_PATH = 107       # sun_path, minus the terminating NUL
 CLI_TIMEOUT = 5.0
 
 # Admin state bits of `show servers state` (HAProxy's SRV_ADMF_*): forced/inherited/resolver/
@@ -67,13 +67,11 @@ class Paths:
 
     @classmethod
     def under(cls, directory: Path) -> Paths:
-        p = cls(directory, directory / "haproxy.cfg", directory / "admin.sock", directory / "master.sock",
-                directory / "haproxy.pid", directory.parent / "logs" / "haproxy.log")
-        for sock in (p.admin, p.master):
-            if len(str(sock).encode()) > MAX_UNIX_PATH:
-                raise ConfigError(f"the state directory {directory.parent} is too deep for HAProxy's unix "
-                                  f"sockets ({sock} is over {MAX_UNIX_PATH} bytes)", key="proxy.engine")
-        return p
+        # HAProxy's sockets go to a short directory when this one is too deep for them (sockets.py)
+        return cls(directory, directory / "haproxy.cfg",
+                   sockets.place(directory, "admin.sock", sockets.HAPROXY_MAX_UNIX_PATH),
+                   sockets.place(directory, "master.sock", sockets.HAPROXY_MAX_UNIX_PATH),
+                   directory / "haproxy.pid", directory.parent / "logs" / "haproxy.log")
 
 
 @dataclass(frozen=True)

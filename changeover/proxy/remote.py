@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from changeover import rpc
+from changeover import rpc, sockets
 from changeover.daemon.logs import private_dir, private_file
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy import ops
@@ -37,13 +37,15 @@ log = logging.getLogger("changeover.proxy")
 START_TIMEOUT = 10.0
 EXIT_TIMEOUT = 5.0          # shutdown(): how long the worker may take to exit before SIGKILL
 LOG_TAIL_LINES = 20
+NEXT_SOCKET = "proxy.next.sock"   # the successor worker's socket during a handover, then renamed
 
 
 class ProxyProcess:
     def __init__(self, settings: ProxySettings, state_dir: Path, socket_name: str = "proxy.sock") -> None:
         self.settings = settings
         self.state_dir = state_dir
-        self.socket = state_dir / socket_name
+        # proxy.next.sock is renamed over proxy.sock at a handover: both decided alike
+        self.socket = sockets.place(state_dir, socket_name, room_for=NEXT_SOCKET)
         self.log_path = state_dir / "logs" / "proxy.log"
         self.pid: int | None = None
         self.pids: list[int] = []   # every worker process of the group ([proxy] workers), the leader first
@@ -122,7 +124,7 @@ class ProxyProcess:
         """Replace the running worker without dropping a request: start a successor on the same
         address (SO_REUSEPORT), let `configure` give it the slots, then tell the old worker to
         retire (stop accepting, finish what is open, exit) and take over its control socket."""
-        nxt = ProxyProcess(self.settings, self.state_dir, socket_name="proxy.next.sock")
+        nxt = ProxyProcess(self.settings, self.state_dir, socket_name=NEXT_SOCKET)
         # Same address: the successor shares the port (SO_REUSEPORT). A new address must be free.
         await nxt._start(check_port=self.running_settings.get("listen") != self.settings.listen, initial=initial)
         try:

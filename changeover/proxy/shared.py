@@ -21,12 +21,11 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from changeover import rpc
+from changeover import rpc, sockets
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings, probe_bind
@@ -37,12 +36,11 @@ KEY_FILE = "front.key"
 
 
 def front_socket_path(settings: ProxySettings) -> Path:
-    """`[proxy] front_socket`, else one per port: /run/changeover for root, else a directory of the user's."""
+    """`[proxy] front_socket`, else one per port in `sockets.runtime_dir()`: /run/changeover for root, else
+    a directory of the user's."""
     if settings.front_socket:
         return Path(settings.front_socket)
-    root = os.geteuid() == 0
-    base = Path("/run/changeover") if root else Path(tempfile.gettempdir()) / f"changeover-{os.getuid()}"
-    return base / f"front-{settings.port}.sock"
+    return sockets.runtime_dir() / f"front-{settings.port}.sock"
 
 
 def registry_path(sock: Path) -> Path:
@@ -112,7 +110,7 @@ class SharedFront:
         """Start the front unless another daemon did meanwhile (the lock file orders them)."""
         parent = self.socket.parent
         if not parent.exists():
-            parent.mkdir(mode=0o755 if os.geteuid() == 0 else 0o700, parents=True, exist_ok=True)
+            sockets.own_dir(parent, 0o755 if os.geteuid() == 0 else 0o700)
         lock_path = self.socket.with_name(self.socket.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         loop = asyncio.get_running_loop()

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from changeover import rpc
+from changeover import rpc, sockets
 from changeover.errors import ChangeoverError, DaemonError
 from changeover.proxy import ops
 from changeover.proxy.base import ProxySettings
@@ -65,7 +65,8 @@ class Group:
         self.settings = settings
         self.count = max(1, settings.workers) - 1
         # private sockets, unique per leader (a handover's two groups coexist for a while)
-        self.base = leader_socket.parent / f"proxy.{os.getpid()}"
+        self.dir = leader_socket.parent
+        self.base = f"proxy.{os.getpid()}"
         self.followers: list[Follower] = []
         self.stopping = False
         self.routing: Callable[[], dict[str, Any]] = dict
@@ -107,7 +108,7 @@ class Group:
             return
 
     async def _spawn(self, index: int, routing: dict[str, Any]) -> Follower:
-        sock = Path(f"{self.base}.{index}.sock")
+        sock = sockets.place(self.dir, f"{self.base}.{index}.sock")
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         proc = await asyncio.create_subprocess_exec(

@@ -121,7 +121,7 @@ drain_timeout = "5s"
 
     def answers(self) -> bool:
         """The daemon's control socket answers `status` (asked in this process, as above)."""
-        sock = self.root / ".changeover" / "control.sock"
+        sock = locate(self.config).socket_path   # a deep project's is elsewhere (changeover/sockets.py)
         if not sock.exists():
             return False
         try:

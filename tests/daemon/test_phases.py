@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from changeover import api, rpc
+from changeover.config import locate
 from changeover.errors import DaemonError
 from changeover.loadgen import get
 from tests.daemon.harness import Project
@@ -138,7 +139,7 @@ def test_reload_and_sighup_apply_a_changed_proxy_section(project: Project) -> No
 
 def test_a_client_of_another_protocol_version_gets_a_clear_error(project: Project) -> None:
     project.start_daemon()
-    sock = project.root / ".changeover" / "control.sock"
+    sock = locate(project.config).socket_path
     with pytest.raises(DaemonError, match="protocol"):
         asyncio.run(rpc.call(sock, "status", {}, protocol=api.PROTOCOL - 1))
     with pytest.raises(DaemonError, match="protocol"):
@@ -166,7 +167,7 @@ def test_down_drains_in_flight_requests_before_stopping(project: Project) -> Non
     assert project.daemon is not None
     project.daemon.wait(timeout=30)
     project.daemon = None
-    assert not (project.root / ".changeover" / "control.sock").exists()
+    assert not locate(project.config).socket_path.exists()
 
 
 def test_cold_rollback_is_verified_before_the_switch_and_observed(project: Project) -> None:

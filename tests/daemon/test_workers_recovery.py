@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from changeover import rpc
+from changeover import rpc, sockets
+from changeover.proxy.remote import NEXT_SOCKET
 from tests.daemon.harness import Project
 
 
@@ -42,7 +43,7 @@ def test_daemon_killed_mid_switch_every_worker_serves_one_slot_after_recovery(
     project.start_daemon()
     try:
         project.deployed("v1")
-        sock = tmp_path / ".changeover" / "proxy.sock"
+        sock = sockets.place(tmp_path / ".changeover", "proxy.sock", room_for=NEXT_SOCKET)
         before = asyncio.run(rpc.call(sock, "ping"))
         assert len(before["pids"]) == 2
         old_slot = before["live"]

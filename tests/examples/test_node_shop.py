@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from changeover.config import locate
 from tests.daemon.harness import _pids_under, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +97,7 @@ class Shop:
             if self.daemon.poll() is not None:
                 raise AssertionError("daemon exited\n" + self.serve_log())
             # The CLI (a Python start each) once the daemon has made its control socket.
-            if (self.root / ".changeover" / "control.sock").exists() and \
+            if locate(self.root / "changeover.toml").socket_path.exists() and \
                     self.co("status", "--json", check=False).returncode == 0:
                 return
             time.sleep(0.1)

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from changeover.config import locate
 from changeover.daemon.procs import free_port
 from tests.daemon.harness import Project
 
@@ -45,7 +46,7 @@ class Host(Project):
 
         from changeover import api, rpc
 
-        sock = self.root / ".changeover" / "control.sock"
+        sock = locate(self.config).socket_path
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.daemon is not None
@@ -68,7 +69,7 @@ class Host(Project):
 
         from changeover import api, rpc
 
-        sock = self.root / ".changeover" / "control.sock"
+        sock = locate(self.config).socket_path
         return dict(asyncio.run(rpc.call(sock, "status", {}, timeout=10, protocol=api.PROTOCOL)))
 
     def live_version(self) -> str | None:

@@ -127,6 +127,20 @@ def test_200ms_on_one_route_of_5_percent_is_rolled_back_naming_it() -> None:
         assert at - onset <= CFG.latency_windows * (CFG.latency_window + 1) + 2
 
 
+def test_a_slowdown_of_one_big_route_that_moves_the_slots_latency_still_names_it() -> None:
+    """A quarter of the traffic 200 ms slower moves the whole slot's p95 as well; the route's
+    own slowdown is not shared by the others, so the verdict names the route."""
+    for seed in range(3):
+        mix = queueing(capacity=5000)
+        rec, obs, clock, rng = deploy(400, mix, seed)
+        fired, _ = drive(rec, clock, "green", 400, 15, HEALTHY, rng, obs, mix=mix)
+        assert fired is None
+        mix.faults["GET /products/{id}"] = SLOW_200
+        fired, _ = drive(rec, clock, "green", 400, 60, HEALTHY, rng, obs, mix=mix)
+        assert fired is not None and fired.reason == LATENCY, fired
+        assert fired.evidence["route"] == "GET /products/{id}", fired.evidence
+
+
 def test_errors_on_one_route_of_3_percent_within_2s_naming_it() -> None:
     for seed in range(5):
         mix = Mix(routes=dict(SHOP))
