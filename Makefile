@@ -25,8 +25,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# The suite's tests mostly wait on real processes and sockets, so they share the cores: in
+# TEST_WORKERS processes (pytest-xdist), then the few timing-sensitive ones (`serial`) alone.
+TEST_WORKERS ?= 3
+
 unit: setup services
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial"
+	$(BIN)/pytest -m serial
 
 test: lint typecheck unit
 

@@ -20,12 +20,14 @@ import logging.handlers
 import os
 import re
 import shutil
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from changeover.retention import DEFAULT_LOG_BACKUPS, DEFAULT_LOG_MAX_BYTES
+from changeover.redact import RedactingFormatter
+from changeover.retention import DEFAULT_LOG_BACKUPS, DEFAULT_LOG_MAX_BYTES, LogsConfig
 
 _BLOCK = 8192
 OWN_LOG_CHECK_EVERY = 30.0   # bound_own_log: how often a process looks at its log's size
@@ -279,3 +281,23 @@ async def follow(paths: Sequence[Path], n: int = 10, interval: float = 0.25
     finally:
         for fl in followed:
             fl.close()
+
+
+def setup_logging(state_dir: Path, verbose: bool = False, logs: LogsConfig | None = None) -> None:
+    """daemon.log (private, rotated per [logs]) and stderr, both masked (changeover.redact)."""
+    logs = logs or LogsConfig()
+    configure(logs.group)
+    private_dir(state_dir)
+    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    fh = PrivateRotatingFileHandler(state_dir / "daemon.log", maxBytes=logs.max_bytes,
+                                             backupCount=logs.backups)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    sh.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.addHandler(sh)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

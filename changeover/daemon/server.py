@@ -18,10 +18,8 @@ import fcntl
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -30,20 +28,19 @@ from changeover import api, rpc
 from changeover import config as config_mod
 from changeover.api import Op
 from changeover.config import Config
-from changeover.daemon import builds, cancel
+from changeover.daemon import cancel
 from changeover.daemon import logs as logfiles
 from changeover.daemon import status as status_view
+from changeover.daemon.control_api import ControlApi
 from changeover.daemon.model import SlotState
 from changeover.daemon.pipeline import Pipeline
 from changeover.daemon.recovery import configure_proxy, recover, routing
 from changeover.daemon.slots import SlotManager
 from changeover.daemon.telemetry import Telemetry
-from changeover.daemon.traffic import TrafficModes, merge_history
+from changeover.daemon.traffic import TrafficModes
 from changeover.daemon.verification import Verification
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.proxy.control import ProxyControl
-from changeover.redact import RedactingFormatter
-from changeover.retention import LogsConfig
 from changeover.state import SLOTS, State
 
 log = logging.getLogger("changeover.daemon")
@@ -65,7 +62,7 @@ def make_control(config: Config) -> ProxyControl:
     return make(config.proxy, config.state_dir, str(config.file))
 
 
-class Daemon:
+class Daemon(ControlApi):
     def __init__(self, config: Config) -> None:
         if config.app is None:
             raise ConfigError("[app] is needed to run the daemon (command, health_path)", file=str(config.file),
@@ -339,93 +336,9 @@ class Daemon:
         a = api.decode(api.ReloadProxyArgs, args)
         return await self.reload_proxy(a.why or "changeover reload-proxy")
 
-    # -- control API ----------------------------------------------------------------------------
-    async def h_ping(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return {"pid": os.getpid(), "uptime": time.time() - self.started_at, "protocol": api.PROTOCOL}
-
-    async def h_status(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return await self.status()
-
+    # -- control API: the verbs are control_api.py's; `down` ends the daemon itself ----------------
     async def status(self) -> dict[str, Any]:
         return await status_view.report(self)
-
-    async def h_deploy(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.DeployArgs, args)
-        if self.pipeline.active is not None:
-            raise self.pipeline.busy_error()
-        config = await self.fresh_config()
-        if self.traffic.in_maintenance():
-            await emit({"type": "check", "name": "maintenance", "ok": True,
-                        "detail": "maintenance is on: users keep getting the maintenance page until `changeover "
-                                  "maintenance off`; the release is verified on its slot directly"})
-        return await self.pipeline.deploy(config, a.version, a.path, emit, wait=a.wait, env=a.env, actor=a.actor,
-                                          no_switch=a.no_switch, source=builds.Source.of(a.git, a.archive))
-
-    async def h_prepare(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return await self.h_deploy({**args, "no_switch": True}, emit)
-
-    async def h_switch(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.SwitchArgs, args)
-        return await self.pipeline.switch(emit, wait=a.wait)
-
-    async def h_promote(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.PromoteArgs, args)
-        return await self.pipeline.promote(a.actor)
-
-    async def h_abort(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.AbortArgs, args)
-        return await self.pipeline.abort(a.reason, a.actor)
-
-    async def h_rollback(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.RollbackArgs, args)
-        try:
-            config = await self.fresh_config()
-        except ChangeoverError as e:
-            # A rollback is the emergency exit: a broken file must not block it.
-            log.warning("rolling back with the config the daemon read last: %s", e)
-            await emit({"type": "check", "name": "config", "ok": False,
-                        "detail": f"{e} (rolling back with the config read last)"})
-            config = self.config
-        return await self.pipeline.rollback(config, emit, reason=a.reason, actor=a.actor, schema=a.schema,
-                                            allow_data_loss=a.allow_data_loss, wait=a.wait)
-
-    async def h_drill(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.DrillArgs, args)
-        return await self.pipeline.drill(await self.fresh_config(), emit, actor=a.actor, max_reaction=a.max_reaction)
-
-    async def h_stop_standby(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return await self.pipeline.stop_standby()
-
-    async def h_series(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        from changeover.dashboard import ops  # read-only ops for the dashboard
-
-        return ops.series(self.telemetry.recorder, self.state, api.decode(api.SeriesArgs, args).seconds)
-
-    async def h_releases(self, args: dict[str, Any], emit: rpc.Emit) -> list[dict[str, Any]]:
-        from changeover.dashboard import ops
-
-        return ops.releases(self.state)
-
-    async def h_history(self, args: dict[str, Any], emit: rpc.Emit) -> list[dict[str, Any]]:
-        a = api.decode(api.HistoryArgs, args)
-        if a.traffic:
-            return merge_history(self.state.history(limit=a.limit), self.state.mode_events(a.limit), a.limit)
-        return self.state.history(limit=a.limit)
-
-    async def h_pause(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.PauseArgs, args)
-        return await self.traffic.pause(a.timeout, a.actor, a.reason)
-
-    async def h_resume(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.ResumeArgs, args)
-        return await self.traffic.resume(a.actor, a.reason)
-
-    async def h_maintenance(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        a = api.decode(api.MaintenanceArgs, args)
-        return await self.traffic.maintenance(a.on, a.page, a.retry_after, a.actor, a.reason)
-
-    async def h_metrics(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
-        return self.telemetry.live_metrics()
 
     async def h_down(self, args: dict[str, Any], emit: rpc.Emit) -> dict[str, Any]:
         """Stop everything, in the order that fails no request: stop routing new requests, drain what
@@ -466,29 +379,9 @@ async def _silent(event: dict[str, Any]) -> None:
     return None
 
 
-def setup_logging(state_dir: Path, verbose: bool = False, logs: LogsConfig | None = None) -> None:
-    """daemon.log (private, rotated per [logs]) and stderr, both masked (changeover.redact)."""
-    logs = logs or LogsConfig()
-    logfiles.configure(logs.group)
-    logfiles.private_dir(state_dir)
-    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    fh = logfiles.PrivateRotatingFileHandler(state_dir / "daemon.log", maxBytes=logs.max_bytes,
-                                             backupCount=logs.backups)
-    fh.setFormatter(fmt)
-    root.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(fmt)
-    sh.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.addHandler(sh)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def serve(config: Config) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT or `changeover down`."""
-    setup_logging(config.state_dir, logs=config.logs)
+    logfiles.setup_logging(config.state_dir, logs=config.logs)
 
     async def main() -> None:
         daemon = Daemon(config)

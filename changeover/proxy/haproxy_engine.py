@@ -28,6 +28,7 @@ from typing import Any
 from changeover.errors import ChangeoverError
 from changeover.monitor import mirror
 from changeover.proxy import haproxy as hx
+from changeover.proxy import haproxy_cli as hcli
 from changeover.proxy.control import PROXY_PROTOCOL
 from changeover.proxy.haproxy_process import POLL, HAProxyProcess
 
@@ -92,7 +93,7 @@ class HAProxyControl(HAProxyProcess):
                     f"set server {hx.BACKEND}/{name} state {state}"]
         retire = [c for s in current.values() if s.addr not in wanted for c in _park(s.name)]
         if add or retire:           # new upstreams up before old ones go: a live slot never empties
-            await self._run(hx.commands(add, retire))
+            await self._run(hcli.commands(add, retire))
 
     async def remove_slot(self, slot: str) -> None:
         servers = await self._servers()
@@ -101,7 +102,7 @@ class HAProxyControl(HAProxyProcess):
         # maintenance closes the servers' idle connections, so the app's graceful stop can finish
         cmds = [c for s in servers if s.slot == slot and not s.parked for c in _park(s.name)]
         if cmds:
-            await self._run(hx.commands(cmds))
+            await self._run(hcli.commands(cmds))
 
     async def switch(self, slot: str | None) -> dict[str, Any]:
         servers = await self._servers()
@@ -117,7 +118,7 @@ class HAProxyControl(HAProxyProcess):
         down = [f"set server {hx.BACKEND}/{s.name} state drain" for s in assigned
                 if s.slot != slot and s.state == "ready"]
         if up or down:
-            await self._run(hx.commands(up, down))
+            await self._run(hcli.commands(up, down))
         now = _live(await self._servers())
         if now != slot:
             raise ChangeoverError(f"HAProxy did not switch to {slot!r}: it routes to {now!r}")
@@ -132,8 +133,8 @@ class HAProxyControl(HAProxyProcess):
         names = {s.name for s in await self._servers() if s.slot == slot and not s.parked}
         if not names:
             return {}
-        stat = hx.parse_stat(await self._cli("show stat"))
-        conns = hx.parse_conns(await self._cli(f"show servers conn {hx.BACKEND}"))
+        stat = hcli.parse_stat(await self._cli("show stat"))
+        conns = hcli.parse_conns(await self._cli(f"show servers conn {hx.BACKEND}"))
         return {n: max(stat.get(n, {}).get("scur", 0), conns.get(n, 0)) for n in names}
 
     async def drain_requests(self, slot: str, timeout: float) -> dict[str, Any]:
@@ -148,7 +149,7 @@ class HAProxyControl(HAProxyProcess):
             now = loop.time()
             if now - looked >= TUNNEL_POLL:   # `show sess all` is long with many streams: not every poll
                 looked = now
-                tunnels = hx.parse_tunnels(await self._cli("show sess all"))
+                tunnels = hcli.parse_tunnels(await self._cli("show sess all"))
                 if all(tunnels.get(n, 0) >= c for n, c in busy.items()):
                     n = sum(busy.values())
                     log.info("drain of slot %s: %d tunnel(s) left, not waiting for them", slot, n)
@@ -167,7 +168,7 @@ class HAProxyControl(HAProxyProcess):
         while await self.inflight(slot):
             if loop.time() >= deadline:
                 names = [s.name for s in await self._servers() if s.slot == slot and not s.parked]
-                await self._run(hx.commands([f"shutdown sessions server {hx.BACKEND}/{n}" for n in names]))
+                await self._run(hcli.commands([f"shutdown sessions server {hx.BACKEND}/{n}" for n in names]))
                 log.warning("drain of slot %s timed out after %.1fs; closed what was left", slot, timeout)
                 clean = False
                 break
@@ -177,7 +178,7 @@ class HAProxyControl(HAProxyProcess):
             cmds = [f"set server {hx.BACKEND}/{s.name} state maint" for s in servers
                     if s.slot == slot and not s.parked and s.state != "maint"]
             if cmds:
-                await self._run(hx.commands(cmds))
+                await self._run(hcli.commands(cmds))
         return clean
 
     # -- pause and maintenance (daemon/traffic.py) -----------------------------------------------------
@@ -227,8 +228,8 @@ class HAProxyControl(HAProxyProcess):
         """Cross-check of the log against HAProxy's own counters since counting began (first
         call, or after a reload reset them): requests HAProxy served, lines received, and the
         lines HAProxy could not send (DroppedLogs)."""
-        stat = hx.parse_stat(await self._cli("show stat"))
-        info = hx.parse_info(await self._cli("show info"))
+        stat = hcli.parse_stat(await self._cli("show stat"))
+        info = hcli.parse_info(await self._cli("show info"))
         served = sum(s["stot"] for s in stat.values())
         if self._baseline is None or served < self._baseline[0]:
             self._baseline = (served, self.follower.lines)
@@ -242,16 +243,16 @@ class HAProxyControl(HAProxyProcess):
             out = await self._cli(command)
         except OSError as e:
             raise ChangeoverError(f"HAProxy admin socket {self.admin}: {e.strerror or e}") from None
-        bad = hx.cli_errors(out)
+        bad = hcli.cli_errors(out)
         if bad:
             raise ChangeoverError(f"HAProxy refused {command!r}: {'; '.join(bad)}")
 
-    async def _servers(self) -> list[hx.Server]:
+    async def _servers(self) -> list[hcli.Server]:
         try:
             out = await self._cli(f"show servers state {hx.BACKEND}")
         except OSError as e:
             raise ChangeoverError(f"HAProxy admin socket {self.admin}: {e.strerror or e}") from None
-        servers = hx.parse_servers_state(out)
+        servers = hcli.parse_servers_state(out)
         if not servers:
             raise ChangeoverError(f"HAProxy on {self.admin} has no backend {hx.BACKEND!r} with servers "
                                   f"(see docs/operations.md, HAProxy engine): {out.strip()[:200]}")
@@ -260,7 +261,7 @@ class HAProxyControl(HAProxyProcess):
 
 
 
-def _live(servers: Sequence[hx.Server]) -> str | None:
+def _live(servers: Sequence[hcli.Server]) -> str | None:
     """The slot whose servers take new requests. Only one can: switch() readies one and drains
     the others in a single command line."""
     ready = sorted({s.slot for s in servers if s.state == "ready" and not s.parked})

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from changeover.monitor.metrics import Recorder
 from changeover.proxy import haproxy as hx
+from changeover.proxy import haproxy_cli as hcli
 
 log = logging.getLogger("changeover.proxy.haproxy")
 RETRY = 0.5                 # pause after a failed connect, before `keep()` tries again
@@ -118,7 +119,7 @@ class LogFollower:
             await asyncio.sleep(max(0.0, RETRY - (time.monotonic() - started)))
 
     def _count(self, lines: list[bytes]) -> None:
-        parse, record = hx.parse_log, self.recorder.record
+        parse, record = hcli.parse_log, self.recorder.record
         for raw in lines:
             try:
                 rec = parse(raw)

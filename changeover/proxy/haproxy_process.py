@@ -19,6 +19,7 @@ from typing import Any
 from changeover.errors import ChangeoverError, ConfigError, DaemonError
 from changeover.monitor.metrics import Recorder
 from changeover.proxy import haproxy as hx
+from changeover.proxy import haproxy_cli as hcli
 from changeover.proxy.base import ProxySettings, probe_bind
 from changeover.proxy.haproxy_log import LogFollower
 
@@ -58,7 +59,7 @@ class HAProxyProcess:
         return "started"
 
     async def _adopt(self) -> None:
-        info = hx.parse_info(await self._cli("show info"))
+        info = hcli.parse_info(await self._cli("show info"))
         worker = int(info.get("Pid", "0") or 0)
         self.pid = self._master_of(worker) if worker else None
         self.port = self.settings.port or None
@@ -215,14 +216,14 @@ class HAProxyProcess:
                                   "reload it the way it is run (systemctl reload haproxy)")
         before = self._written()
         try:
-            old_worker = int(hx.parse_info(await self._cli("show info")).get("Pid", "0") or 0)
+            old_worker = int(hcli.parse_info(await self._cli("show info")).get("Pid", "0") or 0)
         except OSError as e:
             raise DaemonError(f"HAProxy does not answer on {self.admin} ({e}): nothing to reload") from None
         port = self.settings.port or (hx.written_port(before) if before else None) or self._pick_port()
         self._write(hx.render(self.settings, self.paths, port, initial))
         since = self._output_size()
         try:
-            failed = hx.failed_reloads(await self._master("show proc"))
+            failed = hcli.failed_reloads(await self._master("show proc"))
             await self._master("reload")
             await self._wait_new_worker(old_worker, failed)
         except (OSError, ChangeoverError) as e:
@@ -242,11 +243,11 @@ class HAProxyProcess:
         deadline = loop.time() + START_TIMEOUT
         while loop.time() < deadline:
             with contextlib.suppress(OSError):
-                pid = int(hx.parse_info(await self._cli("show info", timeout=2)).get("Pid", "0") or 0)
+                pid = int(hcli.parse_info(await self._cli("show info", timeout=2)).get("Pid", "0") or 0)
                 if pid and pid != old:
                     return
             with contextlib.suppress(OSError):
-                if hx.failed_reloads(await hx.cli(self.paths.master, "show proc", timeout=2)) > failed:
+                if hcli.failed_reloads(await hcli.cli(self.paths.master, "show proc", timeout=2)) > failed:
                     raise ChangeoverError("HAProxy refused the new config")
             await asyncio.sleep(POLL)
         raise ChangeoverError(f"no new worker within {START_TIMEOUT:g}s")
@@ -259,14 +260,14 @@ class HAProxyProcess:
         deadline = loop.time() + START_TIMEOUT
         while True:
             try:
-                return await hx.cli(self.paths.master, command)
+                return await hcli.cli(self.paths.master, command)
             except (ConnectionRefusedError, FileNotFoundError):
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(POLL)
 
     async def _cli(self, command: str, timeout: float = hx.CLI_TIMEOUT) -> str:
-        return await hx.cli(self.admin, command, timeout)
+        return await hcli.cli(self.admin, command, timeout)
 
     def _written(self) -> str | None:
         if self.attached:

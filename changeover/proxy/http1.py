@@ -1,4 +1,5 @@
-"""HTTP/1.1 wire helpers for the embedded proxy: head rewriting, chunked framing, error responses.
+"""HTTP/1.1 wire helpers for the embedded proxy: head rewriting, chunked framing, error responses,
+and the check of an app's response heads (what upstream.py refuses, and the reason it logs).
 
 Request heads are validated by llhttp (httptools) first; these helpers then work on the raw head
 bytes so that a head is copied into its upstream form once, with unchanged header lines passed
@@ -272,3 +273,42 @@ class ChunkScanner:
     @property
     def done(self) -> bool:
         return self.state == 4
+
+
+# -- response heads (upstream.py) ------------------------------------------------------------
+# A response head a client reads only one way (RFC 9112 §4, §5): `HTTP/1.x NNN reason`, then
+# `token:value` lines, each ending in CRLF, with no control character but HTAB anywhere. One
+# match checks it all: the status line's shape, header names (no colon, a non-token name or an
+# obs-fold fail), and every bare CR, bare LF, NUL or other CTL, wherever it is.
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*\r\n"
+CLEAN_RESPONSE_HEAD = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: " + _VALUE + rb"|\r\n)"
+                                 rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:" + _VALUE + rb")*\Z")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN_COLON = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
+
+
+def bad_response_header(head: bytes) -> str:
+    """What is wrong with a refused response head, and in which line (for the log). `head` has
+    CRLF line endings and ends with the last line's CRLF (as CLEAN_RESPONSE_HEAD reads it)."""
+    lines = head[:-2].split(b"\r\n")
+    for k, line in enumerate(lines):
+        ctl = _CTL.search(line)
+        what = "" if ctl is None else "a bare CR" if ctl[0] == b"\r" else "a NUL" if ctl[0] == b"\x00" else \
+            f"a control character {ctl[0]!r}"
+        if not what and k and line[:1] in (b" ", b"\t"):
+            what, line = "an obs-fold", lines[k - 1]
+        if what:
+            name = "the status line" if line is lines[0] else \
+                f"header {line.partition(b':')[0][:64].decode('latin-1')!r}"
+            return f"{what} in {name} of a response"
+        if not k and CLEAN_RESPONSE_HEAD.match(line + b"\r\n") is None:
+            return f"a malformed status line {line[:64].decode('latin-1')!r}"
+        if k and _TOKEN_COLON.match(line) is None:
+            return f"a malformed header line {line[:64].decode('latin-1')!r} (no colon, or a name that is not a token)"
+    return "a malformed response head"
+
+
+def drop_header(head: bytes, lname: bytes) -> bytes:
+    """head without the header lines named lname (a Connection token): never its status line."""
+    lines = head.split(b"\r\n")
+    return b"\r\n".join([lines[0], *(ln for ln in lines[1:] if ln.partition(b":")[0].lower() != lname)])

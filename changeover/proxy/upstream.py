@@ -17,11 +17,14 @@ import re
 from typing import TYPE_CHECKING, cast
 
 from changeover.proxy.http1 import (
+    CLEAN_RESPONSE_HEAD,
     RESP_CONNECTION,
     RESP_HOP,
     ChunkScanner,
     HttpError,
+    bad_response_header,
     connection_tokens,
+    drop_header,
 )
 from changeover.proxy.pool import Upstream, UpstreamPool
 
@@ -46,16 +49,6 @@ SETTLE = 0.05
 _BLANK_LINE = re.compile(rb"\n\r?\n")       # the end of a head with bare-LF line endings
 _LINE_END = re.compile(rb"\r?\n")
 _RESP_HOP_NAMES = re.compile(rb"\r\n(?:connection:|keep-alive:|proxy-|te:|trailer:|upgrade:)")   # on .lower()
-# A response head a client reads only one way (RFC 9112 §4, §5): `HTTP/1.x NNN reason`, then
-# `token:value` lines, each ending in CRLF, with no control character but HTAB anywhere. One
-# match checks it all: the status line's shape, header names (no colon, a non-token name or an
-# obs-fold fail), and every bare CR, bare LF, NUL or other CTL, wherever it is.
-_VALUE = rb"[\t\x20-\x7e\x80-\xff]*\r\n"
-_CLEAN_HEAD = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: " + _VALUE + rb"|\r\n)(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:" + _VALUE
-                         + rb")*\Z")
-_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_TOKEN_COLON = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
-
 # response states
 R_IDLE, R_HEAD, R_LENGTH, R_CHUNKED, R_EOF, R_TUNNEL, R_DONE = range(7)
 
@@ -171,8 +164,8 @@ class UpstreamConn(asyncio.Protocol):
             self.status = c.resp_status = status
             out = c.response_head(head, eof)
         else:
-            head = key + b"\r\n"             # ending with its last line's CRLF, as _CLEAN_HEAD reads it
-            if _CLEAN_HEAD.match(head) is None:
+            head = key + b"\r\n"             # ending with its last line's CRLF, as CLEAN_RESPONSE_HEAD reads it
+            if CLEAN_RESPONSE_HEAD.match(head) is None:
                 return self._head_slow(data)   # bare-LF line endings are normalised there, the rest 502
             status = int(head[9:12])
             http11 = head[7] == 49
@@ -250,7 +243,7 @@ class UpstreamConn(asyncio.Protocol):
             elif b"keep-alive" in tokens:
                 close = False
             for name in tokens - _KNOWN_CONN_TOKENS:
-                head = _drop_header(head, name)
+                head = drop_header(head, name)
         framing = R_DONE
         length = 0
         if status == 101:
@@ -299,8 +292,8 @@ class UpstreamConn(asyncio.Protocol):
         if m.start() > MAX_RESPONSE_HEAD:
             return self._bad(f"a response head over {MAX_RESPONSE_HEAD} bytes")
         head = _LINE_END.sub(b"\r\n", data[:m.start() + 1])
-        if _CLEAN_HEAD.match(head) is None:
-            return self._bad(_bad_header(head))
+        if CLEAN_RESPONSE_HEAD.match(head) is None:
+            return self._bad(bad_response_header(head))
         self._head(head + b"\r\n" + data[m.end():])
 
     def _body_end(self, data: bytes, n: int) -> None:
@@ -379,30 +372,3 @@ class UpstreamConn(asyncio.Protocol):
 
 
 _KNOWN_CONN_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade"))
-
-
-def _bad_header(head: bytes) -> str:
-    """What is wrong with a refused response head, and in which line (for the log). `head` has
-    CRLF line endings and ends with the last line's CRLF (as _CLEAN_HEAD reads it)."""
-    lines = head[:-2].split(b"\r\n")
-    for k, line in enumerate(lines):
-        ctl = _CTL.search(line)
-        what = "" if ctl is None else "a bare CR" if ctl[0] == b"\r" else "a NUL" if ctl[0] == b"\x00" else \
-            f"a control character {ctl[0]!r}"
-        if not what and k and line[:1] in (b" ", b"\t"):
-            what, line = "an obs-fold", lines[k - 1]
-        if what:
-            name = "the status line" if line is lines[0] else \
-                f"header {line.partition(b':')[0][:64].decode('latin-1')!r}"
-            return f"{what} in {name} of a response"
-        if not k and _CLEAN_HEAD.match(line + b"\r\n") is None:
-            return f"a malformed status line {line[:64].decode('latin-1')!r}"
-        if k and _TOKEN_COLON.match(line) is None:
-            return f"a malformed header line {line[:64].decode('latin-1')!r} (no colon, or a name that is not a token)"
-    return "a malformed response head"
-
-
-def _drop_header(head: bytes, lname: bytes) -> bytes:
-    """head without the header lines named lname (a Connection token): never its status line."""
-    lines = head.split(b"\r\n")
-    return b"\r\n".join([lines[0], *(ln for ln in lines[1:] if ln.partition(b":")[0].lower() != lname)])

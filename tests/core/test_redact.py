@@ -15,7 +15,7 @@ import pytest
 
 from changeover import redact
 from changeover.daemon import logs as logfiles
-from changeover.daemon.server import setup_logging
+from changeover.daemon.logs import setup_logging
 from changeover.retention import LogsConfig
 from changeover.state import State
 

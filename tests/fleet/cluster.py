@@ -44,7 +44,14 @@ class Cluster:
     def make(cls, n: int = 3, host: str = "127.0.0.1", wrap: list[str] | None = None,
              listen: str = "127.0.0.1") -> Cluster:
         c = cls(wrap=wrap or [], listen=listen)
-        c.members = [Member(f"m{i}", free_port(), free_port(), host) for i in range(n)]
+        # free_port() releases the port it found, so it may find the same one again: all 2n distinct
+        taken: set[int] = set()
+        for i in range(n):
+            client = free_port(taken)
+            taken.add(client)
+            peer = free_port(taken)
+            taken.add(peer)
+            c.members.append(Member(f"m{i}", client, peer, host))
         return c
 
     @property

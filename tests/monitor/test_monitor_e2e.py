@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, replace
 
 import httpx
+import pytest
 
 from changeover.monitor.config import MonitorConfig
 from changeover.monitor.metrics import Recorder
@@ -16,6 +17,10 @@ from changeover.monitor.triggers import CONSECUTIVE_FAILURES, ERROR_RATE, LATENC
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy
 from tests.monitor.app import App, load
+
+# Real time on a real proxy: judged latency must not compete with the parallel part of the
+# suite for the CPU (`make unit` runs these alone, after it).
+pytestmark = pytest.mark.serial
 
 CFG = MonitorConfig(observe=2.0, latency_window=1.0, latency_min_samples=30, baseline=1.0)
 

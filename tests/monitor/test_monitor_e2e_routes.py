@@ -21,6 +21,10 @@ from changeover.proxy.base import ProxySettings
 from changeover.proxy.embedded import EmbeddedProxy
 from tests.monitor.app import App, SharedDb, load
 
+# Real time on a real proxy: judged latency must not compete with the parallel part of the
+# suite for the CPU (`make unit` runs these alone, after it).
+pytestmark = pytest.mark.serial
+
 CFG = MonitorConfig(observe=6.0, latency_window=1.0, latency_min_samples=30, baseline=2.0,
                     paired_probes=10.0)
 # 3 % /cart, 5 % /orders/<id>, the rest spread over the shop

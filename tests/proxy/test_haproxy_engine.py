@@ -20,6 +20,7 @@ from changeover.errors import ChangeoverError, ConfigError
 from changeover.monitor import mirror
 from changeover.monitor.metrics import Recorder
 from changeover.proxy import haproxy as hx
+from changeover.proxy import haproxy_cli as hcli
 from changeover.proxy.base import ProxySettings
 from changeover.proxy.engines import make_control
 from changeover.proxy.haproxy_engine import HAProxyControl
@@ -97,7 +98,7 @@ def test_runs_master_worker_in_its_own_session_from_the_written_config(
 
 def test_live_is_what_haproxy_says_not_a_cached_guess(lt: LoopThread, hap: HAProxyControl) -> None:
     async def behind_its_back(cmd: str) -> None:
-        await hx.cli(hap.admin, cmd)
+        await hcli.cli(hap.admin, cmd)
     lt.run(behind_its_back("set server changeover/green-1 state ready; set server changeover/blue-1 state drain"))
     assert lt.run(hap.live()) == "green"
     assert asyncio.run(request(_port(hap), "/")) == (200, b"green")
@@ -271,8 +272,8 @@ def test_handover_reloads_without_failing_a_request(
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
                 hap.handover(routing(*backends), configure), lt.loop))
             assert not hap.settings_differ
-            info = hx.parse_info(await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                hx.cli(hap.admin, "show info"), lt.loop)))
+            info = hcli.parse_info(await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                hcli.cli(hap.admin, "show info"), lt.loop)))
             workers.append(int(info["Pid"]))
             n = len(log)
             while len(log) < n + 50 and not failures:
@@ -380,13 +381,13 @@ def test_shutdown_stops_haproxy_and_removes_its_sockets(
 
 
 def test_log_lines_parse() -> None:
-    assert hx.parse_log(b"co|green-3|200|1520|1|--") == ("green", 200, 0.00152, False)
-    assert hx.parse_log(b"co|<NOSRV>|503|80|-1|SC") == ("", 503, 0.00008, True)
-    assert hx.parse_log(b"co|blue-1|101|9000000|4|--") == ("blue", 101, 0.004, False)
-    assert hx.parse_log(b"co|blue-1|504|-|60000|sH") == ("blue", 504, 60.0, True)
-    assert hx.parse_log(b"co|blue-1|-1|-|-1|CR") == ("blue", 0, 0.0, False)       # the client went away
-    assert hx.parse_log(b"Server changeover/blue-1 is UP") is None
-    assert hx.parse_log(b"co|blue-1|2x0|1|1|--") is None
+    assert hcli.parse_log(b"co|green-3|200|1520|1|--") == ("green", 200, 0.00152, False)
+    assert hcli.parse_log(b"co|<NOSRV>|503|80|-1|SC") == ("", 503, 0.00008, True)
+    assert hcli.parse_log(b"co|blue-1|101|9000000|4|--") == ("blue", 101, 0.004, False)
+    assert hcli.parse_log(b"co|blue-1|504|-|60000|sH") == ("blue", 504, 60.0, True)
+    assert hcli.parse_log(b"co|blue-1|-1|-|-1|CR") == ("blue", 0, 0.0, False)       # the client went away
+    assert hcli.parse_log(b"Server changeover/blue-1 is UP") is None
+    assert hcli.parse_log(b"co|blue-1|2x0|1|1|--") is None
 
 
 def _port(c: HAProxyControl) -> int:

@@ -404,6 +404,7 @@ def test_haproxy_drain_does_not_wait_for_tunnels(lt: LoopThread, apps: tuple[WsA
 
 def test_haproxy_session_list_is_read_for_tunnels() -> None:
     from changeover.proxy import haproxy as hx
+    from changeover.proxy import haproxy_cli as hcli
 
     block = ("0x5: [01/Dec/2026:15:46:50.196779] id=0 proto=tcpv4 source=127.0.0.1:48510\n"
              "  frontend=fe (id=2 mode=http), listener=? (id=1) addr=127.0.0.1:18771\n"
@@ -413,7 +414,7 @@ def test_haproxy_session_list_is_read_for_tunnels() -> None:
     out = "".join(block.format(be=be, srv=srv, st=st) for be, srv, st in
                   ((hx.BACKEND, "blue-1", 101), (hx.BACKEND, "blue-1", 101), (hx.BACKEND, "blue-2", 200),
                    ("other", "blue-1", 101)))
-    assert hx.parse_tunnels(out) == {"blue-1": 2}
+    assert hcli.parse_tunnels(out) == {"blue-1": 2}
 
 
 # -- the daemon -------------------------------------------------------------------------------------------------
