@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from changeover.errors import ChangeoverError
 
 MAX_UNIX_PATH = 107       # sun_path, minus the terminating NUL
 HAPROXY_MAX_UNIX_PATH = 97   # HAProxy binds `<path>.<pid>.tmp` first, then renames it
+_PLAIN = re.compile(r"[A-Za-z0-9_./@+-]+")
 
 
 def runtime_dir() -> Path:
@@ -56,18 +58,30 @@ def short_dir(directory: Path) -> Path:
     return own_dir(base / key)
 
 
-def place(directory: Path, name: str, limit: int = MAX_UNIX_PATH, room_for: str = "") -> Path:
+def plain(path: Path) -> bool:
+    """Only characters HAProxy reads the same anywhere: in its config unquoted, in `-S path,opts`."""
+    return _PLAIN.fullmatch(str(path)) is not None
+
+
+def place(directory: Path, name: str, limit: int = MAX_UNIX_PATH, room_for: str = "",
+          only_plain: bool = False) -> Path:
     """Where the socket `name` of `directory` lives: `directory/name` if the directory's real path
     with `name` fits a unix socket (`limit` bytes), else `name` in `short_dir(directory)`.
     `room_for`: decide as if the name were that one, so that two sockets, one renamed over the
-    other (a proxy handover's `proxy.next.sock`), are always in the same place."""
+    other (a proxy handover's `proxy.next.sock`), are always in the same place. `only_plain`: a
+    path with other characters than `plain()` allows (a space, a comma, a quote: a project in
+    "~/My Sites/") goes to the short directory too (HAProxy's sockets)."""
     path = directory / name
     real = directory.resolve()          # decided on the real path, so every spelling agrees
     room = max(len(os.fsencode(name)), len(os.fsencode(room_for)))
-    if len(os.fsencode(real)) + 1 + room <= limit:
-        return path if len(os.fsencode(directory)) + 1 + room <= limit else real / name
+    if len(os.fsencode(real)) + 1 + room <= limit and (not only_plain or plain(real / name)):
+        fits = len(os.fsencode(directory)) + 1 + room <= limit and (not only_plain or plain(path))
+        return path if fits else real / name
     short = short_dir(directory) / name
     if len(os.fsencode(short)) > limit:
         raise ChangeoverError(f"no short enough path for the unix socket {name}: {short} is over {limit} bytes "
                               "(set TMPDIR to a shorter directory)")
+    if only_plain and not plain(short):
+        raise ChangeoverError(f"no path HAProxy can read for the unix socket {name}: {short} holds characters "
+                              "other than letters, digits and ._-+@/ (set TMPDIR to a directory without them)")
     return short

@@ -61,10 +61,11 @@ class Paths:
 
     @classmethod
     def under(cls, directory: Path) -> Paths:
-        # HAProxy's sockets go to a short directory when this one is too deep for them (sockets.py)
+        # HAProxy's sockets go to a short directory when this one is too deep for them, or holds a
+        # space, comma or quote its config and `-S path,mode,600` would read differently (sockets.py)
         return cls(directory, directory / "haproxy.cfg",
-                   sockets.place(directory, "admin.sock", sockets.HAPROXY_MAX_UNIX_PATH),
-                   sockets.place(directory, "master.sock", sockets.HAPROXY_MAX_UNIX_PATH),
+                   sockets.place(directory, "admin.sock", sockets.HAPROXY_MAX_UNIX_PATH, only_plain=True),
+                   sockets.place(directory, "master.sock", sockets.HAPROXY_MAX_UNIX_PATH, only_plain=True),
                    directory / "haproxy.pid", directory.parent / "logs" / "haproxy.log")
 
 

@@ -75,3 +75,13 @@ def test_a_directory_others_can_write_to_is_refused(tmp_path: Path) -> None:
     key_dir.symlink_to(target)         # a link is never followed
     with pytest.raises(ChangeoverError, match="not a private directory"):
         sockets.place(deep, "control.sock")
+
+
+def test_haproxys_sockets_leave_a_path_with_a_space_or_a_comma(tmp_path: Path) -> None:
+    spaced = tmp_path / "My Sites, 2026"
+    spaced.mkdir()
+    assert sockets.place(spaced, "control.sock") == spaced / "control.sock"     # ours take any path
+    moved = sockets.place(spaced, "admin.sock", sockets.HAPROXY_MAX_UNIX_PATH, only_plain=True)
+    assert moved.parent.parent == sockets.runtime_dir() and sockets.plain(moved)
+    assert sockets.place(tmp_path, "admin.sock", sockets.HAPROXY_MAX_UNIX_PATH, only_plain=True) \
+        == tmp_path / "admin.sock"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -70,3 +71,25 @@ def test_a_deep_project_on_the_haproxy_engine(deep: Project) -> None:
     load = under_load(deep, lambda: deep.deploy("v2"))
     assert load.failed == 0 and load.ok > 0, load.errors[:5]
     assert deep.status()["live"]["version"] == "v2"
+
+
+@pytest.mark.parametrize("engine", ["embedded", "haproxy"])
+def test_a_project_whose_path_holds_spaces_commas_and_accents(engine: str) -> None:
+    """`~/My Sites, 2026/café`: HAProxy would read a space or a comma in its socket paths
+    (`stats socket`, `-S path,mode,600`) as the end of the path, so those move (sockets.py)."""
+    if engine == "haproxy" and shutil.which("haproxy") is None:
+        pytest.skip("the haproxy binary is not installed")
+    top = Path(tempfile.mkdtemp(prefix="co-sp-"))     # short: the sockets stay under the project
+    root = top / "My Sites, 2026" / "café"
+    root.mkdir(parents=True)
+    p = Project(root)
+    try:
+        p.write(f'engine = "{engine}"')
+        p.start_daemon()
+        p.deploy("v1")
+        load = under_load(p, lambda: p.deploy("v2"))
+        assert load.failed == 0 and load.ok > 0, load.errors[:5]
+        assert p.status()["live"]["version"] == "v2"
+    finally:
+        p.teardown()
+        shutil.rmtree(top, ignore_errors=True)
