@@ -292,8 +292,7 @@ def setup_logging(state_dir: Path, verbose: bool = False, logs: LogsConfig | Non
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
-    fh = PrivateRotatingFileHandler(state_dir / "daemon.log", maxBytes=logs.max_bytes,
-                                             backupCount=logs.backups)
+    fh = PrivateRotatingFileHandler(state_dir / "daemon.log", maxBytes=logs.max_bytes, backupCount=logs.backups)
     fh.setFormatter(fmt)
     root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)

@@ -1,7 +1,8 @@
-"""HAProxy as changeover's data plane: the generated config, the runtime API and the request log.
+"""HAProxy as changeover's data plane: the config changeover generates for it, and its paths.
 
-This module knows HAProxy's formats; `haproxy_engine.HAProxyControl` uses it to implement the
-daemon's `ProxyControl`. Routing lives in HAProxy itself, never in a cache of ours: one backend
+This module and haproxy_cli.py (the runtime API's commands and answers, the request log) know
+HAProxy's formats; `haproxy_engine.HAProxyControl` uses them to implement the daemon's
+`ProxyControl`. Routing lives in HAProxy itself, never in a cache of ours: one backend
 `changeover` holds a fixed pool of servers per slot (`blue-1`..`blue-16`, `green-1`..), each
 either pointing at one of the slot's upstreams or parked at 127.0.0.1:1 in maintenance. A slot's
 routing state is its servers' admin state: `ready` (live: new requests go there), `drain` (just

@@ -1,7 +1,7 @@
 """HAProxy's runtime API as the engine speaks it: one command line on the stats or master socket,
 and what its answers mean (servers and their state, connections, tunnels, reloads), plus the
-per-request log lines it writes into the ring. Pure functions on text, tested without HAProxy;
-the config they go with is haproxy.py's.
+per-request log lines it writes into the ring. Apart from `cli()`, which sends a command, these
+are pure functions on text, tested without HAProxy; the config they go with is haproxy.py's.
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ class Server:
     def addr(self) -> tuple[str, int]:
         return (self.host, self.port)
 
-
-# -- runtime API ----------------------------------------------------------------------------------
 
 async def cli(path: Path | str, command: str, timeout: float = CLI_TIMEOUT) -> str:
     """One command line on a stats or master socket; the answer is everything until it closes.
